@@ -1,0 +1,29 @@
+# The two commands of the README. Each creates .venv and installs the pinned
+# set (constraints.txt) when it is missing or older than the dependency files.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/patchserve demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/patchserve bench all --quick
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,54 @@
+"""Typed errors for patchserve.
+
+Every package raises from its own ``errors.py``; all of them derive from
+:class:`PatchserveError` so the CLI can turn any of them into a one-line
+message and a non-zero exit code instead of a traceback.
+"""
+
+
+class PatchserveError(Exception):
+    """Base of every error patchserve raises on purpose."""
+
+
+class SpecError(PatchserveError, ValueError):
+    """A model spec field is invalid; the message names the field."""
+
+
+class InputError(PatchserveError, ValueError):
+    """A user-supplied file, folder or flag is unusable; the message names it."""
+
+
+class ImageReadError(InputError):
+    """One image could not be read or decoded (jobs record it and go on)."""
+
+
+class SlideError(InputError):
+    """A whole-slide image cannot be opened or tiled as asked."""
+
+
+class ServerError(PatchserveError):
+    """The embedded Triton server could not be started or stopped."""
+
+
+class ClientError(PatchserveError):
+    """Base of errors raised while talking to a Triton server."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server did not answer (after retries)."""
+
+
+class ModelNotFoundError(ClientError):
+    """The server does not serve the requested model (or it is not ready)."""
+
+
+class SpecMismatchError(ClientError):
+    """The server's model spec disagrees with what the client expects."""
+
+
+class BadInputError(ClientError, ValueError):
+    """Images given to the client have the wrong shape or dtype."""
+
+
+class InferenceError(ClientError):
+    """The server answered a request with an error."""

@@ -1,0 +1,223 @@
+"""The embedded Triton Inference Server: the real ``tritonserver`` of the
+``nvidia-pytriton`` wheel, with its Python backend, serving a plain model
+repository.
+
+Like pytriton's own launcher, the distribution is copied into a work folder
+and the Python backend stub for the running interpreter is put beside the
+backend; site-packages is never written to. Safe by default: bound to
+127.0.0.1, repository changes over the API disabled (``--model-control-mode
+none``), no shell involved in starting it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.errors import ServerError
+
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("the embedded Triton server needs the 'nvidia-pytriton' package; install it with 'make install'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare_distribution(workdir: Path) -> Path:
+    """Copy tritonserver and its backends into ``workdir`` with this Python's stub."""
+    root = _pytriton_root()
+    dist = root / "tritonserver"
+    target = workdir / "tritonserver"
+    if not (target / "bin" / "tritonserver").exists():
+        shutil.copytree(dist, target, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"),
+                        dirs_exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    dst = target / "backends" / "python" / "triton_python_backend_stub"
+    shutil.copy2(stub, dst)
+    dst.chmod(0o755)
+    return target
+
+
+@dataclass(frozen=True)
+class ServerURLs:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class EmbeddedTriton:
+    """Start ``tritonserver`` on a repository; use as a context manager.
+
+    Ports of 0 are picked free. ``workdir`` (a temporary folder by default)
+    holds the copied distribution and ``tritonserver.log``.
+    """
+
+    def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
+                 metrics_port: int = 0, workdir: str | Path | None = None, startup_timeout_s: float = 120.0,
+                 log_verbose: int = 0, exit_on_error: bool = False, extra_args: tuple[str, ...] = ()):
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir():
+            raise ServerError(f"--repo: no such model repository folder {self.repo}")
+        self.host = host
+        bind = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
+        self.urls = ServerURLs(
+            "127.0.0.1" if host in ("0.0.0.0", "localhost") else host,
+            http_port or free_port(bind), grpc_port or free_port(bind), metrics_port or free_port(bind))
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="patchserve-triton-"))
+        self.startup_timeout_s = startup_timeout_s
+        self.log_verbose = log_verbose
+        self.exit_on_error = exit_on_error
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.workdir / "tritonserver.log"
+
+    # -- life cycle ---------------------------------------------------------
+    def command(self) -> list[str]:
+        dist = self.workdir / "tritonserver"
+        shm_prefix = f"patchserve{os.getpid()}-{self.urls.grpc_port}"
+        return [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={dist / 'backends'}",
+            f"--cache-directory={dist / 'caches'}",
+            f"--http-address={self.host}", f"--http-port={self.urls.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.urls.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.urls.metrics_port}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = os.environ.copy()
+        libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+        pylib = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH", ""), str(libs), pylib) if p)
+        # The Python backend stub embeds this interpreter's libpython: give it
+        # this environment's packages (numpy, onnxruntime, DALI) and nothing else.
+        paths = [p for p in sys.path if p and Path(p).is_dir()]
+        env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def start(self) -> "EmbeddedTriton":
+        prepare_distribution(self.workdir)
+        self._log = open(self.log_path, "ab")
+        # A new session so Ctrl-C in a terminal reaches us, and we stop the server in order.
+        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=self.environment(), cwd=self.workdir, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = httpclient.InferenceServerClient(self.urls.http, connection_timeout=2.0, network_timeout=2.0)
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
+                                      f"{self.log_tail()}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (fault tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        """Start again on the same ports (fault tests: the server comes back)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedTriton":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ngc_command(self) -> str:
+        """How to serve the same repository from NGC's container on a GPU machine."""
+        return (f"docker run --gpus all --rm -p {self.urls.http_port}:8000 -p {self.urls.grpc_port}:8001 "
+                f"-p {self.urls.metrics_port}:8002 -v {self.repo}:/models {NGC_IMAGE} "
+                "tritonserver --model-repository=/models --model-control-mode=none")

@@ -1,0 +1,211 @@
+"""The model spec: the one contract between training, export and serving.
+
+Training writes it into the checkpoint and beside it as JSON; export derives
+tensor names, ``config.pbtxt``, labels and a copy of the spec from it; the
+client reads it back from the server and refuses to score when it disagrees.
+No mean, std, patch size, tensor name, class name or model name is written as
+a literal anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.errors import SpecError
+
+SPEC_FORMAT_VERSION = 1
+# Triton uses the model name as a folder name and in URLs: keep it to a
+# conservative character set, no path separators and no "..".
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TTA_MODES = ("none", "flip", "five", "ten")
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_model_name(name: str, flag: str = "name") -> str:
+    """Return ``name`` if it is a safe Triton model name, else raise SpecError."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise SpecError(
+            f"{flag}: {name!r} is not a safe Triton model name; expected 1-64 characters "
+            "of letters, digits, '_', '.', '-', starting with a letter or digit, no '..'"
+        )
+    return name
+
+
+def _three_in_unit_interval(values: Any, field_name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{field_name}: expected three numbers, got {values!r}") from exc
+    if len(values) != 3:
+        raise SpecError(f"{field_name}: expected three values (R, G, B), got {len(values)}")
+    for v in values:
+        if not (math.isfinite(v) and 0.0 < v <= 1.0):
+            raise SpecError(f"{field_name}: every value must be in (0, 1], got {values!r}")
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything downstream needs to know about a trained classifier."""
+
+    name: str
+    class_names: tuple[str, ...]
+    input_height: int
+    input_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    arch: str = "resnet18"
+    version: int = 1
+    # Images are resized to source_* before the centre crop (evaluation) or the
+    # TTA crops; 0 means "input size / 0.875", torchvision's 224-of-256 ratio.
+    source_height: int = 0
+    source_width: int = 0
+    input_dtype: str = "uint8"
+    input_layout: str = "NHWC"
+    input_name: str = "images_nhwc_u8"
+    output_name: str = "probabilities"
+    logits_name: str = "logits"
+    max_batch_size: int = 64
+    tta_views: tuple[str, ...] = TTA_MODES
+    format_version: int = SPEC_FORMAT_VERSION
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        check_model_name(self.name, "name")
+        names = tuple(self.class_names) if not isinstance(self.class_names, str) else None
+        if not names:
+            raise SpecError("class_names: expected at least two class names, got none")
+        for c in names:
+            if not isinstance(c, str) or not c.strip():
+                raise SpecError(f"class_names: empty class name in {list(names)!r}")
+            if any(ch in c for ch in "/\\,\n"):
+                raise SpecError(f"class_names: {c!r} contains '/', '\\\\', ',' or a newline")
+        dupes = sorted({c for c in names if names.count(c) > 1})
+        if dupes:
+            raise SpecError(f"class_names: duplicate names {dupes}")
+        if len(names) < 2:
+            raise SpecError(f"class_names: a classifier needs at least two classes, got {list(names)!r}")
+        set_("class_names", names)
+        for f in ("input_height", "input_width", "max_batch_size", "version"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"{f}: expected a positive integer, got {v!r}")
+        for f, base in (("source_height", self.input_height), ("source_width", self.input_width)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SpecError(f"{f}: expected a non-negative integer, got {v!r}")
+            if v == 0:
+                set_(f, int(round(base / 0.875)))
+            elif v < base:
+                raise SpecError(f"{f}: {v} is smaller than the input size {base}")
+        set_("mean", _three_in_unit_interval(self.mean, "mean"))
+        set_("std", _three_in_unit_interval(self.std, "std"))
+        if self.arch not in ARCHITECTURES:
+            raise SpecError(f"arch: invalid architecture {self.arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
+        if self.input_dtype != "uint8":
+            raise SpecError(f"input_dtype: only 'uint8' is supported, got {self.input_dtype!r}")
+        if self.input_layout != "NHWC":
+            raise SpecError(f"input_layout: only 'NHWC' is supported, got {self.input_layout!r}")
+        tensor_names = (self.input_name, self.output_name, self.logits_name)
+        for f, v in zip(("input_name", "output_name", "logits_name"), tensor_names):
+            if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+                raise SpecError(f"{f}: {v!r} is not a valid tensor name (letters, digits, '_')")
+        if len(set(tensor_names)) != 3:
+            raise SpecError(f"input_name/output_name/logits_name must differ, got {tensor_names}")
+        views = tuple(self.tta_views)
+        bad = [v for v in views if v not in TTA_MODES]
+        if bad or "none" not in views:
+            raise SpecError(f"tta_views: expected a subset of {TTA_MODES} including 'none', got {views!r}")
+        set_("tta_views", views)
+        if self.format_version != SPEC_FORMAT_VERSION:
+            raise SpecError(
+                f"format_version: this patchserve reads spec format {SPEC_FORMAT_VERSION}, got {self.format_version!r}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return (self.input_height, self.input_width)
+
+    @property
+    def source_hw(self) -> tuple[int, int]:
+        return (self.source_height, self.source_width)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise SpecError(f"spec: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"spec: unknown fields {unknown}; known fields are {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise SpecError(f"spec: missing required fields {missing}")
+        kwargs = dict(data)
+        for k in ("class_names", "mean", "std", "tta_views"):
+            if k in kwargs and isinstance(kwargs[k], list):
+                kwargs[k] = tuple(kwargs[k])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON through an atomic rename."""
+        from serving.atomic import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from exc
+        try:
+            return cls.from_json(text)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from exc

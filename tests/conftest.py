@@ -1,0 +1,24 @@
+"""Shared fixtures. Area fixtures live in tests/fixtures_*.py, loaded below."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two cores on CI: keep each test process to one intra-op thread so the
+# embedded server and the test do not fight over them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+pytest_plugins = [
+    "tests.fixtures_data",
+    "tests.fixtures_models",
+]
+
+
+@pytest.fixture
+def tiny_spec():
+    from serving.spec import ModelSpec
+
+    return ModelSpec(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
+                     mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8)

@@ -1,0 +1,1 @@
+"""Data fixtures (synthetic patches, slides)."""

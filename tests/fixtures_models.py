@@ -1,0 +1,1 @@
+"""Model fixtures (checkpoints, exported repositories, running servers)."""
