@@ -11,8 +11,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = [
-    "tests.fixtures_data",
-    "tests.fixtures_models",
+    "tests.fixtures_data",    # synthetic patches and slides
+    "tests.fixtures_train",   # trained runs
+    "tests.fixtures_export",  # exported model repositories
+    "tests.fixtures_serve",   # running embedded Triton servers
 ]
 
 

@@ -1,1 +1,0 @@
-"""Model fixtures (checkpoints, exported repositories, running servers)."""
