@@ -81,6 +81,7 @@ class ModelSpec:
     input_name: str = "images_nhwc_u8"
     output_name: str = "probabilities"
     logits_name: str = "logits"
+    encoded_name: str = "images_encoded"  # ensemble input: encoded JPEG/PNG bytes
     max_batch_size: int = 64
     tta_views: tuple[str, ...] = TTA_MODES
     format_version: int = SPEC_FORMAT_VERSION
@@ -123,12 +124,13 @@ class ModelSpec:
             raise SpecError(f"input_dtype: only 'uint8' is supported, got {self.input_dtype!r}")
         if self.input_layout != "NHWC":
             raise SpecError(f"input_layout: only 'NHWC' is supported, got {self.input_layout!r}")
-        tensor_names = (self.input_name, self.output_name, self.logits_name)
-        for f, v in zip(("input_name", "output_name", "logits_name"), tensor_names):
+        tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name")
+        tensor_names = tuple(getattr(self, f) for f in tensor_fields)
+        for f, v in zip(tensor_fields, tensor_names):
             if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
                 raise SpecError(f"{f}: {v!r} is not a valid tensor name (letters, digits, '_')")
-        if len(set(tensor_names)) != 3:
-            raise SpecError(f"input_name/output_name/logits_name must differ, got {tensor_names}")
+        if len(set(tensor_names)) != len(tensor_names):
+            raise SpecError(f"{'/'.join(tensor_fields)} must all differ, got {tensor_names}")
         views = tuple(self.tta_views)
         bad = [v for v in views if v not in TTA_MODES]
         if bad or "none" not in views:
@@ -142,6 +144,19 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    # The models export writes beside the classifier, and the client asks for.
+    @property
+    def tta_model_name(self) -> str:
+        return f"{self.name}_tta"
+
+    @property
+    def preprocess_model_name(self) -> str:
+        return f"{self.name}_preprocess"
+
+    @property
+    def ensemble_model_name(self) -> str:
+        return f"{self.name}_ensemble"
 
     @property
     def input_hw(self) -> tuple[int, int]:
