@@ -1,0 +1,430 @@
+"""The Triton client for patch classifiers: no torch, no DALI.
+
+:class:`PatchClient` connects over gRPC or HTTP, reads the model's spec back
+from the server (config parameter ``patchserve_spec``), refuses to score when
+it disagrees with what the caller expects, and predicts class probabilities
+with batching, several requests in flight, retries and test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from serving.batching import check_images, client_views, split_rows, to_source_size, windowed
+from serving.client_config import ClientConfig, check_tta, check_url
+from serving.errors import (BadInputError, InferenceError, ModelNotFoundError, ServerUnavailableError,
+                            SpecError, SpecMismatchError)
+from serving.spec import ModelSpec
+from serving.views import combine_views
+
+SPEC_PARAMETER = "patchserve_spec"
+# Fields a caller may pin with ``expected_spec``; the rest are the server's business.
+CHECKED_FIELDS = ("name", "class_names", "input_height", "input_width", "source_height", "source_width",
+                  "input_dtype", "input_layout", "mean", "std")
+_RETRYABLE = ("unavailable", "connect", "connection", "socket", "broken pipe", "reset by peer", "deadline",
+              "timed out", "timeout", "failed to obtain inference response", "eof")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server says about one model: tensors and batching."""
+
+    name: str
+    input_name: str
+    datatype: str  # Triton wire type: "UINT8", "BYTES"
+    dims: tuple[int, ...]  # without the batch dimension
+    output_name: str
+    max_batch_size: int
+    parameters: dict
+
+
+def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo:
+    config = config.get("config", config)  # gRPC wraps it, HTTP does not
+    inputs = config.get("input", [])
+    outputs = [o["name"] for o in config.get("output", [])]
+    if len(inputs) != 1:
+        raise SpecMismatchError(f"model {name!r}: expected one input tensor, the server lists {len(inputs)}")
+    out = output_name if output_name in outputs else (outputs[0] if outputs else None)
+    if out is None:
+        raise SpecMismatchError(f"model {name!r}: the server lists no output tensor")
+    params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
+              for k, v in config.get("parameters", {}).items()}
+    inp = inputs[0]
+    return ModelInfo(name, inp["name"], inp.get("data_type", "").removeprefix("TYPE_").replace("STRING", "BYTES"),
+                     tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _RETRYABLE)
+
+
+class _Pending:
+    """One request in flight; ``result()`` waits, retrying on transport errors."""
+
+    def __init__(self, client: "PatchClient", info: ModelInfo, array: np.ndarray, slot: int | None):
+        self.client, self.info, self.array, self.slot = client, info, array, slot
+        self.handle = client._send(info, array, slot)
+
+    def result(self) -> np.ndarray:
+        c = self.client
+        attempt = 0
+        while True:
+            try:
+                return c._receive(self.info, self.handle, len(self.array), self.slot)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _is_retryable(exc):
+                    raise InferenceError(f"{c.url}: model {self.info.name!r} failed: {exc}") from exc
+                if attempt >= c.config.retries:
+                    raise ServerUnavailableError(
+                        f"{c.url}: no answer from model {self.info.name!r} after {attempt + 1} attempts: {exc}") from exc
+                time.sleep(c.config.backoff_s * (2 ** attempt))
+                attempt += 1
+                try:
+                    self.handle = c._send(self.info, self.array, self.slot)
+                except Exception as send_exc:  # noqa: BLE001 - the next result() call classifies it
+                    self.handle = send_exc
+
+
+class PatchClient:
+    """Score uint8 NHWC patches against one Triton server.
+
+    ``expected_spec`` is a :class:`ModelSpec` or a dict of spec fields (e.g.
+    ``{"class_names": (...), "input_height": 48}``); any disagreement with
+    the server's spec raises :class:`SpecMismatchError`.
+    """
+
+    def __init__(self, url: str, model: str, *, protocol: str = "grpc",
+                 expected_spec: ModelSpec | dict | None = None, timeout_s: float = 60.0, retries: int = 3,
+                 backoff_s: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
+                 shared_memory: bool = False, version: str = ""):
+        self.url = check_url(url)
+        self.model = model
+        self.version = version
+        self.config = ClientConfig(protocol, timeout_s, retries, backoff_s, concurrency, batch_size, shared_memory)
+        self._lib = self._import_protocol()
+        self._client = self._connect()
+        self._infos: dict[str, ModelInfo] = {}
+        self._shm: list[dict] = []
+        self._seq = itertools.count()
+        try:
+            self.info = self.model_info(model)
+            self.spec = self._read_spec(self.info)
+            self._check_config(self.info)
+            if expected_spec is not None:
+                check_spec(self.spec, expected_spec, where=f"{self.url} model {model!r}")
+            if shared_memory:
+                self._setup_shared_memory()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection ---------------------------------------------------------
+    def _import_protocol(self):
+        if self.config.protocol == "grpc":
+            import tritonclient.grpc as lib
+        else:
+            import tritonclient.http as lib
+        return lib
+
+    def _connect(self):
+        cfg = self.config
+        last: BaseException | None = None
+        for attempt in range(cfg.retries + 1):
+            try:
+                if cfg.protocol == "grpc":
+                    client = self._lib.InferenceServerClient(self.url)
+                    live = client.is_server_live(client_timeout=cfg.timeout_s)
+                else:
+                    client = self._lib.InferenceServerClient(
+                        self.url, concurrency=cfg.concurrency, connection_timeout=cfg.timeout_s,
+                        network_timeout=cfg.timeout_s)
+                    live = client.is_server_live()
+                if live:
+                    return client
+                client.close()
+                last = RuntimeError("server is not live")
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises many types for a dead socket
+                last = exc
+            if attempt < cfg.retries:
+                time.sleep(cfg.backoff_s * (2 ** attempt))
+        raise ServerUnavailableError(
+            f"--url {self.url}: no Triton server answered over {cfg.protocol} after {cfg.retries + 1} attempts "
+            f"({last}); is it running, and is this its {cfg.protocol} port?")
+
+    def model_info(self, name: str, output_name: str | None = None) -> ModelInfo:
+        """The server's config of model ``name`` (cached); ModelNotFoundError if it is not ready."""
+        if name in self._infos:
+            return self._infos[name]
+        try:
+            ready = self._client.is_model_ready(name, self.version)
+        except Exception as exc:  # noqa: BLE001
+            ready = False
+            if _is_retryable(exc):
+                raise ServerUnavailableError(f"{self.url}: lost the server while asking for {name!r}: {exc}") from exc
+        if not ready:
+            raise ModelNotFoundError(f"--model {name}: the server at {self.url} has no ready model of that name; "
+                                     f"it serves {self.served_models() or 'no models'}")
+        try:
+            if self.config.protocol == "grpc":
+                raw = self._client.get_model_config(name, self.version, as_json=True)
+            else:
+                raw = self._client.get_model_config(name, self.version)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelNotFoundError(f"--model {name}: cannot read its config from {self.url}: {exc}") from exc
+        spec_out = self.spec.output_name if hasattr(self, "spec") else None
+        info = _parse_config(name, raw, output_name or spec_out)
+        self._infos[name] = info
+        return info
+
+    def served_models(self) -> list[str]:
+        """Names of the models the server reports as ready."""
+        try:
+            if self.config.protocol == "grpc":
+                index = self._client.get_model_repository_index(as_json=True).get("models", [])
+            else:
+                index = self._client.get_model_repository_index()
+        except Exception:  # noqa: BLE001 - only used to make messages helpful
+            return []
+        return sorted(m["name"] for m in index if m.get("state", "READY") == "READY")
+
+    def _read_spec(self, info: ModelInfo) -> ModelSpec:
+        text = info.parameters.get(SPEC_PARAMETER)
+        if not text:
+            raise SpecMismatchError(f"--model {info.name}: the server's config has no {SPEC_PARAMETER!r} parameter; "
+                                    "was the repository written by 'patchserve export'?")
+        try:
+            return ModelSpec.from_json(text)
+        except SpecError as exc:
+            raise SpecMismatchError(f"--model {info.name}: the server's spec is invalid: {exc}") from exc
+
+    def _check_config(self, info: ModelInfo) -> None:
+        s = self.spec
+        want = (*s.input_hw, 3)
+        if info.datatype != "UINT8" or info.dims != want or info.input_name != s.input_name:
+            raise SpecMismatchError(
+                f"--model {info.name}: config input {info.input_name} {info.datatype} {list(info.dims)} disagrees "
+                f"with its spec ({s.input_name} UINT8 {list(want)})")
+
+    # -- batching -----------------------------------------------------------
+    def request_rows(self, info: ModelInfo | None = None) -> int:
+        """Rows per request: the server's max_batch_size, or --batch-size if smaller."""
+        info = info or self.info
+        limit = info.max_batch_size or 1
+        return min(limit, self.config.batch_size) if self.config.batch_size else limit
+
+    def tta_info(self) -> ModelInfo:
+        """The server-side TTA model (patches at the source size in, averaged probabilities out)."""
+        return self.model_info(self.spec.tta_model_name, self.spec.output_name)
+
+    def ensemble_info(self) -> ModelInfo:
+        """The ensemble taking encoded image bytes."""
+        return self.model_info(self.spec.ensemble_model_name, self.spec.output_name)
+
+    # -- transport ----------------------------------------------------------
+    def _setup_shared_memory(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        s = self.spec
+        in_bytes = self.request_rows() * max(s.source_height * s.source_width, s.input_height * s.input_width) * 3
+        out_bytes = self.request_rows() * s.num_classes * 4
+        self._slots = []
+        for i in range(self.config.concurrency):
+            slot: dict = {}
+            self._slots.append(slot)
+            self._shm = self._slots  # so close() frees whatever was made if a later step fails
+            for kind, size in (("in", in_bytes), ("out", out_bytes)):
+                name = f"patchserve_{os.getpid()}_{id(self):x}_{i}_{kind}"
+                handle = shm.create_shared_memory_region(name, "/" + name, size)
+                slot[kind] = (name, handle, size)
+                self._client.register_system_shared_memory(name, "/" + name, size)
+
+    def _send(self, info: ModelInfo, array: np.ndarray, slot: int | None):
+        lib = self._lib
+        dtype = "BYTES" if array.dtype == np.object_ else "UINT8"
+        inp = lib.InferInput(info.input_name, list(array.shape), dtype)
+        if self.config.protocol == "http":
+            out = lib.InferRequestedOutput(info.output_name, binary_data=True)
+        else:
+            out = lib.InferRequestedOutput(info.output_name)
+        if slot is not None and dtype == "UINT8":
+            import tritonclient.utils.shared_memory as shm
+
+            s = self._slots[slot]
+            shm.set_shared_memory_region(s["in"][1], [np.ascontiguousarray(array)])
+            inp.set_shared_memory(s["in"][0], array.nbytes)
+            out.set_shared_memory(s["out"][0], len(array) * self.spec.num_classes * 4)
+        elif self.config.protocol == "http":
+            inp.set_data_from_numpy(array, binary_data=True)
+        else:
+            inp.set_data_from_numpy(array)
+        if self.config.protocol == "http":
+            return self._client.async_infer(info.name, [inp], model_version=self.version, outputs=[out])
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._client.async_infer(info.name, [inp], callback=lambda r, e: fut.set_result((r, e)),
+                                 model_version=self.version, outputs=[out], client_timeout=self.config.timeout_s)
+        return fut
+
+    def _receive(self, info: ModelInfo, handle, rows: int, slot: int | None) -> np.ndarray:
+        if isinstance(handle, BaseException):
+            raise handle
+        if self.config.protocol == "http":
+            result = handle.get_result(block=True, timeout=self.config.timeout_s)
+        else:
+            result, error = handle.result(timeout=self.config.timeout_s + 5.0)
+            if error is not None:
+                raise error
+        if slot is not None and info.datatype == "UINT8":
+            import tritonclient.utils.shared_memory as shm
+
+            out = shm.get_contents_as_numpy(self._slots[slot]["out"][1], np.float32, [rows, self.spec.num_classes])
+            return np.array(out, copy=True)
+        probs = result.as_numpy(info.output_name)
+        if probs is None or probs.shape != (rows, self.spec.num_classes):
+            raise InferenceError(f"{self.url}: model {info.name!r} returned {None if probs is None else probs.shape}, "
+                                 f"expected ({rows}, {self.spec.num_classes})")
+        return probs.astype(np.float32, copy=False)
+
+    def submit(self, info: ModelInfo, array: np.ndarray) -> _Pending:
+        """Send one request now; ``.result()`` on the returned object waits for it."""
+        slot = next(self._seq) % self.config.concurrency if self._shm else None
+        return _Pending(self, info, array, slot)
+
+    # -- prediction -----------------------------------------------------------
+    def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
+        """The requests for one group of patches: (model, array, views per patch) each."""
+        if tta == "encoded":
+            info = self.ensemble_info()
+            return [(info, encode_batch(images[sl], info), 1) for sl in split_rows(len(images), self.request_rows(info))]
+        check_tta(tta)
+        images = check_images(images, self.spec)
+        if tta == "server":
+            info = self.tta_info()
+            src = to_source_size(images, self.spec)
+            return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
+        if tta not in self.spec.tta_views:
+            raise SpecMismatchError(f"--tta {tta}: the model supports only {', '.join(self.spec.tta_views)}")
+        views, v = client_views(images, self.spec, tta)
+        rows = self.request_rows()
+        # Whole patches per request when they fit, so a patch's views travel together.
+        per = max(1, rows // v) * v if v <= rows else rows
+        return [(self.info, views[sl], v) for sl in split_rows(len(views), per)]
+
+    def predict(self, images_nhwc_u8: np.ndarray | Sequence[bytes], tta: str = "none") -> np.ndarray:
+        """Class probabilities (N x classes, float32) in input order."""
+        n = len(images_nhwc_u8)
+        if n == 0:
+            return np.empty((0, self.spec.num_classes), np.float32)
+        return next(stream_predictions([self], [(None, images_nhwc_u8)], tta))[1]
+
+    def stream(self, groups: Iterable[tuple[Any, np.ndarray]], tta: str = "none") -> Iterator[tuple[Any, np.ndarray]]:
+        """Predict groups of patches lazily, keeping requests in flight across groups."""
+        return stream_predictions([self], groups, tta)
+
+    def close(self) -> None:
+        if self._shm:
+            import tritonclient.utils.shared_memory as shm
+
+            for slot in self._shm:
+                for name, handle, _ in slot.values():
+                    try:
+                        self._client.unregister_system_shared_memory(name)
+                    except Exception:  # noqa: BLE001 - the server may be gone already
+                        pass
+                    shm.destroy_shared_memory_region(handle)
+            self._shm = []
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+            self._client = None
+
+    def __enter__(self) -> "PatchClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_spec(actual: ModelSpec, expected: ModelSpec | dict, where: str = "server") -> None:
+    """Raise SpecMismatchError naming every field where ``actual`` disagrees with ``expected``."""
+    want = {f: getattr(expected, f) for f in CHECKED_FIELDS} if isinstance(expected, ModelSpec) else dict(expected)
+    bad = []
+    for key, value in want.items():
+        if not hasattr(actual, key):
+            raise SpecMismatchError(f"expected_spec: unknown field {key!r}; known fields are {list(CHECKED_FIELDS)}")
+        have = getattr(actual, key)
+        if isinstance(have, tuple):
+            value = tuple(value)
+        if have != value:
+            bad.append(f"{key}: server has {have!r}, expected {value!r}")
+    if bad:
+        raise SpecMismatchError(f"{where}: the served model's spec disagrees: " + "; ".join(bad))
+
+
+def encode_batch(blobs: Sequence[bytes], info: ModelInfo) -> np.ndarray:
+    """Encoded files as the ensemble's input: BYTES one per row, or zero-padded UINT8 rows."""
+    if info.datatype == "BYTES":
+        return np.array([bytes(b) for b in blobs], dtype=np.object_).reshape(len(blobs), *([1] * len(info.dims)))
+    if info.datatype != "UINT8":
+        raise BadInputError(f"model {info.name!r}: cannot send encoded bytes as {info.datatype}")
+    # Decoders stop at the end-of-image marker, so trailing zeros are harmless.
+    width = max(len(b) for b in blobs)
+    out = np.zeros((len(blobs), width), np.uint8)
+    for i, b in enumerate(blobs):
+        out[i, :len(b)] = np.frombuffer(b, np.uint8)
+    return out
+
+
+def stream_predictions(clients: Sequence[PatchClient], groups: Iterable[tuple[Any, Any]],
+                       tta: str = "none") -> Iterator[tuple[Any, np.ndarray]]:
+    """Predict groups of patches across one or more servers, in order.
+
+    Requests go round-robin to ``clients`` with at most ``concurrency`` in
+    flight per client; each group's views are averaged once all its requests
+    are back. ``tta="encoded"`` sends file bytes to the ensemble.
+    """
+    if not clients:
+        raise ValueError("stream_predictions needs at least one client")
+    first = clients[0]
+    for c in clients[1:]:
+        check_spec(c.spec, first.spec, where=f"{c.url} model {c.model!r}")
+    turn = itertools.cycle(clients)
+
+    def requests():
+        for g, (key, images) in enumerate(groups):
+            if len(images) == 0:
+                yield (g, key, 0, 1, True), None
+                continue
+            planned = first.plan(images, tta)
+            for i, (info, array, v) in enumerate(planned):
+                yield (g, key, v, len(planned), i == len(planned) - 1), (info, array)
+
+    def submit(item):
+        req = item[1]
+        if req is None:
+            return None
+        client = next(turn)
+        info = client.model_info(req[0].name) if client is not first else req[0]
+        return client.submit(info, req[1])
+
+    parts: list[np.ndarray] = []
+    max_in_flight = sum(c.config.concurrency for c in clients)
+    for (tag, _), handle_result in windowed(requests(), submit, lambda h: None if h is None else h.result(),
+                                            max_in_flight):
+        g, key, v, _, last = tag
+        if handle_result is not None:
+            parts.append(handle_result)
+        if last:
+            probs = np.concatenate(parts) if parts else np.empty((0, first.spec.num_classes), np.float32)
+            parts = []
+            yield key, (combine_views(probs, v) if v > 1 else probs)

@@ -1,0 +1,318 @@
+"""The bulk-scoring job: inputs -> background readers -> Triton -> rows in parts -> one file.
+
+Reading runs on threads through a bounded queue while requests are in flight,
+so memory stays flat on archives of any size; results come back in input
+order, which is what lets ``--resume`` skip exactly what earlier runs wrote.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from serving.client import PatchClient, stream_predictions
+from serving.client_config import check_tta, check_url
+from serving.errors import InputError, PatchserveError, SlideError
+from serving.output import JobStopped, PartWriter, check_output, errors_path, read_results, result_columns
+from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
+from serving.slides import SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles, thumbnail
+from serving.sources import SPLITS, discover
+from serving.spec import ModelSpec
+from serving.views import num_views
+
+SEND_MODES = ("pixels", "encoded")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``patchserve score`` was asked to do; flags map one to one."""
+
+    inputs: tuple[str, ...]
+    urls: tuple[str, ...]
+    model: str
+    out: str
+    protocol: str = "grpc"
+    tta: str = "none"
+    send: str = "pixels"
+    batch_size: int | None = None
+    concurrency: int = 4
+    split: str | None = None
+    resume: bool = False
+    timeout_s: float = 60.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    shared_memory: bool = False
+    read_threads: int = 2
+    part_rows: int = 4096
+    stop_after_parts: int | None = None
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    heatmap_class: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise InputError("INPUT: give at least one folder, manifest, HDF5 file or slide")
+        if not self.urls:
+            raise InputError("--url: give at least one server as HOST:PORT")
+        object.__setattr__(self, "urls", tuple(check_url(u) for u in self.urls))
+        check_output(self.out)
+        check_tta(self.tta)
+        if self.send not in SEND_MODES:
+            raise InputError(f"--send: invalid mode {self.send!r}. Only pixels and encoded are supported.")
+        if self.send == "encoded" and self.tta != "none":
+            raise InputError(f"--send encoded: the ensemble scores the centre crop only; use --tta none, not {self.tta}")
+        if self.split is not None and self.split not in SPLITS:
+            raise InputError(f"--split: invalid split {self.split!r}. Only {', '.join(SPLITS)} are supported.")
+        if self.read_threads < 1:
+            raise InputError(f"--read-threads: expected a positive integer, got {self.read_threads}")
+        if self.part_rows < 1:
+            raise InputError(f"--part-rows: expected a positive integer, got {self.part_rows}")
+        if self.stop_after_parts is not None and self.stop_after_parts < 1:
+            raise InputError(f"--stop-after-parts: expected a positive integer, got {self.stop_after_parts}")
+
+
+@dataclass
+class ScoreResult:
+    out: Path
+    errors_file: Path
+    rows: int
+    errors: int
+    patches_this_run: int
+    seconds: float
+    stopped: bool = False
+    metrics: dict | None = None
+    metrics_file: Path | None = None
+    heatmaps: list[Path] = field(default_factory=list)
+    geojsons: list[Path] = field(default_factory=list)
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches_this_run / self.seconds if self.seconds > 0 else 0.0
+
+
+class FailedUnit:
+    """An input that could not be opened at all: one error item per reason."""
+
+    def __init__(self, key: str, errors: list[tuple[str, str]]):
+        self.key, self._errors = key, errors
+
+    def __len__(self) -> int:
+        return len(self._errors)
+
+    def tasks(self, start: int):
+        items = [Item(self.key, i, s, error=why) for i, (s, why) in enumerate(self._errors)][start:]
+        if items:
+            yield lambda: items
+
+
+def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Callable[[str], None]) -> list:
+    """One work unit per input (a data set, a slide), plus units for rows a manifest could not parse."""
+    units: list = []
+    slide_hw = spec.input_hw if cfg.tta == "none" else spec.source_hw
+    for inp in cfg.inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise InputError(f"INPUT {p}: no such file or folder")
+        key = str(p.resolve())
+        if p.is_file() and is_slide(p):
+            if cfg.send == "encoded":
+                raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
+            try:
+                grid = plan_tiles(p, slide_hw, cfg.tiling)
+            except SlideError as exc:
+                if exc.args and str(exc).startswith("--"):
+                    raise  # a flag is wrong for every slide: stop now
+                units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
+                continue
+            log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
+                f"(read from level {grid.read_level})")
+            units.append(SlideUnit("slide:" + key, grid, handles))
+            continue
+        ds = discover(p, split=cfg.split, classes=spec.class_names, strict=False)
+        if ds.bad_rows:
+            units.append(FailedUnit("bad-rows:" + key, [(w, f"malformed manifest row: {why}") for w, why in ds.bad_rows]))
+        if cfg.send == "encoded" and ds.kind == "hdf5":
+            raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
+        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec.source_hw, encoded=cfg.send == "encoded"))
+    return units
+
+
+def _groups(items: Iterator[Item], size: int, encoded: bool) -> Iterator[tuple[list[Item], object]]:
+    """Consecutive items in groups of ``size`` readable ones (bad ones travel along, in order)."""
+    group: list[Item] = []
+    good = 0
+    for item in items:
+        group.append(item)
+        good += item.error is None
+        if good >= size:
+            yield group, _payload(group, encoded)
+            group, good = [], 0
+    if group:
+        yield group, _payload(group, encoded)
+
+
+def _payload(group: list[Item], encoded: bool):
+    ok = [it for it in group if it.error is None]
+    if encoded:
+        return [it.data for it in ok]
+    return np.stack([it.image for it in ok]) if ok else np.empty((0, 1, 1, 3), np.uint8)
+
+
+def _fingerprint(cfg: ScoreConfig, spec: ModelSpec) -> dict:
+    t = cfg.tiling
+    return {"model": cfg.model, "spec_version": spec.version, "classes": list(spec.class_names), "tta": cfg.tta,
+            "send": cfg.send, "split": cfg.split, "inputs": [str(Path(i).resolve()) for i in cfg.inputs],
+            "tiling": [t.mpp_target, t.level, t.stride, t.overlap, t.min_tissue, t.tissue_mask, t.mpp]}
+
+
+def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:
+    """Score every input against the server(s); write rows, errors, metrics, heatmaps."""
+    out = Path(cfg.out)
+    clients = [PatchClient(u, cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                           backoff_s=cfg.backoff_s, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
+                           shared_memory=cfg.shared_memory) for u in cfg.urls]
+    handles = SlideHandles()
+    try:
+        return _run(cfg, clients, handles, out, log)
+    finally:
+        handles.close()
+        for c in clients:
+            c.close()
+
+
+def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, out: Path, log) -> ScoreResult:
+    spec = clients[0].spec
+    heat_class = cfg.heatmap_class or spec.class_names[-1]
+    if heat_class not in spec.class_names:
+        raise InputError(f"--heatmap-class: {heat_class!r} is not one of the model's classes {list(spec.class_names)}")
+    parts_dir = out.with_name(out.name + ".parts")
+    if cfg.resume and out.is_file() and not parts_dir.exists():
+        log(f"--resume: {out} is already complete")
+        rows = read_results(out)
+        return ScoreResult(out, errors_path(out), len(rows), 0, 0, 0.0)
+    units = plan_units(cfg, spec, handles, log)
+    writer = PartWriter(out, result_columns(spec.class_names), fingerprint=_fingerprint(cfg, spec),
+                        resume=cfg.resume, part_rows=cfg.part_rows, stop_after_parts=cfg.stop_after_parts)
+    total = sum(max(0, len(u) - writer.done(u.key)) for u in units)
+    if cfg.resume:
+        log(f"--resume: {writer.rows_committed} rows already written, {total} items to go")
+    encoded = cfg.send == "encoded"
+    mode = "encoded" if encoded else cfg.tta
+    if encoded:
+        rows_per_group = clients[0].request_rows(clients[0].ensemble_info())
+    elif cfg.tta == "server":
+        rows_per_group = clients[0].request_rows(clients[0].tta_info())
+    else:
+        rows_per_group = max(1, clients[0].request_rows() // num_views(cfg.tta))
+    tasks = itertools.chain.from_iterable(u.tasks(writer.done(u.key)) for u in units)
+    depth = max(4, 2 * cfg.concurrency * len(clients))
+    version = spec.version
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    done_now = 0
+    stopped = False
+    reader = OrderedReader(tasks, threads=cfg.read_threads, depth=depth)
+    bar = tqdm(total=total, unit="patch", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        groups = _groups(iter(reader), rows_per_group, encoded)
+        for group, probs in stream_predictions(clients, groups, mode):
+            j = 0
+            for item in group:
+                if item.error is not None:
+                    writer.add(item.unit, error=(item.source, item.error))
+                    continue
+                p = probs[j]
+                j += 1
+                row = {"source": item.source, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
+                       **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, p)},
+                       "predicted": spec.class_names[int(np.argmax(p))], "label": item.label,
+                       "tta": cfg.tta if not encoded else "none", "model": cfg.model, "version": version}
+                writer.add(item.unit, row=row)
+            done_now += len(group)
+            bar.update(len(group))
+        writer.commit()
+    except JobStopped:
+        stopped = True
+    except KeyboardInterrupt:
+        writer.commit()  # what came back is complete: keep it for --resume
+        raise
+    finally:
+        bar.close()
+        reader.close()
+    seconds = time.perf_counter() - start
+    if stopped:
+        log(f"stopped after {cfg.stop_after_parts} parts; {writer.rows_committed} rows in {writer.parts_dir}; "
+            "run again with --resume to finish")
+        return ScoreResult(out, errors_path(out), writer.rows_committed, len(writer.errors()), done_now, seconds,
+                           stopped=True)
+    errors = writer.errors()
+    writer.finish()
+    result = ScoreResult(out, errors_path(out), 0, len(errors), done_now, seconds)
+    rows = read_results(out)
+    result.rows = len(rows)
+    if any(isinstance(u, DatasetUnit) and u.dataset.labelled for u in units):
+        _write_metrics(result, rows, spec, log)
+    slides = [u for u in units if isinstance(u, SlideUnit)]
+    if slides:
+        _write_slide_outputs(result, rows, slides, spec, heat_class)
+    log(f"scored {done_now} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); "
+        f"{result.rows} rows in {out}; {len(errors)} unreadable inputs listed in {result.errors_file}")
+    return result
+
+
+def _write_metrics(result: ScoreResult, rows: list[dict], spec: ModelSpec, log) -> None:
+    from serving.atomic import atomic_write_text
+    from serving.metrics import compute_metrics
+    from serving.plots import plot_confusion_matrix
+
+    labelled = [r for r in rows if r.get("label") is not None]
+    if not labelled:
+        return
+    y = [spec.class_names.index(r["label"]) for r in labelled]
+    probs = np.array([[r[f"prob_{c}"] for c in spec.class_names] for r in labelled])
+    metrics = compute_metrics(y, probs, spec.class_names)
+    out = result.out
+    result.metrics = metrics
+    result.metrics_file = atomic_write_text(out.with_name(out.stem + ".metrics.json"),
+                                            json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(metrics["confusion_matrix"], spec.class_names,
+                          out.with_name(out.stem + ".confusion_matrix.png"))
+    log(f"accuracy {metrics['accuracy']:.4f}  balanced accuracy {metrics['balanced_accuracy']:.4f}  "
+        f"f1 (macro) {metrics['f1_macro']:.4f}  specificity (macro) {metrics['specificity_macro']}  "
+        f"on {metrics['num_samples']} labelled patches")
+    log(metrics["classification_report"])
+    log(f"metrics: {result.metrics_file}")
+
+
+def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[SlideUnit], spec: ModelSpec,
+                         heat_class: str) -> None:
+    from serving.heatmap import write_geojson, write_heatmap
+
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("col") is not None:
+            by_source.setdefault(r["source"], []).append(r)
+    out = result.out
+    for u in slides:
+        grid: SlideGrid = u.grid
+        stem = f"{out.stem}.{Path(grid.path).stem}"
+        slide_rows = by_source.get(grid.path, [])
+        slide = open_slide(grid.path)
+        try:
+            thumb = thumbnail(slide)
+        finally:
+            slide.close()
+        try:
+            result.heatmaps.append(write_heatmap(grid, thumb, slide_rows, heat_class,
+                                                 out.with_name(stem + ".heatmap.png")))
+            result.geojsons.append(write_geojson(grid, slide_rows, spec.class_names,
+                                                 out.with_name(stem + ".geojson")))
+        except (OSError, PatchserveError) as exc:
+            raise InputError(f"{grid.path}: cannot write its heatmap or GeoJSON beside {out}: {exc}") from exc

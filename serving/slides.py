@@ -1,0 +1,287 @@
+"""Whole-slide images: microns per pixel, tissue mask, tile grid, tile reading.
+
+OpenSlide returns transparent black for reads outside the slide without an
+error, so every read is bounds-checked here and edge tiles are padded white.
+Coordinates in rows and GeoJSON are level-0 pixels of the tile's top-left.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serving.errors import SlideError
+from serving.imageio import resize_u8, to_rgb_u8
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
+
+
+def _openslide():
+    try:
+        import openslide
+    except ImportError as exc:  # pragma: no cover - openslide is a dependency
+        raise SlideError("whole-slide input needs openslide-python and openslide-bin") from exc
+    return openslide
+
+
+def is_slide(path: str | Path) -> bool:
+    """True when ``path`` is a file OpenSlide recognises as a slide."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
+        return False
+    try:
+        return _openslide().OpenSlide.detect_format(str(p)) is not None
+    except Exception:  # noqa: BLE001 - unreadable: not a slide we can use
+        return False
+
+
+def open_slide(path: str | Path):
+    p = Path(path)
+    if not p.is_file():
+        raise SlideError(f"{p}: no such slide file")
+    osl = _openslide()
+    try:
+        return osl.OpenSlide(str(p))
+    except Exception as exc:  # noqa: BLE001 - OpenSlideError, OpenSlideUnsupportedFormatError, OSError
+        raise SlideError(f"{p}: OpenSlide cannot open it ({exc})") from exc
+
+
+def slide_mpp(slide, path: str | Path, fallback_mpp: float | None = None) -> float:
+    """Level-0 microns per pixel: OpenSlide's mpp-x, then the TIFF resolution tags, then ``--mpp``."""
+    props = slide.properties
+    osl = _openslide()
+    try:
+        v = float(props.get(osl.PROPERTY_NAME_MPP_X, "nan"))
+        if math.isfinite(v) and v > 0:
+            return v
+    except ValueError:
+        pass
+    try:
+        xres = float(props.get("tiff.XResolution", "nan"))
+        unit = props.get("tiff.ResolutionUnit", "").lower()
+        per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+        if per_unit_um and math.isfinite(xres) and xres > 0:
+            return per_unit_um / xres
+    except ValueError:
+        pass
+    if fallback_mpp:
+        return float(fallback_mpp)
+    raise SlideError(f"{path}: the slide records no microns per pixel (no {osl.PROPERTY_NAME_MPP_X}, no "
+                     "tiff.XResolution in centimeters or inches); pass --mpp")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How to cut a slide into patches; validated like the flags it comes from."""
+
+    mpp_target: float | None = None
+    level: int | None = None
+    stride: int | None = None  # in target pixels; default: the patch size
+    overlap: int = 0
+    min_tissue: float = 0.5
+    tissue_mask: str | None = None
+    mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mpp_target is not None and self.level is not None:
+            raise SlideError("--mpp-target and --level: give one of them, not both")
+        if self.mpp_target is not None and not self.mpp_target > 0:
+            raise SlideError(f"--mpp-target: expected a positive number of microns per pixel, got {self.mpp_target}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise SlideError(f"--mpp: expected a positive number of microns per pixel, got {self.mpp}")
+        if self.level is not None and self.level < 0:
+            raise SlideError(f"--level: expected a non-negative level index, got {self.level}")
+        if self.stride is not None and self.stride < 1:
+            raise SlideError(f"--stride: expected a positive number of pixels, got {self.stride}")
+        if self.stride is not None and self.overlap:
+            raise SlideError("--stride and --overlap: give one of them, not both")
+        if self.overlap < 0:
+            raise SlideError(f"--overlap: expected a non-negative number of pixels, got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise SlideError(f"--min-tissue: expected a fraction in [0, 1], got {self.min_tissue}")
+
+
+@dataclass(frozen=True)
+class Tile:
+    col: int
+    row: int
+    x: int  # level-0 top-left
+    y: int
+    tissue: float
+
+
+@dataclass
+class SlideGrid:
+    """A slide's tiling: geometry, the kept tiles, and the tissue mask it used."""
+
+    path: str
+    dims0: tuple[int, int]  # level-0 (width, height)
+    mpp0: float
+    target_mpp: float
+    scale: float  # level-0 pixels per target pixel
+    read_level: int
+    patch_hw: tuple[int, int]  # target pixels
+    stride_hw: tuple[int, int]
+    cols: int
+    rows: int
+    tiles: list[Tile]
+    mask: np.ndarray  # bool, thumbnail resolution
+    mask_scale: tuple[float, float]  # level-0 pixels per mask pixel (x, y)
+
+    @property
+    def tile_size0(self) -> tuple[float, float]:
+        """(width, height) of a tile in level-0 pixels."""
+        return self.patch_hw[1] * self.scale, self.patch_hw[0] * self.scale
+
+    @property
+    def stride0(self) -> tuple[float, float]:
+        return self.stride_hw[1] * self.scale, self.stride_hw[0] * self.scale
+
+
+def otsu_threshold(values_u8: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values (between-class variance maximised)."""
+    hist = np.bincount(values_u8.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    mean_all = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_all * w0 / total - m0) ** 2 / (w0 * w1 / total)
+    between[~np.isfinite(between)] = -1.0
+    return int(np.argmax(between))
+
+
+def tissue_mask(thumbnail_rgb_u8: np.ndarray) -> np.ndarray:
+    """Tissue = saturation above Otsu's threshold (background glass is grey or white)."""
+    sat = np.asarray(Image.fromarray(thumbnail_rgb_u8).convert("HSV"))[:, :, 1]
+    if int(sat.max()) - int(sat.min()) < 8:  # one flat colour: no tissue to separate
+        return np.zeros(sat.shape, bool)
+    return sat > otsu_threshold(sat)
+
+
+def thumbnail(slide, max_side: int = MASK_MAX_SIDE) -> np.ndarray:
+    w, h = slide.dimensions
+    k = max(w, h) / max_side if max(w, h) > max_side else 1.0
+    size = (max(1, int(round(w / k))), max(1, int(round(h / k))))
+    return to_rgb_u8(slide.get_thumbnail(size).convert("RGB").resize(size))
+
+
+def load_user_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
+    """A user's tissue mask PNG (non-zero = tissue), resized to ``shape_hw``."""
+    p = Path(path)
+    try:
+        img = Image.open(p)
+        img.load()
+    except (OSError, ValueError) as exc:
+        raise SlideError(f"--tissue-mask: cannot read {p} as an image ({exc})") from exc
+    img = img.convert("L").resize((shape_hw[1], shape_hw[0]), Image.NEAREST)
+    return np.asarray(img) > 0
+
+
+def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -> SlideGrid:
+    """Open a slide, build its tissue mask and the grid of tiles worth scoring."""
+    slide = open_slide(path)
+    try:
+        mpp0 = slide_mpp(slide, path, cfg.mpp)
+        if cfg.level is not None:
+            if cfg.level >= slide.level_count:
+                raise SlideError(f"--level {cfg.level}: {path} has levels 0..{slide.level_count - 1}")
+            scale = float(slide.level_downsamples[cfg.level])
+        else:
+            scale = (cfg.mpp_target or mpp0) / mpp0
+        read_level = slide.get_best_level_for_downsample(scale + 1e-6) if scale >= 1 else 0
+        thumb = thumbnail(slide)
+        dims0 = tuple(int(v) for v in slide.dimensions)
+    finally:
+        slide.close()
+    mask = load_user_mask(cfg.tissue_mask, thumb.shape[:2]) if cfg.tissue_mask else tissue_mask(thumb)
+    ph, pw = patch_hw
+    if cfg.stride is not None:
+        sh = sw = cfg.stride
+    else:
+        sh, sw = ph - cfg.overlap, pw - cfg.overlap
+        if sh < 1 or sw < 1:
+            raise SlideError(f"--overlap {cfg.overlap}: must be smaller than the patch size {ph}x{pw}")
+    w0, h0 = dims0
+    sx0, sy0 = sw * scale, sh * scale
+    cols, rows = int(math.ceil(w0 / sx0)), int(math.ceil(h0 / sy0))
+    mscale = (w0 / mask.shape[1], h0 / mask.shape[0])
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    tw0, th0 = pw * scale, ph * scale
+    tiles: list[Tile] = []
+    for r in range(rows):
+        y = int(round(r * sy0))
+        for c in range(cols):
+            x = int(round(c * sx0))
+            # Mask pixels covered by the tile; the part outside the slide counts as background.
+            mx0, my0 = int(x / mscale[0]), int(y / mscale[1])
+            mx1 = max(mx0 + 1, int(math.ceil((x + tw0) / mscale[0])))
+            my1 = max(my0 + 1, int(math.ceil((y + th0) / mscale[1])))
+            cx1, cy1 = min(mx1, mask.shape[1]), min(my1, mask.shape[0])
+            inside = integral[cy1, cx1] - integral[my0, cx1] - integral[cy1, mx0] + integral[my0, mx0]
+            frac = float(inside) / ((mx1 - mx0) * (my1 - my0))
+            cx = min(int((x + tw0 / 2) / mscale[0]), mask.shape[1] - 1)
+            cy = min(int((y + th0 / 2) / mscale[1]), mask.shape[0] - 1)
+            # A row stands for the tissue at its centre: the centre must be tissue too.
+            if frac >= cfg.min_tissue and frac > 0 and mask[cy, cx]:
+                tiles.append(Tile(c, r, x, y, frac))
+    return SlideGrid(str(path), dims0, mpp0, mpp0 * scale, scale, read_level, (ph, pw), (sh, sw), cols, rows,
+                     tiles, mask, mscale)
+
+
+def read_tile(slide, grid: SlideGrid, x: int, y: int) -> np.ndarray:
+    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y)."""
+    w0, h0 = grid.dims0
+    if not (0 <= x < w0 and 0 <= y < h0):
+        raise SlideError(f"{grid.path}: tile at ({x}, {y}) starts outside the slide ({w0}x{h0} at level 0)")
+    tw0, th0 = grid.tile_size0
+    level = grid.read_level
+    ds = float(slide.level_downsamples[level])
+    lw, lh = slide.level_dimensions[level]
+    # Read only the part inside the slide; the rest stays white like glass.
+    full_w, full_h = int(round(tw0 / ds)), int(round(th0 / ds))
+    in_w = min(full_w, int(math.ceil((w0 - x) / ds)), lw - int(x / ds))
+    in_h = min(full_h, int(math.ceil((h0 - y) / ds)), lh - int(y / ds))
+    if in_w <= 0 or in_h <= 0:
+        raise SlideError(f"{grid.path}: tile at ({x}, {y}) lies outside level {level}")
+    region = to_rgb_u8(slide.read_region((x, y), level, (in_w, in_h)))
+    if (in_w, in_h) != (full_w, full_h):
+        canvas = np.full((full_h, full_w, 3), 255, np.uint8)
+        canvas[:in_h, :in_w] = region
+        region = canvas
+    return resize_u8(region, grid.patch_hw)
+
+
+class SlideHandles:
+    """One OpenSlide handle per thread and slide: handles are not shared across threads."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def get(self, path: str):
+        cache = getattr(self._local, "slides", None)
+        if cache is None:
+            cache = self._local.slides = {}
+        if path not in cache:
+            cache[path] = open_slide(path)
+            with self._lock:
+                self._all.append(cache[path])
+        return cache[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._all:
+                s.close()
+            self._all.clear()
