@@ -1,0 +1,70 @@
+"""The serving preprocessing as a serialized DALI pipeline.
+
+encoded JPEG/PNG bytes -> decode to RGB -> resize to the spec's source size
+-> the centre crop of :func:`serving.views.view_boxes` ("none") -> uint8 HWC,
+exactly what the classifier takes. The pipeline is CPU-only so the same
+``model.dali`` runs in the DALI backend of a GPU server and, through
+``serving/backends/dali_model.py``, inside the embedded server's Python
+backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from export.errors import ExportError
+from serving.spec import ModelSpec
+from serving.views import view_boxes
+
+
+def build_pipeline(spec: ModelSpec, batch_size: int, num_threads: int = 1):
+    """The preprocessing pipeline for ``spec`` (not built), CPU-only."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
+    sh, sw = spec.source_hw
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    def preprocess():
+        encoded = fn.external_source(name=spec.encoded_name, dtype=types.UINT8, ndim=1, device="cpu")
+        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        # Linear with antialiasing: the closest DALI gets to PIL's BILINEAR resize.
+        images = fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.slice(images, start=[top, left], shape=list(spec.input_hw), axis_names="HW",
+                        out_of_bounds_policy="error")
+
+    return preprocess()
+
+
+def serialize_pipeline(spec: ModelSpec, path: str | Path, batch_size: int) -> Path:
+    """Write ``model.dali``; its batch size is the model's maximum batch size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = build_pipeline(spec, batch_size).serialize()
+    except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for most failures
+        raise ExportError(f"{path}: cannot serialize the DALI preprocessing pipeline: {exc}") from exc
+    from serving.atomic import atomic_write_bytes
+
+    return atomic_write_bytes(path, data)
+
+
+def run_serialized(path: str | Path, encoded: Sequence[bytes | np.ndarray], *, input_name: str,
+                   batch_size: int) -> list[np.ndarray]:
+    """Run a ``model.dali`` on the CPU over encoded images (for parity checks and tests)."""
+    from nvidia.dali import Pipeline
+
+    pipe = Pipeline.deserialize(filename=str(path), batch_size=batch_size, num_threads=1, device_id=None,
+                                prefetch_queue_depth=1)
+    pipe.build()
+    out: list[np.ndarray] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = [np.frombuffer(e, dtype=np.uint8) if isinstance(e, (bytes, bytearray)) else e
+                 for e in encoded[start:start + batch_size]]
+        pipe.feed_input(input_name, chunk)
+        (images,) = pipe.run()
+        out += [np.array(images.at(i)) for i in range(len(chunk))]
+    return out

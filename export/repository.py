@@ -1,0 +1,160 @@
+"""Write a run into a Triton model repository.
+
+Layout (one folder per model, flavours side by side; the server picks one with
+``--model-config-name``, falling back to ``config.pbtxt``)::
+
+    REPO/NAME/config.pbtxt               python flavour (ONNX Runtime in the Python backend)
+    REPO/NAME/configs/onnxruntime.pbtxt  ONNX Runtime backend (GPU; optional TensorRT accelerator)
+    REPO/NAME/configs/tensorrt.pbtxt     TensorRT plan (only when a plan was built)
+    REPO/NAME/labels.txt, spec.json, export.json
+    REPO/NAME/<version>/model.onnx, model.py, parity.npz[, model.plan, plan.json]
+    REPO/NAME_tta/...                    the same for the server-side TTA graph
+    REPO/NAME_preprocess/config.pbtxt    python flavour running model.dali with DALI on the CPU
+    REPO/NAME_preprocess/configs/dali.pbtxt (and onnxruntime/tensorrt: GPU servers use the DALI backend)
+    REPO/NAME_ensemble/config.pbtxt      preprocess -> classifier
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export import triton_config as tc
+from export.errors import ExportInputError, RepositoryExistsError
+from serving.atomic import atomic_write_text
+from serving.errors import SpecError
+from serving.spec import ModelSpec, check_model_name
+
+BACKENDS = Path(__file__).resolve().parent.parent / "serving" / "backends"
+SPEC_FILE = "spec.json"
+OPTIONS_FILE = "export.json"
+PARITY_FILE = "parity.npz"
+PLAN_MANIFEST = "plan.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the spec used, model name -> folder, the parity table."""
+
+    spec: ModelSpec
+    options: tc.ExportOptions
+    models: dict[str, Path]
+    parity: tuple = ()
+    notes: tuple[str, ...] = field(default=())
+
+
+def render_repository(spec: ModelSpec, opts: tc.ExportOptions) -> dict[str, str]:
+    """Every generated text file of the repository (relative path -> content), from spec and options."""
+    files: dict[str, str] = {}
+    labels = "".join(f"{c}\n" for c in spec.class_names)
+
+    def model(name: str, configs: dict[str, object], with_labels: bool) -> None:
+        for flavour, cfg in configs.items():
+            files[f"{name}/{tc.config_file(flavour)}"] = tc.to_text(cfg)
+        if with_labels:
+            files[f"{name}/{tc.LABELS_FILE}"] = labels
+        files[f"{name}/{SPEC_FILE}"] = spec.to_json() + "\n"
+
+    model(spec.name, {f: tc.classifier_config(spec, opts, f) for f in opts.formats}, True)
+    files[f"{spec.name}/{OPTIONS_FILE}"] = opts.to_json()
+    if opts.with_tta:
+        model(spec.tta_model_name, {f: tc.tta_config(spec, opts, f) for f in opts.formats if f != "tensorrt"}, True)
+    if opts.with_dali:
+        gpu = {f: tc.preprocess_config(spec, opts, "dali") for f in ("dali", *opts.formats) if f != "python"}
+        model(spec.preprocess_model_name, {"python": tc.preprocess_config(spec, opts, "python"), **gpu}, False)
+        model(spec.ensemble_model_name, {"python": tc.ensemble_config(spec, opts)}, True)
+    return files
+
+
+def write_generated(repo: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        atomic_write_text(repo / rel, text)
+
+
+def compare_generated(repo: str | Path) -> list[str]:
+    """Regenerate every config from the checked-in spec.json + export.json; list the files that differ."""
+    repo = Path(repo)
+    problems = []
+    for options_file in sorted(repo.glob(f"*/{OPTIONS_FILE}")):
+        folder = options_file.parent
+        spec = ModelSpec.load(folder / SPEC_FILE)
+        opts = tc.ExportOptions.from_json(options_file.read_text())
+        for rel, text in render_repository(spec, opts).items():
+            path = repo / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.read_bytes() != text.encode("utf-8"):
+                problems.append(f"{rel}: differs from the config generated from {folder.name}/{SPEC_FILE}")
+    return problems
+
+
+def regenerate(repo: str | Path) -> list[Path]:
+    """Rewrite the generated files of every exported model from its spec.json + export.json."""
+    repo = Path(repo)
+    written = []
+    for options_file in sorted(repo.glob(f"*/{OPTIONS_FILE}")):
+        spec = ModelSpec.load(options_file.parent / SPEC_FILE)
+        files = render_repository(spec, tc.ExportOptions.from_json(options_file.read_text()))
+        write_generated(repo, files)
+        written += [repo / rel for rel in files]
+    return written
+
+
+def check_version_folder(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportInputError(f"--version: expected a positive integer (a numeric version folder), got {version!r}")
+    return version
+
+
+def resolve_spec(spec: ModelSpec, *, name: str | None, version: int, max_batch_size: int | None) -> ModelSpec:
+    """The exported model's spec: the run's spec with the export's name, version and batch size."""
+    changes: dict = {"version": check_version_folder(version)}
+    if name is not None:
+        changes["name"] = check_model_name(name, "--name")
+    if max_batch_size is not None:
+        changes["max_batch_size"] = max_batch_size
+    try:
+        return spec.replace(**changes)
+    except SpecError as exc:
+        flag = "--max-batch-size" if "max_batch_size" in str(exc) else "--name"
+        raise ExportInputError(f"{flag}: {exc}") from exc
+
+
+def refuse_existing(repo: Path, names: list[str], version: int, overwrite: bool) -> None:
+    existing = [repo / n / str(version) for n in names if (repo / n / str(version)).exists()]
+    if existing and not overwrite:
+        raise RepositoryExistsError(
+            f"{existing[0]}: version {version} already exists; pass --overwrite to replace it, or --version N")
+    for folder in existing:
+        shutil.rmtree(folder)
+
+
+def copy_backend(src_name: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BACKENDS / src_name, dst)
+
+
+def remove_stale_configs(repo: Path, files: dict[str, str]) -> None:
+    """Drop configs/*.pbtxt a previous export wrote but this one did not (e.g. a tensorrt plan no longer built)."""
+    folders = {rel.split("/")[0] for rel in files}
+    for folder in folders:
+        for stale in (repo / folder / "configs").glob("*.pbtxt"):
+            if f"{folder}/configs/{stale.name}" not in files:
+                stale.unlink()
+
+
+def export_run(run: Path, repo: Path, *, name: str | None = None, version: int = 1,
+               formats: tuple[str, ...] = ("python", "onnxruntime"), tta_views: str = "five",
+               with_tta: bool = True, with_dali: bool = True, max_batch_size: int | None = None,
+               instances: int = 1, max_queue_delay_us: int = 2000, overwrite: bool = False,
+               fp16: bool = True, trt_accelerator: bool = False, data: Path | None = None,
+               progress: bool = False) -> ExportResult:
+    """Export a run (folder or checkpoint) into ``repo``; see :mod:`export.build` for the steps."""
+    from export.build import build_repository
+
+    return build_repository(Path(run), Path(repo), name=name, version=version, formats=tuple(formats),
+                            tta_views=tta_views, with_tta=with_tta, with_dali=with_dali,
+                            max_batch_size=max_batch_size, instances=instances,
+                            max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, fp16=fp16,
+                            trt_accelerator=trt_accelerator, data=data, progress=progress)

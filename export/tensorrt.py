@@ -1,0 +1,105 @@
+"""TensorRT plan from the exported ONNX (GPU machines only), with parity vs ONNX Runtime.
+
+TensorRT 10 Python API: explicit-batch network from the ONNX parser, one
+optimisation profile from batch 1 to the maximum batch, FP16 optional. A plan
+only runs on the GPU model and TensorRT version that built it, so a manifest
+(GPU name, compute capability, TensorRT version, profile) is written beside it
+and check-export compares the config's max batch with the profile.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import ExportError, TensorRTUnavailable
+from export.onnx_export import ParityRow, ort_session
+from serving.atomic import atomic_write_bytes, atomic_write_text
+from serving.spec import ModelSpec
+
+# FP16 moves softmax outputs by up to ~1e-3 on random inputs; FP32 plans by far less.
+TRT_ATOL = {True: 5e-3, False: 1e-4}
+
+
+def _tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable("the 'tensorrt' package is not installed (pip install tensorrt on a GPU machine)") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("no CUDA GPU on this machine; build the plan on the GPU type that will serve it")
+    return trt
+
+
+def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: ModelSpec, *,
+               fp16: bool = True, workspace_bytes: int = 1 << 30) -> list[ParityRow]:
+    """Build ``model.plan`` and its manifest; return the parity rows vs ONNX Runtime."""
+    trt = _tensorrt()
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{onnx_path}: TensorRT cannot parse the ONNX model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    h, w = spec.input_hw
+    profile = builder.create_optimization_profile()
+    profile.set_shape(spec.input_name, (1, h, w, 3), (spec.max_batch_size, h, w, 3), (spec.max_batch_size, h, w, 3))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{onnx_path}: TensorRT failed to build a plan (see its log above)")
+    atomic_write_bytes(plan_path, bytes(serialized))
+    major, minor = torch.cuda.get_device_capability()
+    manifest = {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+                "tensorrt_version": trt.__version__, "fp16": fp16,
+                "profile": {"input": spec.input_name, "min_batch": 1, "opt_batch": spec.max_batch_size,
+                            "max_batch": spec.max_batch_size}}
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return plan_parity(plan_path, onnx_path, spec, fp16=fp16)
+
+
+def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
+    """Probabilities from a plan (TensorRT 10 named-tensor API, torch CUDA buffers)."""
+    trt = _tensorrt()
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+    context = engine.create_execution_context()
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc_u8)).cuda()
+    context.set_input_shape(spec.input_name, tuple(x.shape))
+    context.set_tensor_address(spec.input_name, x.data_ptr())
+    outputs = {}
+    for name in (spec.output_name, spec.logits_name):
+        out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(name, out.data_ptr())
+        outputs[name] = out
+    stream = torch.cuda.Stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise ExportError(f"{plan_path}: TensorRT execution failed")
+    stream.synchronize()
+    return outputs[spec.output_name].cpu().numpy()
+
+
+def plan_parity(plan_path: Path, onnx_path: Path, spec: ModelSpec, *, fp16: bool) -> list[ParityRow]:
+    session = ort_session(onnx_path)
+    rng = np.random.default_rng(7)
+    rows = []
+    for batch in sorted({1, 3, spec.max_batch_size}):
+        x = rng.integers(0, 256, size=(batch, *spec.input_hw, 3), dtype=np.uint8)
+        expected = session.run([spec.output_name], {spec.input_name: x})[0]
+        got = run_plan(plan_path, spec, x)
+        rows.append(ParityRow("max |p_trt - p_onnx|", spec.name, batch, float(np.abs(got - expected).max()),
+                              TRT_ATOL[fp16]))
+    return rows

@@ -1,0 +1,228 @@
+"""Triton model configs built as ``model_config_pb2.ModelConfig`` messages.
+
+Never string templates: every config is a protobuf message, written with
+``google.protobuf.text_format``, so a typo is an AttributeError here rather
+than a model that fails to load on a server. Everything comes from the spec
+and :class:`ExportOptions`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import ExportInputError
+from export.tta import TTA_EXPORT_MODES
+from serving.spec import ModelSpec
+
+FORMATS = ("python", "onnxruntime", "tensorrt")
+SPEC_PARAMETER = "patchserve_spec"
+TTA_PARAMETER = "tta_views"
+LABELS_FILE = "labels.txt"
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+DALI_FILE = "model.dali"
+PYTHON_FILE = "model.py"
+# Flavour name -> config file inside the model folder; the server picks one
+# with --model-config-name and falls back to config.pbtxt for the others.
+DEFAULT_FLAVOUR = "python"
+
+
+def config_file(flavour: str) -> str:
+    return "config.pbtxt" if flavour == DEFAULT_FLAVOUR else f"configs/{flavour}.pbtxt"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Export settings that shape the configs (stored as export.json beside them)."""
+
+    max_batch_size: int
+    version: int = 1
+    formats: tuple[str, ...] = ("python", "onnxruntime")
+    tta_views: str = "five"
+    with_tta: bool = True
+    with_dali: bool = True
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    fp16: bool = True
+    trt_accelerator: bool = False
+
+    def __post_init__(self) -> None:
+        formats = tuple(self.formats)
+        bad = [f for f in formats if f not in FORMATS]
+        if bad or not formats:
+            raise ExportInputError(f"--formats: invalid format(s) {bad or formats}. Only {', '.join(FORMATS)} are supported.")
+        if "python" not in formats:
+            # config.pbtxt (the embedded default) is the python flavour; without it no server here can load the model.
+            raise ExportInputError(f"--formats: 'python' is required (it is config.pbtxt), got {','.join(formats)}")
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
+        if self.tta_views not in TTA_EXPORT_MODES:
+            raise ExportInputError(f"--tta-views: invalid value {self.tta_views!r}. Only {', '.join(TTA_EXPORT_MODES)} are supported.")
+        for flag, v, low in (("--max-batch-size", self.max_batch_size, 1), ("--version", self.version, 1),
+                             ("--instances", self.instances, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ExportInputError(f"{flag}: expected an integer >= {low}, got {v!r}")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["formats"] = list(self.formats)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExportOptions":
+        d = json.loads(text)
+        d["formats"] = tuple(d.get("formats", ()))
+        return cls(**d)
+
+
+def spec_json(spec: ModelSpec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _tensor(cls, name: str, dtype: int, dims, **kw):
+    t = cls(name=name, data_type=dtype, **kw)
+    t.dims.extend(int(d) for d in dims)
+    return t
+
+
+def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
+    cfg.version_policy.latest.num_versions = 1
+    cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = opts.max_queue_delay_us
+    db.preferred_batch_size.extend(sorted({max(1, opts.max_batch_size // 2), opts.max_batch_size}))
+    if warmup_input is not None:
+        # Warm up at the largest batch so the first real request does not pay for allocation.
+        tensor_name, dims = warmup_input
+        w = cfg.model_warmup.add(name=f"zeros_batch_{opts.max_batch_size}", batch_size=opts.max_batch_size)
+        wi = w.inputs[tensor_name]
+        wi.data_type = mc.TYPE_UINT8
+        wi.dims.extend(dims)
+        wi.zero_data = True
+    return cfg
+
+
+def _instances(cfg: mc.ModelConfig, kind: int, count: int) -> None:
+    cfg.instance_group.add(kind=kind, count=count)
+
+
+def _runtime(cfg: mc.ModelConfig, flavour: str, opts: ExportOptions) -> None:
+    """Backend, model file and instances of one flavour of an ONNX-derived model."""
+    if flavour == "python":
+        cfg.backend = "python"
+        cfg.parameters["onnx_file"].string_value = ONNX_FILE
+        cfg.parameters["intra_op_threads"].string_value = "1"
+        _instances(cfg, mc.ModelInstanceGroup.KIND_CPU, opts.instances)
+    elif flavour == "onnxruntime":
+        cfg.platform = "onnxruntime_onnx"
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = ONNX_FILE
+        _instances(cfg, mc.ModelInstanceGroup.KIND_GPU, opts.instances)
+        if opts.trt_accelerator:
+            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            acc.parameters["precision_mode"] = "FP16" if opts.fp16 else "FP32"
+            acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    elif flavour == "tensorrt":
+        cfg.platform = "tensorrt_plan"
+        cfg.backend = "tensorrt"
+        cfg.default_model_filename = PLAN_FILE
+        _instances(cfg, mc.ModelInstanceGroup.KIND_GPU, opts.instances)
+    else:
+        raise ExportInputError(f"--formats: invalid format {flavour!r}. Only {', '.join(FORMATS)} are supported.")
+
+
+def classifier_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+    """uint8 [H, W, 3] -> probabilities [C] (with labels) and logits [C]."""
+    dims = [spec.input_height, spec.input_width, 3]
+    cfg = _base(spec.name, spec, opts, warmup_input=(spec.input_name, dims))
+    cfg.input.append(_tensor(mc.ModelInput, spec.input_name, mc.TYPE_UINT8, dims))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
+                              label_filename=LABELS_FILE))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.logits_name, mc.TYPE_FP32, [spec.num_classes]))
+    _runtime(cfg, flavour, opts)
+    return cfg
+
+
+def tta_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+    """uint8 [source H, source W, 3] -> probabilities [C] averaged over the TTA views."""
+    dims = [spec.source_height, spec.source_width, 3]
+    cfg = _base(spec.tta_model_name, spec, opts, warmup_input=(spec.input_name, dims))
+    cfg.parameters[TTA_PARAMETER].string_value = opts.tta_views
+    cfg.input.append(_tensor(mc.ModelInput, spec.input_name, mc.TYPE_UINT8, dims))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
+                              label_filename=LABELS_FILE))
+    _runtime(cfg, flavour, opts)
+    return cfg
+
+
+def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+    """Encoded bytes uint8 [-1] (ragged) -> uint8 [H, W, 3]; ``python`` or ``dali`` backend."""
+    # No warm-up: zeros are not a decodable image and would fail the model load.
+    cfg = _base(spec.preprocess_model_name, spec, opts, warmup_input=None)
+    cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1], allow_ragged_batch=True))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.input_name, mc.TYPE_UINT8,
+                              [spec.input_height, spec.input_width, 3]))
+    if flavour == "python":
+        cfg.backend = "python"
+        cfg.parameters["dali_file"].string_value = DALI_FILE
+        cfg.parameters["dali_threads"].string_value = "1"
+    elif flavour == "dali":
+        cfg.backend = "dali"
+        cfg.default_model_filename = DALI_FILE
+    else:
+        raise ExportInputError(f"preprocess flavour: invalid {flavour!r}. Only python and dali are supported.")
+    # The pipeline is CPU-only (portable): CPU instances in both backends.
+    _instances(cfg, mc.ModelInstanceGroup.KIND_CPU, opts.instances)
+    return cfg
+
+
+def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
+    """Encoded bytes -> preprocess -> classifier, scheduled by Triton's ensemble scheduler."""
+    cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg.version_policy.latest.num_versions = 1
+    cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
+    cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1]))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
+                              label_filename=LABELS_FILE))
+    cfg.output.append(_tensor(mc.ModelOutput, spec.logits_name, mc.TYPE_FP32, [spec.num_classes]))
+    pre = cfg.ensemble_scheduling.step.add(model_name=spec.preprocess_model_name, model_version=-1)
+    pre.input_map[spec.encoded_name] = spec.encoded_name
+    pre.output_map[spec.input_name] = spec.input_name
+    cls = cfg.ensemble_scheduling.step.add(model_name=spec.name, model_version=-1)
+    cls.input_map[spec.input_name] = spec.input_name
+    cls.output_map[spec.output_name] = spec.output_name
+    cls.output_map[spec.logits_name] = spec.logits_name
+    return cfg
+
+
+def to_text(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_text(text: str, where: str | Path = "config") -> mc.ModelConfig:
+    """Parse pbtxt into a ModelConfig; ExportInputError names the file on a syntax error."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ExportInputError(f"{where}: not a valid Triton ModelConfig ({exc})") from exc
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ExportInputError(f"{path}: cannot read the model config ({exc.strerror})") from exc
+    return parse_text(text, path)
+
+
+def config_spec(cfg: mc.ModelConfig) -> ModelSpec | None:
+    """The spec stored in a config's parameters, or None when there is none."""
+    if SPEC_PARAMETER not in cfg.parameters:
+        return None
+    return ModelSpec.from_json(cfg.parameters[SPEC_PARAMETER].string_value)
