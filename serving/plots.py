@@ -1,0 +1,114 @@
+"""Evaluation plots: confusion matrix, ROC curves, training curves, failure grid.
+
+Torch-free and headless: matplotlib is imported inside each function with the
+Agg backend, so ``patchserve score`` can draw the same figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    from serving.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path) -> Path:
+    """Counts as a heat map, rows = true class, with the row-normalised share in each cell."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 3, 1.2 * k + 2.5))
+    ax.imshow(cm, cmap="Blues")
+    rows = np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if cm[i, j] > cm.max() / 2 else "black"
+            ax.text(j, i, f"{cm[i, j]}\n{cm[i, j] / rows[i, 0]:.0%}", ha="center", va="center", color=colour)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    return _save(fig, path)
+
+
+def plot_roc(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str], path: str | Path) -> Path:
+    """ROC curve of the positive class (binary) or one-vs-rest per class."""
+    from sklearn.metrics import auc, roc_curve
+
+    plt = _plt()
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    targets = [1] if len(class_names) == 2 else range(len(class_names))
+    for c in targets:
+        pos = y_true == c
+        if pos.all() or not pos.any():
+            continue  # a curve needs both positives and negatives
+        fpr, tpr, _ = roc_curve(pos.astype(int), probs[:, c])
+        ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Loss and accuracy per epoch (train and validation) from history rows."""
+    plt = _plt()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [int(r["epoch"]) for r in history]
+
+    def series(key):
+        return [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in history]
+
+    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        for prefix in ("train", "val"):
+            col = f"{prefix}_{key}"
+            if history and col in history[0]:
+                ax.plot(epochs, series(col), marker="o", label=col)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save(fig, path)
+
+
+def plot_misclassified(images_hwc_u8: Sequence[np.ndarray], true_names: Sequence[str],
+                       pred_names: Sequence[str], path: str | Path, *, max_images: int = 25) -> Path:
+    """A grid of (misclassified) images titled with their true and predicted labels."""
+    plt = _plt()
+    n = min(len(images_hwc_u8), max_images)
+    cols = max(1, min(5, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images_hwc_u8[i])
+            ax.set_title(f"true {true_names[i]}\npred {pred_names[i]}", fontsize=8)
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    return _save(fig, path)

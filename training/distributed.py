@@ -1,0 +1,85 @@
+"""DistributedDataParallel plumbing: who am I, process group, gathers.
+
+The CLI reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and passes a
+:class:`DistInfo`; library code never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from training.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise TrainingError(f"rank {self.rank} is not in 0..{self.world_size - 1} (WORLD_SIZE {self.world_size})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(env: Mapping[str, str]) -> DistInfo:
+    """torchrun's variables -> DistInfo (single process when they are absent)."""
+    try:
+        return DistInfo(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
+                        local_rank=int(env.get("LOCAL_RANK", 0)))
+    except ValueError as exc:
+        raise TrainingError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
+
+
+def init_process_group(info: DistInfo, device_type: str) -> None:
+    """gloo on CPU, nccl on CUDA; rendezvous from torchrun's MASTER_ADDR/PORT."""
+    import torch.distributed as dist
+
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()

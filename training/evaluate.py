@@ -1,0 +1,115 @@
+"""``patchserve evaluate``: metrics, predictions, report and plots of a run on a data set.
+
+Images are resized to the spec's source size by a DALI pipeline; TTA views
+come from serving.views (the same boxes the client and the server use) and
+their probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.metrics import compute_metrics, write_metrics
+from serving.views import make_views, num_views, view_boxes
+from training.checkpoint import load_for_inference, resolve_checkpoint
+from training.data import resolve_eval_samples
+from training.distributed import DistInfo
+from training.errors import DataError
+from training.pipeline import build_eval_pipeline, iterate, resolve_dali_device
+from training.scan import scan_samples, write_bad_list
+from training.train import HISTORY_CSV, pick_device
+
+MAX_MISCLASSIFIED = 25
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict
+    paths: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    out_dir: Path
+
+
+def predict_tta(model: torch.nn.Module, images_nhwc_u8: np.ndarray, tta: str, crop_hw: tuple[int, int],
+                device: torch.device) -> np.ndarray:
+    """Probabilities averaged over the TTA views of source-size images."""
+    views = make_views(images_nhwc_u8, tta, crop_hw)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(views).to(device)).float()
+    probs = torch.softmax(logits, dim=1).cpu().numpy()
+    return probs.reshape(len(images_nhwc_u8), num_views(tta), -1).mean(axis=1)
+
+
+def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: str = "test", tta: str = "none",
+                 batch_size: int = 64, workers: int = 2, device: str = "auto", dali_device: str = "auto",
+                 progress: bool = True) -> EvalResult:
+    """Evaluate the run's best checkpoint on DATA's ``split``; write everything into ``out``."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    model, spec, _ = load_for_inference(run)
+    if tta not in spec.tta_views:
+        raise DataError(f"Invalid --tta {tta}. Only {', '.join(spec.tta_views)} are supported by this model.")
+    view_boxes(tta, spec.source_hw, spec.input_hw)  # fails early if the geometry is impossible
+    dev = pick_device(device)
+    dali_dev = resolve_dali_device(dali_device, dev.type == "cuda")
+    model.to(dev)
+    samples = resolve_eval_samples(data, split, spec.class_names)
+    out.mkdir(parents=True, exist_ok=True)
+    # A long evaluation does not die on one bad file: it is listed and left out.
+    scan = scan_samples(samples, out / "cache" / "converted", progress=progress, desc="scan")
+    write_bad_list(scan, out / "bad_files.csv")
+    if not scan.samples:
+        raise DataError(f"{data}: no readable images in split {split!r} ({len(scan.bad)} bad)")
+    pipe = build_eval_pipeline(scan.samples, source_hw=spec.source_hw, crop_hw=None, batch_size=batch_size,
+                               num_threads=workers, device=dali_dev, device_id=0,
+                               grayscale_equalize=bool(spec.extra.get("grayscale_equalize")))
+    probs, labels, wrong = [], [], []
+    (ct, cl, _), = view_boxes("none", spec.source_hw, spec.input_hw)
+    ih, iw = spec.input_hw
+    with tqdm(total=len(scan.samples), desc=f"evaluate ({tta})", unit="img", disable=not progress, leave=False) as bar:
+        for images, y in iterate(pipe, scan.samples):
+            batch = images.cpu().numpy()
+            p = predict_tta(model, batch, tta, spec.input_hw, dev)
+            pred = p.argmax(axis=1)
+            for i in np.flatnonzero(pred != y.numpy()):
+                if len(wrong) < MAX_MISCLASSIFIED:
+                    wrong.append((batch[i, ct:ct + ih, cl:cl + iw].copy(), int(y[i]), int(pred[i])))
+            probs.append(p)
+            labels.append(y.numpy())
+            bar.update(len(y))
+    probs_a, y_true = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
+    metrics = compute_metrics(y_true, probs_a, spec.class_names)
+    ckpt = resolve_checkpoint(run)
+    extra = {"split": split, "tta": tta, "checkpoint": ckpt.name, "model": spec.name,
+             "bad_files": [{"path": p, "reason": r} for p, r in scan.bad]}
+    write_metrics(out, metrics, paths=scan.origins, y_true=y_true, probs=probs_a, class_names=spec.class_names,
+                  extra=extra)
+    _plots(out, metrics, y_true, probs_a, spec.class_names, wrong, ckpt.parent / HISTORY_CSV)
+    from training.report import write_report
+
+    write_report(out / "report.md", metrics, extra=extra, has_curves=(out / "training_curves.png").exists())
+    return EvalResult(metrics, scan.origins, y_true, probs_a, out)
+
+
+def _plots(out: Path, metrics: dict, y_true, probs, class_names, wrong, history_csv: Path) -> None:
+    from serving import plots
+
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png")
+    plots.plot_roc(y_true, probs, class_names, out / "roc.png")
+    plots.plot_misclassified([w[0] for w in wrong], [class_names[w[1]] for w in wrong],
+                             [class_names[w[2]] for w in wrong], out / "misclassified.png")
+    if history_csv.is_file():
+        with open(history_csv, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if rows:
+            plots.plot_training_curves(rows, out / "training_curves.png")
+
+
+__all__ = ["evaluate_run", "predict_tta", "EvalResult", "DistInfo"]

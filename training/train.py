@@ -1,0 +1,320 @@
+"""The training loop: DALI in, checkpoints, history and the spec out.
+
+An epoch's sample order and augmentation depend only on (seed, epoch, rank):
+pipelines are rebuilt every epoch, so ``--resume`` from an epoch boundary
+continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from serving.atomic import atomic_write_text
+from serving.metrics import compute_metrics
+from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
+from training.config import TrainConfig, build_optimizer, build_scheduler
+from training.data import DataSplit, default_model_name, resolve_training_data
+from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
+                                  destroy_process_group, init_process_group)
+from training.errors import CheckpointError, TrainingError
+from training.model import build_model, load_pretrained_backbone
+from training.pipeline import build_eval_pipeline, build_train_pipeline, iterate, resolve_dali_device
+from training.sampling import balanced_class_weights, epoch_order
+from training.scan import refuse_bad, scan_samples, write_bad_list
+from training.stats import compute_mean_std
+
+HISTORY_CSV = "history.csv"
+HISTORY_JSON = "history.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    spec: ModelSpec
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float | None = None
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda: no CUDA device is available; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def dali_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31 - 1)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    # Plain types only: checkpoints are read back with weights_only=True.
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _score(metrics: dict, best_metric: str) -> float:
+    """Higher is better for every metric (loss is negated)."""
+    if best_metric == "loss":
+        return -float(metrics["val_loss"])
+    v = metrics.get(best_metric)
+    return float("-inf") if v is None else float(v)
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    cols: list[str] = []
+    for row in history:
+        cols += [k for k in row if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(run_dir / HISTORY_CSV, buf.getvalue())
+    atomic_write_text(run_dir / HISTORY_JSON, json.dumps(history, indent=2) + "\n")
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataSplit:
+    """Resolve DATA, scan files (rank 0) and swap converted files in; every rank gets the same lists."""
+    payload = None
+    if info.is_main:
+        split = resolve_training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        cache = run_dir / "cache" / "converted"
+        train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train")
+        val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val")
+        train.bad += val.bad
+        write_bad_list(train, run_dir / "bad_files.csv")
+        try:
+            refuse_bad(train, cfg.skip_bad)
+            payload = DataSplit(split.kind, split.root, split.classes, train.samples, val.samples)
+        except TrainingError as exc:
+            payload = exc
+        except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
+            payload = exc
+    payload = broadcast_object(payload, info)
+    if isinstance(payload, Exception):
+        raise payload
+    if not payload.train or not payload.val:
+        raise TrainingError(f"{cfg.data}: no usable training or validation images left after the scan")
+    return payload
+
+
+def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = cfg.mean, cfg.std
+    elif cfg.pretrained:
+        mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
+    else:
+        mean, std = compute_mean_std(data.train, max_images=cfg.stats_max_images, seed=cfg.seed,
+                                     progress=cfg.progress)
+        mean, std = cfg.mean or mean, cfg.std or std
+    extra = {"grayscale_equalize": True} if cfg.grayscale_equalize else {}
+    return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
+                     input_height=cfg.image_size, input_width=cfg.image_size, mean=mean, std=std,
+                     arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra)
+
+
+def evaluate_samples(model: nn.Module, samples, spec: ModelSpec, *, batch_size: int, num_threads: int,
+                     device: torch.device, dali_device: str, info: DistInfo, amp: bool = False,
+                     grayscale_equalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels of ``samples`` (centre crop), each sample once across ranks."""
+    pipe = build_eval_pipeline(samples, source_hw=spec.source_hw, crop_hw=spec.input_hw, batch_size=batch_size,
+                               num_threads=num_threads, device=dali_device, device_id=info.local_rank,
+                               shard_id=info.rank, num_shards=info.world_size,
+                               grayscale_equalize=grayscale_equalize)
+    probs, labels = [], []
+    model.eval()
+    with torch.no_grad(), _autocast(device, amp):
+        for images, y in iterate(pipe, samples):
+            logits = model(images.to(device, non_blocking=True)).float()
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            labels.append(y.numpy())
+    k = spec.num_classes
+    mine = (np.concatenate(probs) if probs else np.zeros((0, k)), np.concatenate(labels) if labels else np.zeros(0))
+    # Shards are contiguous ranges in rank order: concatenation restores the sample order.
+    parts = all_gather_objects(mine, info)
+    return np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]).astype(np.int64)
+
+
+def _autocast(device: torch.device, amp: bool):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp)
+
+
+def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
+    """Train as configured; rank 0 writes RUN/. Returns the history and the best epoch."""
+    info = info or DistInfo()
+    device = pick_device(cfg.device, info.local_rank)
+    dali_device = resolve_dali_device(cfg.dali_device, device.type == "cuda")
+    init_process_group(info, device.type)
+    try:
+        return _train(cfg, info, device, dali_device)
+    finally:
+        destroy_process_group()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: str) -> TrainResult:
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.out)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = _prepare_data(cfg, run_dir, info)
+    resume = None
+    if cfg.resume:
+        resume = read_checkpoint(Path(cfg.resume) / LAST if Path(cfg.resume).is_dir() else cfg.resume)
+        spec = resume["spec"]
+        if tuple(spec.class_names) != tuple(data.classes):
+            raise CheckpointError(f"--resume: checkpoint classes {list(spec.class_names)} differ from DATA's "
+                                  f"{list(data.classes)}")
+    else:
+        spec = broadcast_object(_build_spec(cfg, data) if info.is_main else None, info)
+    model_config = cfg.model_config(spec.num_classes)
+    model = build_model(spec, model_config)
+    if cfg.pretrained and resume is None:
+        load_pretrained_backbone(model, cfg.pretrained)
+    if cfg.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.model_ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model_ema_decay), use_buffers=True)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    train_labels = np.array([s.label for s in data.train], dtype=np.int64)
+    weight = None
+    if cfg.class_weights:
+        weight = torch.tensor(balanced_class_weights(train_labels, spec.num_classes), dtype=torch.float32,
+                              device=device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    history: list[dict] = []
+    start_epoch, best_score, best_epoch, stale = 0, None, -1, 0
+    if resume is not None:
+        st = resume["state"]
+        model.load_state_dict(st.get("train_model", resume["model"]))
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        if ema is not None:
+            if "ema" not in st:
+                raise CheckpointError(f"--resume {resume['path']}: --model-ema is on but the checkpoint has no EMA")
+            ema.load_state_dict(st["ema"])
+        _set_rng_state(st["rng"])
+        start_epoch, best_score, best_epoch, stale = st["epoch"] + 1, st["best_score"], st["best_epoch"], st["stale"]
+        history = list(st["history"])
+    net = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    if info.is_main:
+        spec.save(run_dir / "spec.json")
+    result = TrainResult(run_dir, spec, history, best_epoch, best_score)
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+            break
+        order = epoch_order(train_labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                            world_size=info.world_size, balanced=cfg.balanced_sampling)
+        epoch_samples = [data.train[i] for i in order]
+        pipe = build_train_pipeline(epoch_samples, input_hw=spec.input_hw, augment=cfg.augment,
+                                    batch_size=cfg.batch_size, num_threads=cfg.workers,
+                                    seed=dali_seed(cfg.seed, epoch, info.rank), device=dali_device,
+                                    device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size)
+        net.train()
+        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(total=len(order) // info.world_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                   disable=not (cfg.progress and info.is_main), leave=False)
+        for images, y in iterate(pipe, epoch_samples):
+            images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, cfg.amp):
+                logits = net(images)
+                loss = criterion(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
+            n = y.shape[0]
+            loss_sum += float(loss.detach()) * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            bar.update(n)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        scheduler.step()
+        totals = [float(v) for v in np.sum(all_gather_objects((loss_sum, correct, seen), info), axis=0)]
+        eval_model = ema.module if ema is not None else model
+        probs, labels = evaluate_samples(eval_model, data.val, spec, batch_size=cfg.batch_size,
+                                         num_threads=cfg.workers, device=device, dali_device=dali_device,
+                                         info=info, amp=cfg.amp, grayscale_equalize=cfg.grayscale_equalize)
+        m = compute_metrics(labels, probs, spec.class_names)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(np.log(np.clip(probs, 1e-12, None))),
+                                                     torch.from_numpy(labels)))
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": totals[0] / max(totals[2], 1), "train_accuracy": totals[1] / max(totals[2], 1),
+               "val_loss": val_loss, "val_accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+               "f1_macro": m["f1_macro"], "auc": m["auc"], "specificity_macro": m["specificity_macro"],
+               "images_per_s": seen * info.world_size / max(time.perf_counter() - t0, 1e-9)}
+        row["accuracy"] = m["accuracy"]
+        # Plain Python numbers: checkpoints are read back with weights_only=True.
+        row = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in row.items()}
+        history.append(row)
+        score = _score({**m, "val_loss": val_loss}, cfg.best_metric)
+        improved = best_score is None or score > best_score
+        if improved:
+            best_score, best_epoch, stale = score, epoch + 1, 0
+        else:
+            stale += 1
+        if info.is_main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch, "history": history,
+                     "best_score": best_score, "best_epoch": best_epoch, "stale": stale}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+                state["train_model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            kw = dict(model=eval_model, spec=spec, model_config=model_config, train_config=cfg.to_dict(),
+                      state=state)
+            save_checkpoint(run_dir / LAST, **kw)
+            if improved:
+                save_checkpoint(run_dir / BEST, **kw)
+            _write_history(run_dir, history)
+            if cfg.progress:
+                print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                      f"val loss {val_loss:.4f} acc {m['accuracy']:.3f} | {row['images_per_s']:.0f} img/s", flush=True)
+        barrier(info)
+    result.history, result.best_epoch, result.best_score = history, best_epoch, best_score
+    return result
