@@ -1,1 +1,44 @@
-"""Data fixtures (synthetic patches, slides)."""
+"""Data fixtures: synthetic patch sets and a synthetic whole-slide image (session-scoped).
+
+``synth_data``: a folder written by ``synthesize(classes=2, per_class=40,
+size=48, seed=0)``, PNG:
+
+- ``train/``, ``val/``, ``test/`` class folders ``normal/`` and ``tumour/``
+  with 24/8/8 images per class (``normal_0000.png`` ...), 48 x 48 RGB;
+- ``test_shifted/``: the test tissue again under a second centre's stain (8 + 8);
+- ``manifest.csv`` (``path,label,split``, paths relative to the folder, all four splits);
+- ``pcam/{train,val,test,test_shifted}_x.h5`` (``x``: N x 48 x 48 x 3 uint8,
+  attribute ``class_names``) and ``_y.h5`` (``y``: N x 1 x 1 x 1 uint8), rows in manifest order;
+- ``synth.json``: options and counts.
+
+``synth_slide``: a folder written by ``synthesize(classes=2, per_class=12,
+size=48, seed=0, slide=True, slide_size=2048)``: the same layout (8/2/2 per
+class) plus ``slides/slide_0.tiff`` (tiled pyramidal TIFF, level 0 2048 x 1536
+at 0.5 um/px, levels downsampled by 4; tissue textures at the scale of the 48 px
+patches), ``slides/slide_0_mask.png`` (tumour, 255 inside, one pixel per
+16 x 16 level-0 pixels), ``slides/slide_0_tissue.png`` and ``slides/slide_0_mask.json``.
+
+Treat both as read-only: they are shared by every test of the session.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    from training.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth_data")
+    synthesize(out, classes=2, per_class=40, size=48, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_slide(tmp_path_factory):
+    from training.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth_slide")
+    synthesize(out, classes=2, per_class=12, size=48, seed=0, slide=True, slide_size=2048)
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.synth_texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, _grid, _interp, to_rgb
+from training.synth_texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, to_rgb
 
 MPP = 0.5  # level 0, micrometres per pixel (a 20x scan)
 LEVEL_DOWNSAMPLE = 4
@@ -64,23 +64,32 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return m
 
 
+def _blurred_noise(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
+    """Gaussian-blurred white noise scaled to unit std: isotropic blobs, no grid artefacts."""
+    r = int(3 * sigma)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    a = np.pad(rng.standard_normal((h, w)), r, mode="wrap")
+    a = np.apply_along_axis(np.convolve, 0, a, k, mode="valid")
+    a = np.apply_along_axis(np.convolve, 1, a, k, mode="valid")
+    return ((a - a.mean()) / (a.std() + 1e-12)).astype(np.float32)
+
+
 def make_masks(rng: np.random.Generator, mask_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Tissue and tumour masks (bool, mask resolution): irregular blobs, tumour inside tissue."""
     h, w = mask_hw
-    cell = max(h, w) / 5.0
-    noise = _interp(_grid(rng, h, w, cell), cell, 0, 0, h, w)
+    size = max(h, w)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # A broad bump keeps tissue off the slide's edges, as on a real glass slide.
-    bump = 1.0 - (((yy + 0.5) / h - 0.5) * 2) ** 2 * 0.8 - (((xx + 0.5) / w - 0.5) * 2) ** 2 * 0.8
-    field = 1.5 * bump + 0.9 * noise
+    bump = 1.0 - (((yy + 0.5) / h - 0.5) * 2) ** 2 - (((xx + 0.5) / w - 0.5) * 2) ** 2
+    field = 1.2 * bump + 0.5 * _blurred_noise(rng, h, w, size / 12)
     border = max(1, min(h, w) // 16)
     field[:border], field[-border:], field[:, :border], field[:, -border:] = -9, -9, -9, -9
     tissue = field > np.quantile(field, 1.0 - TISSUE_FRACTION)
     interior = _erode(tissue, max(1, min(h, w) // 24))
     if not interior.any():
         interior = tissue
-    cell = max(h, w) / 8.0
-    tum_field = _interp(_grid(rng, h, w, cell), cell, 0, 0, h, w)
+    tum_field = _blurred_noise(rng, h, w, size / 20)
     tumour = interior & (tum_field > np.quantile(tum_field[interior], 1.0 - TUMOUR_FRACTION))
     return tissue, tumour
 
@@ -93,8 +102,8 @@ def render_level0(seed: int, patch_size: int, height: int, width: int, progress:
     rng = np.random.default_rng([seed, 1000])
     tissue, tumour = make_masks(rng, (height // MASK_DOWNSAMPLE, width // MASK_DOWNSAMPLE))
     scale = patch_size / REFERENCE_SIZE
-    normal_tex = Texture(rng, NORMAL, height, width, scale)
-    tumour_tex = Texture(rng, TUMOUR, height, width, scale)
+    normal_tex = Texture(rng, NORMAL, height, width, scale, typical=True)
+    tumour_tex = Texture(rng, TUMOUR, height, width, scale, typical=True)
     stain = Stain()  # one scan, one stain: no per-patch jitter inside a slide
     rgb = np.empty((height, width, 3), dtype=np.uint8)
     zero = np.zeros((STRIP_ROWS, width), dtype=np.float32)

@@ -49,7 +49,7 @@ class Look:
     fibre: float = 0.22
     fibre_period: float = 7.0
     patchiness: float = 0.15
-    nuclei: tuple[float, float] = (5.0, 11.0)  # count range per patch
+    nuclei: tuple[float, float] = (4.0, 13.0)  # count range per patch
     radius: tuple[float, float] = (2.3, 3.0)
     elongation: float = 0.15
     irregular: float = 0.03
@@ -64,7 +64,7 @@ class Look:
 
 
 NORMAL = Look()
-TUMOUR = Look(eosin=0.45, haem=0.16, fibre=0.1, nuclei=(13.0, 26.0), radius=(3.0, 4.6), elongation=0.45,
+TUMOUR = Look(eosin=0.45, haem=0.16, fibre=0.1, nuclei=(10.0, 26.0), radius=(2.8, 4.6), elongation=0.45,
               irregular=0.22, darkness=(1.8, 2.6), rim=0.45)
 LOOKS = {
     "normal": NORMAL,
@@ -112,10 +112,10 @@ def _interp(grid: np.ndarray, cell: float, y0: int, x0: int, h: int, w: int) -> 
 # phases, darkness, rim darkening. One row per nucleus, fragment or vacuole.
 def _blobs(rng: np.random.Generator, n: int, height: int, width: int, radius: tuple[float, float],
            elongation: float, irregular: float, darkness: tuple[float, float], rim: float,
-           angle: float | None = None) -> np.ndarray:
+           angle: float | None = None, margin: float = 0.0) -> np.ndarray:
     t = np.empty((n, 10), dtype=np.float32)
-    t[:, 0] = rng.uniform(-4, height + 4, n)
-    t[:, 1] = rng.uniform(-4, width + 4, n)
+    t[:, 0] = rng.uniform(-margin, height + margin, n)
+    t[:, 1] = rng.uniform(-margin, width + margin, n)
     r = rng.uniform(*radius, n)
     stretch = 1.0 + rng.uniform(0, elongation, n)
     t[:, 2] = r * np.sqrt(stretch)
@@ -161,28 +161,34 @@ def _paint_blobs(canvas: np.ndarray, blobs: np.ndarray, y0: int, x0: int) -> Non
 class Texture:
     """One tissue class instantiated over a ``height`` x ``width`` region, rendered by windows."""
 
-    def __init__(self, rng: np.random.Generator, look: Look, height: int, width: int, scale: float) -> None:
+    def __init__(self, rng: np.random.Generator, look: Look, height: int, width: int, scale: float,
+                 typical: bool = False) -> None:
+        """``typical``: use the middle of each count range (a whole slide) instead of a random draw (a patch)."""
         self.look, self.scale = look, scale
-        area = height * width / (REFERENCE_SIZE * scale) ** 2  # in reference patches
+        # Blobs centred just outside the region still reach into it; counts cover that margin
+        # too, so a patch and a slide have the same density.
+        m = 4.0 * scale
+        area = (height + 2 * m) * (width + 2 * m) / (REFERENCE_SIZE * scale) ** 2  # in reference patches
         self.theta = float(rng.uniform(0, math.pi))
         self.coarse = _grid(rng, height, width, 18 * scale)
         self.fine = _grid(rng, height, width, 5 * scale)
         self.warp = _grid(rng, height, width, 24 * scale)
 
         def count(rangeval: tuple[float, float]) -> int:
-            return int(rng.poisson(rng.uniform(*rangeval) * area)) if rangeval[1] > 0 else 0
+            mean = (rangeval[0] + rangeval[1]) / 2 if typical else rng.uniform(*rangeval)
+            return int(rng.poisson(mean * area)) if rangeval[1] > 0 else 0
 
         sc = lambda r: (r[0] * scale, r[1] * scale)  # noqa: E731
         L = look
         haem = _blobs(rng, count(L.nuclei), height, width, sc(L.radius), L.elongation, L.irregular,
-                      L.darkness, L.rim, angle=-self.theta if L.spindle else None)
-        lymph = _blobs(rng, count(L.lymphocytes), height, width, sc((1.4, 2.0)), 0.1, 0.05, (2.2, 2.8), 0.1)
-        frag = _blobs(rng, count(L.fragments), height, width, sc((0.8, 2.4)), 0.8, 0.45, (0.3, 1.5), 0.0)
+                      L.darkness, L.rim, angle=-self.theta if L.spindle else None, margin=m)
+        lymph = _blobs(rng, count(L.lymphocytes), height, width, sc((1.4, 2.0)), 0.1, 0.05, (2.2, 2.8), 0.1, margin=m)
+        frag = _blobs(rng, count(L.fragments), height, width, sc((0.8, 2.4)), 0.8, 0.45, (0.3, 1.5), 0.0, margin=m)
         self.eosin_blobs = _blobs(rng, count(L.fragments) // 2, height, width, sc((1.5, 4.0)), 0.8, 0.4,
-                                  (0.4, 0.9), 0.0)
+                                  (0.4, 0.9), 0.0, margin=m)
         self.white = np.concatenate([
-            _blobs(rng, count(L.vacuoles), height, width, sc((8.0, 14.0)), 0.5, 0.12, (1.0, 1.0), 0.0),
-            _blobs(rng, count(L.glands), height, width, sc((7.0, 11.0)), 0.6, 0.05, (0.9, 1.0), 0.0),
+            _blobs(rng, count(L.vacuoles), height, width, sc((8.0, 14.0)), 0.5, 0.12, (1.0, 1.0), 0.0, margin=m),
+            _blobs(rng, count(L.glands), height, width, sc((7.0, 11.0)), 0.6, 0.05, (0.9, 1.0), 0.0, margin=m),
         ])
         self.haem_blobs = np.concatenate([haem, lymph, frag, self._gland_rings(rng, L)])
 
