@@ -96,11 +96,11 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / HISTORY_JSON, json.dumps(history, indent=2) + "\n")
 
 
-def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataSplit:
+def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo, given: DataSplit | None) -> DataSplit:
     """Resolve DATA, scan files (rank 0) and swap converted files in; every rank gets the same lists."""
     payload = None
     if info.is_main:
-        split = resolve_training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        split = given or resolve_training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         cache = run_dir / "cache" / "converted"
         train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train")
         val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val")
@@ -163,19 +163,23 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp)
 
 
-def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
-    """Train as configured; rank 0 writes RUN/. Returns the history and the best epoch."""
+def train(cfg: TrainConfig, info: DistInfo | None = None, data: DataSplit | None = None) -> TrainResult:
+    """Train as configured; rank 0 writes RUN/. Returns the history and the best epoch.
+
+    ``data`` overrides resolving ``cfg.data`` (cross-validation folds pass their own split).
+    """
     info = info or DistInfo()
     device = pick_device(cfg.device, info.local_rank)
     dali_device = resolve_dali_device(cfg.dali_device, device.type == "cuda")
     init_process_group(info, device.type)
     try:
-        return _train(cfg, info, device, dali_device)
+        return _train(cfg, info, device, dali_device, data)
     finally:
         destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: str) -> TrainResult:
+def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: str,
+           given: DataSplit | None) -> TrainResult:
     from tqdm import tqdm
 
     run_dir = Path(cfg.out)
@@ -186,7 +190,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = _prepare_data(cfg, run_dir, info)
+    data = _prepare_data(cfg, run_dir, info, given)
     resume = None
     if cfg.resume:
         resume = read_checkpoint(Path(cfg.resume) / LAST if Path(cfg.resume).is_dir() else cfg.resume)
