@@ -166,12 +166,13 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
             images = fn.rotate(images, angle=fn.random.uniform(range=[-a.rotation_deg, a.rotation_deg]),
                                keep_size=True, fill_value=255.0, interp_type=types.INTERP_LINEAR)
         if a.brightness or a.contrast or a.saturation or a.hue:
-            images = fn.color_twist(
-                images,
-                brightness=fn.random.uniform(range=[1.0 - a.brightness, 1.0 + a.brightness]),
-                contrast=fn.random.uniform(range=[1.0 - a.contrast, 1.0 + a.contrast]),
-                saturation=fn.random.uniform(range=[1.0 - a.saturation, 1.0 + a.saturation]),
-                hue=fn.random.uniform(range=[-a.hue * 360.0, a.hue * 360.0]), dtype=types.UINT8)
+            def around(centre: float, half: float):
+                # DALI refuses an empty range: a zero strength is the constant.
+                return fn.random.uniform(range=[centre - half, centre + half]) if half > 0 else centre
+
+            images = fn.color_twist(images, brightness=around(1.0, a.brightness), contrast=around(1.0, a.contrast),
+                                    saturation=around(1.0, a.saturation), hue=around(0.0, a.hue * 360.0),
+                                    dtype=types.UINT8)
         return images, labels
 
     return pipe()
