@@ -1,0 +1,98 @@
+"""The ``patchserve`` dispatcher and ``patchserve synth``: help, flag errors, refusals, summary."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from serving import cli
+
+SYNTH_FLAGS = ("--classes", "--per-class", "--imbalance", "--size", "--format", "--seed", "--slide", "--no-slide",
+               "--slide-size", "--overwrite")
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # argparse wraps long help lines
+    for name, (_, help_) in cli.COMMANDS.items():
+        assert re.search(rf"^\s+{re.escape(name)}(\s|$)", out, re.MULTILINE), name
+        assert help_ in flat
+
+
+def test_no_arguments_prints_the_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 0 and "commands:" in capsys.readouterr().out
+
+
+def test_console_script_help_runs_without_importing_torch():
+    code = ("import sys; from serving import cli\n"
+            "try:\n    cli.main(['synth', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print('torch' in sys.modules, 'nvidia.dali' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+    assert "usage: patchserve synth" in done.stdout
+
+
+def test_unknown_command_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid command 'frobnicate'. Choose from: synth, train," in capsys.readouterr().err
+
+
+def test_synth_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["synth", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: patchserve synth")
+    for flag in SYNTH_FLAGS:
+        assert flag in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--classes", "9"], "patchserve synth: error: --classes: expected an integer in 2..8, got 9"),
+    (["--per-class", "2"], "patchserve synth: error: --per-class: expected an integer in 3..1000000, got 2"),
+    (["--imbalance", "0.5"], "patchserve synth: error: --imbalance: expected a number >= 1"),
+    (["--size", "8"], "patchserve synth: error: --size: expected an integer in 16..1024, got 8"),
+    (["--format", "gif"], "patchserve synth: error: --format: invalid format 'gif'. Only png, jpg, tif are supported."),
+    (["--slide-size", "64"], "patchserve synth: error: --slide-size: expected an integer in 512..65536, got 64"),
+])
+def test_bad_flag_values_exit_non_zero_naming_the_flag(tmp_path, capsys, flags, message):
+    assert cli.main(["synth", str(tmp_path / "out"), *flags]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_flag_of_the_wrong_type_is_an_argparse_error_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["synth", str(tmp_path), "--classes", "two"])
+    assert exc.value.code == 2
+    assert "argument --classes: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_synth_refuses_a_non_empty_folder_and_overwrite_replaces(tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli.main(["synth", str(out), "--per-class", "3", "--size", "16", "--no-progress"]) == 2
+    assert "data: folder is not empty; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["synth", str(out), "--per-class", "3", "--size", "16", "--no-progress", "--overwrite"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("wrote 18 files to ") and lines[0].endswith("(16x16 png, seed 0)")
+    assert [line.split() for line in lines[1:6]] == [
+        ["split", "normal", "tumour", "total"],
+        ["train", "1", "1", "2"],
+        ["val", "1", "1", "2"],
+        ["test", "1", "1", "2"],
+        ["test_shifted", "1", "1", "2"],
+    ]
+    assert (out / "keep.txt").read_text() == "x" and (out / "synth.json").is_file()
