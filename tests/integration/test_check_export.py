@@ -1,0 +1,86 @@
+"""check-export: passes on a good repository, fails each check on a repository broken in that one way."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.check import check_repository
+from export.triton_config import read_config
+from serving.cli import main as cli_main
+from tests.fixtures_export import link_copy
+
+
+def test_good_repository_passes_every_check_including_real_inference(exported_repo, capsys):
+    repo, spec = exported_repo
+    assert cli_main(["check-export", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "check-export: PASSED" in out
+    for model in (spec.name, spec.tta_model_name, spec.preprocess_model_name, spec.ensemble_model_name):
+        assert f"serve          {model}" in out
+    assert "FAIL" not in out
+
+
+def _rewrite_config(folder, edit):
+    cfg = read_config(folder / "config.pbtxt")
+    edit(cfg)
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def _rename_input(cfg):
+    cfg.input[0].name = "renamed"
+
+
+def _wrong_dims(cfg):
+    cfg.input[0].dims[0] += 1
+
+
+def _wrong_dtype(cfg):
+    cfg.input[0].data_type = mc.TYPE_FP32
+
+
+@pytest.mark.parametrize("breakage, check, detail", [
+    (lambda f: _rewrite_config(f, _rename_input), "io-onnx", "input 'renamed' is not in the ONNX graph"),
+    (lambda f: _rewrite_config(f, _wrong_dims), "io-onnx", r"input 'images_nhwc_u8' dims \[33, 32, 3\], the ONNX graph says \[32, 32, 3\]"),
+    (lambda f: _rewrite_config(f, _wrong_dtype), "io-onnx", "input 'images_nhwc_u8' dtype float32, the ONNX graph says uint8"),
+    (lambda f: (f / "labels.txt").unlink(), "labels", "labels.txt \\(output probabilities\\) is missing"),
+    (lambda f: (f / "v2").mkdir(), "versions", "version folder 'v2' is not numeric"),
+], ids=["renamed-tensor", "wrong-dims", "wrong-dtype", "missing-labels", "non-numeric-version"])
+def test_check_fails_on_a_repository_broken_in_exactly_that_way(exported_repo, tmp_path, breakage, check, detail):
+    repo, spec = exported_repo
+    broken = link_copy(repo, tmp_path / "repo")
+    breakage(broken / spec.name)
+    report = check_repository(broken, serve=False)
+    failed = report.failed(check)
+    assert [r.model for r in failed] == [spec.name]
+    assert any(re.search(detail, r.detail) for r in failed), report.table()
+    # Nothing else breaks on the other models.
+    assert {r.model for r in report.failed()} == {spec.name}
+
+
+def test_renamed_tensor_also_disagrees_with_the_spec(exported_repo, tmp_path):
+    repo, spec = exported_repo
+    broken = link_copy(repo, tmp_path / "repo")
+    _rewrite_config(broken / spec.name, _rename_input)
+    (row,) = check_repository(broken, [spec.name], serve=False).failed("io-spec")
+    assert "input 'images_nhwc_u8' of the spec is missing" in row.detail
+
+
+def test_cli_prints_a_table_and_exits_1_on_a_broken_repository_without_starting_the_server(
+        exported_repo, tmp_path, capsys):
+    repo, spec = exported_repo
+    broken = link_copy(repo, tmp_path / "repo")
+    (broken / spec.name / "labels.txt").write_text("only_one\n")
+    assert cli_main(["check-export", str(broken), "--models", f"{spec.name},{spec.tta_model_name}"]) == 1
+    out = capsys.readouterr().out
+    assert "labels         " in out and "FAIL" in out and "static checks failed; the server was not started" in out
+    assert "check-export: FAILED (1 check(s))" in out
+
+
+def test_unknown_model_in_models_flag_is_an_error_naming_the_flag(exported_repo, capsys):
+    repo, _ = exported_repo
+    assert cli_main(["check-export", str(repo), "--models", "nope", "--no-serve"]) == 2
+    assert "--models: ['nope'] not in" in capsys.readouterr().err

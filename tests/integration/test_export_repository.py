@@ -1,0 +1,71 @@
+"""export_run: repository layout, refusals, overwrite and real-patch agreement."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from export.errors import ExportInputError, RepositoryExistsError
+from export.repository import compare_generated, export_run
+from export.triton_config import read_config
+
+
+def test_exported_repo_holds_every_flavour_weights_labels_and_spec(exported_repo):
+    repo, spec = exported_repo
+    n = spec.name
+    for rel in (f"{n}/config.pbtxt", f"{n}/configs/onnxruntime.pbtxt", f"{n}/labels.txt", f"{n}/spec.json",
+                f"{n}/1/model.onnx", f"{n}/1/model.py", f"{n}/1/parity.npz",
+                f"{n}_tta/config.pbtxt", f"{n}_tta/1/model.onnx",
+                f"{n}_preprocess/config.pbtxt", f"{n}_preprocess/configs/dali.pbtxt", f"{n}_preprocess/1/model.dali",
+                f"{n}_preprocess/1/model.py", f"{n}_ensemble/config.pbtxt", f"{n}_ensemble/1"):
+        assert (repo / rel).exists(), rel
+    assert not (repo / n / "configs" / "tensorrt.pbtxt").exists()  # no plan built without a GPU
+    assert (repo / n / "labels.txt").read_text().splitlines() == list(spec.class_names)
+    assert read_config(repo / n / "configs" / "onnxruntime.pbtxt").platform == "onnxruntime_onnx"
+    assert compare_generated(repo) == []
+
+
+def test_existing_version_is_refused_without_overwrite(exported_repo, export_run_dir):
+    repo, _ = exported_repo
+    with pytest.raises(RepositoryExistsError, match="version 1 already exists; pass --overwrite"):
+        export_run(export_run_dir, repo)
+
+
+def test_run_without_a_spec_is_refused_naming_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}}, run / "checkpoint_last.pt")
+    with pytest.raises(ExportInputError, match="cannot export: .*checkpoint has no model spec"):
+        export_run(run, tmp_path / "repo")
+
+
+def test_run_whose_spec_fails_validation_is_refused(tmp_path, tiny_spec):
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = {**tiny_spec.to_dict(), "mean": [2.0, 0.5, 0.5]}
+    torch.save({"spec": bad, "model": {}, "model_config": {}}, run / "checkpoint_last.pt")
+    with pytest.raises(ExportInputError, match="the checkpoint's spec is invalid: mean"):
+        export_run(run, tmp_path / "repo")
+
+
+def test_tensorrt_without_gpu_is_skipped_with_a_note_and_real_patches_agree_then_overwrite_replaces(
+        export_run_dir, synth_data, tmp_path):
+    repo = tmp_path / "repo"
+    kw = dict(name="agree", formats=("python", "tensorrt"), with_tta=False, with_dali=False, data=synth_data,
+              max_batch_size=4)
+    result = export_run(export_run_dir, repo, **kw)
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        assert any(n.startswith("tensorrt skipped:") for n in result.notes)
+        assert result.options.formats == ("python",)
+        assert not (repo / "agree" / "configs" / "tensorrt.pbtxt").exists()
+    (top1,) = [r for r in result.parity if r.check.startswith("top-1")]
+    assert top1.value == 1.0 and top1.batch == 16
+    assert read_config(repo / "agree" / "config.pbtxt").max_batch_size == 4
+    before = (repo / "agree" / "1" / "model.onnx").stat().st_mtime_ns
+    export_run(export_run_dir, repo, overwrite=True, **kw)
+    assert (repo / "agree" / "1" / "model.onnx").stat().st_mtime_ns != before
+    fixture = np.load(repo / "agree" / "1" / "parity.npz")
+    assert fixture["inputs"].shape[0] == 3 and fixture["probabilities"].shape == (3, 2)
