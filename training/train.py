@@ -292,7 +292,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
                "train_loss": totals[0] / max(totals[2], 1), "train_accuracy": totals[1] / max(totals[2], 1),
                "val_loss": val_loss, "val_accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                "f1_macro": m["f1_macro"], "auc": m["auc"], "specificity_macro": m["specificity_macro"],
-               "images_per_s": seen * info.world_size / max(time.perf_counter() - t0, 1e-9)}
+               "images_per_s": seen * info.world_size / max(time.perf_counter() - t0, 1e-9),
+               # Counted over all ranks: each sample once, whatever the sharding.
+               "train_samples": int(totals[2]), "val_samples": int(len(labels))}
         row["accuracy"] = m["accuracy"]
         # Plain Python numbers: checkpoints are read back with weights_only=True.
         row = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in row.items()}

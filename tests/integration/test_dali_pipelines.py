@@ -1,0 +1,122 @@
+"""Real DALI pipelines on the CPU: output format, augmentation bounds, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.sources import Sample, discover
+from training.pipeline import AugmentConfig, build_eval_pipeline, build_train_pipeline, iterate
+
+NO_AUG = AugmentConfig(hflip_prob=0.0, vflip_prob=0.0, scale_min=1.0)
+
+
+@pytest.fixture(scope="module")
+def train_samples(synth_data):
+    return discover(synth_data, split="train").samples
+
+
+def _all(pipe, samples):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in iterate(pipe, samples)])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _train(samples, augment, seed=1, **kw):
+    return _all(build_train_pipeline(samples, input_hw=(32, 32), augment=augment, batch_size=8, num_threads=1,
+                                     seed=seed, **kw), samples)
+
+
+def _val(samples, **kw):
+    kw.setdefault("source_hw", (32, 32))
+    kw.setdefault("crop_hw", (32, 32))
+    return _all(build_eval_pipeline(samples, batch_size=8, num_threads=1, **kw), samples)
+
+
+def test_train_pipeline_outputs_uint8_nhwc_batches_with_labels(train_samples):
+    pipe = build_train_pipeline(train_samples[:20], input_hw=(32, 40), augment=AugmentConfig(rotation_deg=20),
+                                batch_size=8, num_threads=1, seed=0)
+    batches = list(iterate(pipe, train_samples[:20]))
+    assert [tuple(x.shape) for x, _ in batches] == [(8, 32, 40, 3), (8, 32, 40, 3), (4, 32, 40, 3)]
+    assert all(str(x.dtype) == "torch.uint8" and x.is_contiguous() for x, _ in batches)
+    assert np.concatenate([y.numpy() for _, y in batches]).tolist() == [s.label for s in train_samples[:20]]
+
+
+def test_no_augmentation_gives_the_validation_image(train_samples):
+    x_train, _ = _train(train_samples[:10], NO_AUG)
+    x_val, _ = _val(train_samples[:10])
+    np.testing.assert_array_equal(x_train, x_val)
+
+
+@pytest.mark.parametrize("flag,axis", [("hflip_prob", 2), ("vflip_prob", 1)])
+def test_flip_with_probability_one_equals_numpy_flip_of_the_validation_image(train_samples, flag, axis):
+    x_train, _ = _train(train_samples[:10], AugmentConfig(**{**NO_AUG.__dict__, flag: 1.0}))
+    x_val, _ = _val(train_samples[:10])
+    np.testing.assert_array_equal(x_train, np.flip(x_val, axis=axis))
+
+
+def test_rotation_fills_uncovered_corners_white_and_keeps_the_size(tmp_path):
+    f = tmp_path / "black.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f)
+    samples = [Sample(str(f), 0)] * 8
+    x, _ = _train(samples, AugmentConfig(**{**NO_AUG.__dict__, "rotation_deg": 45.0}))
+    assert x.shape == (8, 32, 32, 3)
+    centre = x[:, 12:20, 12:20]
+    assert centre.max() == 0  # the middle stays image content
+    assert (x[:, 0, 0] == 255).any()  # some corner left uncovered by a rotated image is white fill
+
+
+def test_colour_jitter_stays_within_the_brightness_range(tmp_path):
+    f = tmp_path / "grey.png"
+    Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(f)
+    samples = [Sample(str(f), 0)] * 16
+    x, _ = _train(samples, AugmentConfig(**{**NO_AUG.__dict__, "brightness": 0.5}))
+    means = x.reshape(16, -1).mean(axis=1)
+    assert means.min() >= 50 - 1 and means.max() <= 150 + 1
+    assert len(np.unique(means)) > 1
+
+
+def test_grayscale_equalize_outputs_equal_channels(train_samples):
+    x, _ = _train(train_samples[:8], AugmentConfig(**{**NO_AUG.__dict__, "grayscale_equalize": True}))
+    np.testing.assert_array_equal(x[..., 0], x[..., 1])
+    np.testing.assert_array_equal(x[..., 1], x[..., 2])
+    assert x.min() == 0 and x.max() == 255  # equalisation stretches to the full range
+
+
+def test_validation_centre_crop_is_the_serving_view_box(train_samples):
+    from serving.views import view_boxes
+
+    full, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=None)
+    crop, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=(32, 32))
+    (top, left, _), = view_boxes("none", (37, 37), (32, 32))
+    np.testing.assert_array_equal(crop, full[:, top:top + 32, left:left + 32])
+
+
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_validation_shards_cover_every_sample_exactly_once_with_a_partial_last_batch(tmp_path, num_shards):
+    files = []
+    for i in range(13):
+        f = tmp_path / f"{i:02d}.png"
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(f)
+        files.append(Sample(str(f), i))
+    seen = []
+    for shard in range(num_shards):
+        x, y = _val(files, source_hw=(8, 8), crop_hw=(8, 8), shard_id=shard, num_shards=num_shards)
+        assert x[:, 0, 0, 0].tolist() == y.tolist()  # pixel value encodes the sample
+        seen += y.tolist()
+    assert sorted(seen) == list(range(13))
+
+
+def test_hdf5_rows_flow_through_external_source_sharded_once(synth_data):
+    from serving.sources import read_hdf5
+
+    ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
+    seen = []
+    for shard in range(2):
+        x, y = _val(ds.samples, source_hw=(48, 48), crop_hw=(48, 48), shard_id=shard, num_shards=2)
+        seen.append(x)
+        assert y.tolist() == [s.label for s in ds.samples][shard * 8:(shard + 1) * 8]
+    import h5py
+
+    with h5py.File(synth_data / "pcam" / "val_x.h5") as f:
+        np.testing.assert_array_equal(np.concatenate(seen), f["x"][:])

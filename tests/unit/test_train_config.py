@@ -1,0 +1,118 @@
+"""TrainConfig validation, per-epoch sampling, grid parsing and CV ranking (no data, no DALI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.errors import TrainingError
+
+
+def _cfg(**kw):
+    from training.config import TrainConfig
+
+    return TrainConfig(data="d", out="o", **kw)
+
+
+def test_invalid_optimizer_lists_the_supported_ones():
+    with pytest.raises(TrainingError, match=r"Invalid optimizer rmsprop\. Only adam, adamw, adamax and sgd are supported"):
+        _cfg(optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"lr_scheduler": "poly"}, "Invalid lr scheduler poly"),
+    ({"best_metric": "recall"}, "Invalid best metric recall"),
+    ({"epochs": 0}, "--epochs: expected a positive integer"),
+    ({"hflip_prob": 1.5}, "--hflip-prob"),
+    ({"hue": 0.7}, "--hue"),
+    ({"scale_min": 0.0}, "--scale-min"),
+    ({"pool_size": 3}, "--pool-size"),
+    ({"head": "conv"}, "--head: invalid head"),
+    ({"nesterov": True}, "--nesterov works only with --optimizer sgd"),
+    ({"mean": (0.5, 0.5)}, "--mean: expected three values"),
+    ({"class_weights": True, "balanced_sampling": True}, "pick one"),
+])
+def test_bad_flags_are_refused_naming_the_flag(kw, match):
+    with pytest.raises(TrainingError, match=match):
+        _cfg(**kw)
+
+
+def test_config_round_trips_through_a_dict():
+    from training.config import TrainConfig
+
+    cfg = _cfg(hidden=(64, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cosine_schedule_with_warmup_starts_low_and_ends_near_zero():
+    import torch
+
+    from training.config import build_optimizer, build_scheduler
+
+    cfg = _cfg(epochs=5, lr=0.1, lr_warmup_epochs=1, optimizer="sgd")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(cfg, [p])
+    sched = build_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[1] == pytest.approx(0.1)
+    assert lrs[4] == pytest.approx(0.1 * (1 + np.cos(np.pi * 3 / 4)) / 2)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch_and_gives_equal_shards():
+    from training.sampling import epoch_order
+
+    labels = np.array([0] * 30 + [1] * 7)
+    a = epoch_order(labels, seed=3, epoch=2, batch_size=8, world_size=2)
+    assert a.tolist() == epoch_order(labels, seed=3, epoch=2, batch_size=8, world_size=2).tolist()
+    assert a.tolist() != epoch_order(labels, seed=3, epoch=3, batch_size=8, world_size=2).tolist()
+    assert len(a) == 36 and len(set(a.tolist())) == 36  # 37 cut to 2 x 18, no repeats
+    # 17 per rank would leave a batch of one image (BatchNorm fails): one fewer.
+    assert len(epoch_order(np.zeros(17, int), seed=0, epoch=0, batch_size=8)) == 16
+
+
+def test_balanced_sampling_draws_classes_about_equally():
+    from training.sampling import balanced_class_weights, epoch_order
+
+    labels = np.array([0] * 90 + [1] * 10)
+    order = epoch_order(labels, seed=0, epoch=0, batch_size=10, balanced=True)
+    share = labels[order].mean()
+    assert 0.35 < share < 0.65
+    assert balanced_class_weights(labels, 2).tolist() == pytest.approx([100 / 180, 100 / 20])
+
+
+def test_grid_values_are_typed_like_the_training_flags():
+    from training.cv import parse_grid
+
+    assert parse_grid(["lr=1e-3,1e-2", "epochs=3,5", "amp=true,false", "optimizer=sgd"]) == {
+        "lr": [1e-3, 1e-2], "epochs": [3, 5], "amp": [True, False], "optimizer": ["sgd"]}
+    with pytest.raises(TrainingError, match="'bogus' is not a training flag"):
+        parse_grid(["bogus=1"])
+    with pytest.raises(TrainingError, match="'x' is not a valid int for epochs"):
+        parse_grid(["epochs=x"])
+
+
+def test_cv_table_is_sorted_best_first_and_loss_ranks_lowest_first():
+    from training.cv import CVRow, rank_rows, results_tables
+
+    rows = [CVRow({"lr": 0.1, "epochs": 3}, (0.5, 0.7)), CVRow({"lr": 0.01, "epochs": 3}, (0.9, 0.8))]
+    ranked = rank_rows(rows, "accuracy")
+    assert [r.params["lr"] for r in ranked] == [0.01, 0.1]
+    assert [r.params["lr"] for r in rank_rows(rows, "loss")] == [0.1, 0.01]
+    csv_text, md = results_tables(ranked, ["lr", "epochs"], 2)
+    assert md.splitlines()[:3] == ["| lr | epochs | mean | std |", "|---|---|---|---|", "| 0.01 | 3 | 0.8500 | 0.0500 |"]
+    assert csv_text.splitlines()[1] == "1,0.01,3,0.850000,0.050000,0.900000,0.800000"
+
+
+def test_model_name_is_derived_from_the_data_folder_and_made_safe(tmp_path):
+    from serving.spec import check_model_name
+    from training.data import default_model_name
+
+    d = tmp_path / "Chest X-ray (v2)"
+    d.mkdir()
+    assert default_model_name(d) == "Chest_X-ray_v2_"
+    assert check_model_name(default_model_name(d))
