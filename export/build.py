@@ -127,7 +127,10 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
             serialize_pipeline(spec, pre_dir / tc.DALI_FILE, batch_size=spec.max_batch_size)
             copy_backend("dali_model.py", pre_dir / tc.PYTHON_FILE)
             rows.append(dali_vs_pil(pre_dir / tc.DALI_FILE, spec, _smooth_images(spec, 4)))
-            (repo / spec.ensemble_model_name / str(version)).mkdir(parents=True, exist_ok=True)
+            ens_dir = repo / spec.ensemble_model_name / str(version)
+            ens_dir.mkdir(parents=True, exist_ok=True)
+            # Triton needs the (empty) version folder of an ensemble; git keeps no empty folders.
+            (ens_dir / ".gitkeep").touch()
             bar.update()
         if "tensorrt" in opts.formats:
             from export.tensorrt import build_plan

@@ -113,7 +113,7 @@ class ParityRow:
 
     def as_text(self) -> str:
         op = ">=" if self.higher_is_better else "<="
-        return f"{self.check:<28} {self.model:<24} {self.batch:>5}  {self.value:.3g} {op} {self.limit:g}  " \
+        return f"{self.check:<28} {self.model:<30} {self.batch:>5}  {self.value:.3g} {op} {self.limit:g}  " \
                f"{'ok' if self.passed else 'FAIL'}"
 
 
@@ -151,7 +151,7 @@ def top1_agreement(module, session, images_nhwc_u8: np.ndarray, *, model: str, i
 
 
 def format_table(rows: Sequence[ParityRow]) -> str:
-    head = f"{'check':<28} {'model':<24} {'batch':>5}  value  status"
+    head = f"{'check':<28} {'model':<30} {'batch':>5}  value  status"
     return "\n".join([head, "-" * len(head)] + [r.as_text() for r in rows])
 
 
