@@ -1,1 +1,65 @@
-"""Fixtures of the serve area."""
+"""Fixtures of the serve area.
+
+``triton_server``: the real embedded Triton (``EmbeddedTriton``) serving the
+export area's ``exported_repo`` once per session; yields a ``Served`` with
+the server, the repository and the spec. ``ort_reference``: an in-process
+ONNX Runtime session on the same ``model.onnx``, for parity checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class Served:
+    server: object  # serving.server.EmbeddedTriton
+    repo: Path
+    spec: object  # serving.spec.ModelSpec
+
+    @property
+    def grpc(self) -> str:
+        return self.server.urls.grpc
+
+    @property
+    def http(self) -> str:
+        return self.server.urls.http
+
+
+@pytest.fixture(scope="session")
+def triton_server(exported_repo):
+    from serving.server import EmbeddedTriton
+
+    repo, spec = exported_repo
+    with EmbeddedTriton(repo) as server:
+        yield Served(server, Path(repo), spec)
+
+
+class OrtReference:
+    """The served ONNX graph run in-process: what the server should answer."""
+
+    def __init__(self, onnx_path: Path, spec):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.spec = spec
+
+    def probs(self, images_nhwc_u8: np.ndarray) -> np.ndarray:
+        return self.session.run([self.spec.output_name], {self.spec.input_name: images_nhwc_u8})[0]
+
+
+def find_onnx(repo: Path, spec) -> Path:
+    found = sorted((Path(repo) / spec.name).glob("*/model.onnx"))
+    assert found, f"no model.onnx under {repo / spec.name}"
+    return found[-1]
+
+
+@pytest.fixture(scope="session")
+def ort_reference(triton_server):
+    return OrtReference(find_onnx(triton_server.repo, triton_server.spec), triton_server.spec)

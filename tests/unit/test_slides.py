@@ -1,0 +1,101 @@
+"""Slide tiling without a server: MPP, tissue mask, grid, bounds, tile reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.errors import SlideError
+from serving.slides import (TilingConfig, open_slide, otsu_threshold, plan_tiles, read_tile, slide_mpp,
+                            tissue_mask)
+
+
+def _truth(synth_slide, name: str):
+    meta = json.loads((synth_slide / "slides" / "slide_0_mask.json").read_text())
+    mask = np.asarray(Image.open(synth_slide / "slides" / meta[name])) > 0
+    return mask, meta["mask_downsample"]
+
+
+def test_otsu_splits_two_populations_between_them():
+    values = np.concatenate([np.full(100, 20, np.uint8), np.full(50, 200, np.uint8)])
+    assert 20 <= otsu_threshold(values) < 200
+    flat = np.full((8, 8, 3), 240, np.uint8)
+    assert not tissue_mask(flat).any()
+
+
+def test_tiles_lie_on_tissue_and_their_grid_positions_match_level0_coordinates(synth_slide):
+    grid = plan_tiles(synth_slide / "slides" / "slide_0.tiff", (48, 48), TilingConfig(min_tissue=0.5))
+    assert grid.mpp0 == pytest.approx(0.5) and grid.read_level == 0 and (grid.cols, grid.rows) == (43, 32)
+    tissue, ds = _truth(synth_slide, "tissue_mask")
+    assert len(grid.tiles) > 100
+    for t in grid.tiles:
+        assert (t.x, t.y) == (t.col * 48, t.row * 48)
+        assert tissue[(t.y + 24) // ds, (t.x + 24) // ds], f"tile {t} is centred on background"
+    # Most of the ground-truth tissue is covered by some tile.
+    covered = np.zeros_like(tissue)
+    for t in grid.tiles:
+        covered[t.y // ds:(t.y + 48) // ds, t.x // ds:(t.x + 48) // ds] = True
+    assert (covered & tissue).sum() / tissue.sum() > 0.8
+
+
+def test_tiling_at_a_coarser_mpp_reads_from_the_best_lower_level_and_resizes(synth_slide):
+    path = synth_slide / "slides" / "slide_0.tiff"
+    grid = plan_tiles(path, (48, 48), TilingConfig(mpp_target=4.0, min_tissue=0.0))
+    assert grid.scale == pytest.approx(8.0) and grid.read_level == 1  # levels are 1, 4, 16
+    slide = open_slide(path)
+    try:
+        t = grid.tiles[len(grid.tiles) // 2]
+        tile = read_tile(slide, grid, t.x, t.y)
+        expected = np.asarray(slide.read_region((t.x, t.y), 1, (96, 96)).convert("RGB").resize((48, 48), Image.BILINEAR))
+    finally:
+        slide.close()
+    assert tile.shape == (48, 48, 3)
+    np.testing.assert_array_equal(tile, expected)
+
+
+def test_edge_tiles_are_padded_white_and_reads_outside_are_refused(synth_slide):
+    path = synth_slide / "slides" / "slide_0.tiff"
+    grid = plan_tiles(path, (48, 48), TilingConfig(min_tissue=0.0))
+    slide = open_slide(path)
+    try:
+        # 2048 = 42 * 48 + 32: the last column has 16 pixels past the edge.
+        edge = read_tile(slide, grid, 42 * 48, 0)
+        np.testing.assert_array_equal(edge[:, 32:], 255)
+        np.testing.assert_array_equal(edge[:, :32], np.asarray(slide.read_region((2016, 0), 0, (32, 48)).convert("RGB")))
+        with pytest.raises(SlideError, match=r"tile at \(2048, 0\) starts outside the slide \(2048x1536 at level 0\)"):
+            read_tile(slide, grid, 2048, 0)
+    finally:
+        slide.close()
+
+
+def test_mpp_falls_back_to_the_flag_and_otherwise_names_it(tmp_path):
+    import tifffile
+
+    path = tmp_path / "plain.tiff"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), tile=(16, 16), photometric="rgb")
+    slide = open_slide(path)
+    try:
+        with pytest.raises(SlideError, match="records no microns per pixel .* pass --mpp"):
+            slide_mpp(slide, path)
+        assert slide_mpp(slide, path, fallback_mpp=0.25) == 0.25
+    finally:
+        slide.close()
+
+
+def test_tiling_options_are_checked_and_name_the_flag():
+    with pytest.raises(SlideError, match="--mpp-target and --level: give one of them, not both"):
+        TilingConfig(mpp_target=1.0, level=1)
+    with pytest.raises(SlideError, match=r"--min-tissue: expected a fraction in \[0, 1\], got 1.5"):
+        TilingConfig(min_tissue=1.5)
+    with pytest.raises(SlideError, match="--stride and --overlap: give one of them, not both"):
+        TilingConfig(stride=10, overlap=4)
+
+
+def test_a_file_openslide_cannot_read_is_a_slide_error(tmp_path):
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"not a slide")
+    with pytest.raises(SlideError, match="broken.svs: OpenSlide cannot open it"):
+        open_slide(bad)
