@@ -18,7 +18,6 @@ from serving.metrics import compute_metrics, write_metrics
 from serving.views import make_views, num_views, view_boxes
 from training.checkpoint import load_for_inference, resolve_checkpoint
 from training.data import resolve_eval_samples
-from training.distributed import DistInfo
 from training.errors import DataError
 from training.pipeline import build_eval_pipeline, iterate, resolve_dali_device
 from training.scan import scan_samples, write_bad_list
@@ -112,4 +111,4 @@ def _plots(out: Path, metrics: dict, y_true, probs, class_names, wrong, history_
             plots.plot_training_curves(rows, out / "training_curves.png")
 
 
-__all__ = ["evaluate_run", "predict_tta", "EvalResult", "DistInfo"]
+__all__ = ["evaluate_run", "predict_tta", "EvalResult"]

@@ -96,9 +96,11 @@ class HDF5Batches:
                 raise DataError(f"{s.source}: expected an HDF5 row 'file.h5#index'")
             by_file.setdefault(parsed[0], []).append((i, parsed[1]))
         for f, items in by_file.items():
-            rows = read_hdf5_rows(f, np.array([r for _, r in items]))
-            for (i, _), row in zip(items, rows):
-                images[i] = np.ascontiguousarray(row)
+            # Oversampling repeats rows; h5py wants each index once.
+            unique, inverse = np.unique(np.array([r for _, r in items]), return_inverse=True)
+            rows = read_hdf5_rows(f, unique)
+            for (i, _), j in zip(items, inverse):
+                images[i] = np.ascontiguousarray(rows[j])
         labels = [np.array([-1 if s.label is None else s.label], dtype=np.int32) for s in chunk]
         return images, labels  # type: ignore[return-value]
 

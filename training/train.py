@@ -109,8 +109,6 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo, given: DataSp
         try:
             refuse_bad(train, cfg.skip_bad)
             payload = DataSplit(split.kind, split.root, split.classes, train.samples, val.samples)
-        except TrainingError as exc:
-            payload = exc
         except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
             payload = exc
     payload = broadcast_object(payload, info)
