@@ -73,10 +73,17 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Normalize -> ResNet body -> adaptive pool -> head; returns logits."""
+    """Normalize -> ResNet body -> adaptive pool -> head; returns logits.
+
+    ``channels_last`` (a plain attribute, not saved) says whether the body
+    receives the normaliser's channels-last tensor as it is, or a contiguous
+    NCHW copy: the permute of NHWC input is channels-last already, so without
+    the copy --no-channels-last would not change the memory format at all.
+    """
 
     def __init__(self, spec: ModelSpec, config: ModelConfig):
         super().__init__()
+        self.channels_last = True
         self.normalize = Normalize(spec.mean, spec.std)
         backbone = getattr(torchvision.models, config.arch)(weights=None)
         in_features = backbone.fc.in_features
@@ -96,7 +103,10 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(*layers)
 
     def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.normalize(images_nhwc_u8)))
+        x = self.normalize(images_nhwc_u8)
+        if not self.channels_last:
+            x = x.contiguous()
+        return self.head(self.backbone(x))
 
 
 class ServedModel(nn.Module):

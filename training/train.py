@@ -206,6 +206,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     model.to(device)
+    model.channels_last = cfg.channels_last
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = None
