@@ -7,9 +7,11 @@ from training.model import ModelConfig, build_model
 
 def _body_input_is_channels_last(model) -> bool:
     seen = {}
-    hook = model.backbone.conv1.register_forward_pre_hook(
-        lambda _m, args: seen.setdefault("cl", args[0].is_contiguous(memory_format=torch.channels_last)
-                                         and not args[0].is_contiguous()))
+
+    def record(_module, args):  # returns None: a pre-hook's return value would replace the input
+        seen["cl"] = args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()
+
+    hook = model.backbone.conv1.register_forward_pre_hook(record)
     model(torch.zeros((2, 32, 32, 3), dtype=torch.uint8))
     hook.remove()
     return seen["cl"]
