@@ -1,0 +1,44 @@
+"""``patchserve serve`` as a user runs it: a subprocess, ready, queried, Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from serving.client import PatchClient
+from serving.server import free_port
+
+
+def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tmp_path):
+    repo, spec = exported_repo
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workdir", str(tmp_path / "work")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "\n".join(lines)
+        assert f"gRPC     127.0.0.1:{grpc}" in text and f"HTTP     127.0.0.1:{http}" in text
+        assert f"  {spec.name} (version 1): READY" in text
+        assert f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver" in text
+        with PatchClient(f"127.0.0.1:{grpc}", spec.name) as client:
+            probs = client.predict(np.zeros((3, *spec.input_hw, 3), np.uint8))
+        assert probs.shape == (3, spec.num_classes)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "stopping tritonserver" in rest
+    with socket.socket() as s:  # the server let go of its port
+        s.bind(("127.0.0.1", grpc))
