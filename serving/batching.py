@@ -8,7 +8,7 @@ most ``max_in_flight`` of them outstanding while yielding results in order.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -80,3 +80,17 @@ def windowed(items: Iterable[T], submit: Callable[[T], H], collect: Callable[[H]
     while pending:
         done, handle = pending.popleft()
         yield done, collect(handle)
+
+
+def encode_batch(blobs: Sequence[bytes], info) -> np.ndarray:
+    """Encoded files as the ensemble's input: BYTES one per row, or zero-padded UINT8 rows."""
+    if info.datatype == "BYTES":
+        return np.array([bytes(b) for b in blobs], dtype=np.object_).reshape(len(blobs), *([1] * len(info.dims)))
+    if info.datatype != "UINT8":
+        raise BadInputError(f"model {info.name!r}: cannot send encoded bytes as {info.datatype}")
+    # Decoders stop at the end-of-image marker, so trailing zeros are harmless.
+    width = max(len(b) for b in blobs)
+    out = np.zeros((len(blobs), width), np.uint8)
+    for i, b in enumerate(blobs):
+        out[i, :len(b)] = np.frombuffer(b, np.uint8)
+    return out

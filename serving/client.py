@@ -16,17 +16,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from serving.batching import check_images, client_views, split_rows, to_source_size, windowed
-from serving.client_config import ClientConfig, check_tta, check_url
-from serving.errors import (BadInputError, InferenceError, ModelNotFoundError, ServerUnavailableError,
+from serving.batching import check_images, client_views, encode_batch, split_rows, to_source_size, windowed
+from serving.client_config import ClientConfig, check_spec, check_tta, check_url
+from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
 from serving.spec import ModelSpec
 from serving.views import combine_views
 
 SPEC_PARAMETER = "patchserve_spec"
-# Fields a caller may pin with ``expected_spec``; the rest are the server's business.
-CHECKED_FIELDS = ("name", "class_names", "input_height", "input_width", "source_height", "source_width",
-                  "input_dtype", "input_layout", "mean", "std")
 _RETRYABLE = ("unavailable", "connect", "connection", "socket", "broken pipe", "reset by peer", "deadline",
               "timed out", "timeout", "failed to obtain inference response", "eof")
 
@@ -271,7 +268,7 @@ class PatchClient:
         from concurrent.futures import Future
 
         fut: Future = Future()
-        self._client.async_infer(info.name, [inp], callback=lambda r, e: fut.set_result((r, e)),
+        self._client.async_infer(info.name, [inp], callback=lambda result, error: fut.set_result((result, error)),
                                  model_version=self.version, outputs=[out], client_timeout=self.config.timeout_s)
         return fut
 
@@ -353,36 +350,6 @@ class PatchClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def check_spec(actual: ModelSpec, expected: ModelSpec | dict, where: str = "server") -> None:
-    """Raise SpecMismatchError naming every field where ``actual`` disagrees with ``expected``."""
-    want = {f: getattr(expected, f) for f in CHECKED_FIELDS} if isinstance(expected, ModelSpec) else dict(expected)
-    bad = []
-    for key, value in want.items():
-        if not hasattr(actual, key):
-            raise SpecMismatchError(f"expected_spec: unknown field {key!r}; known fields are {list(CHECKED_FIELDS)}")
-        have = getattr(actual, key)
-        if isinstance(have, tuple):
-            value = tuple(value)
-        if have != value:
-            bad.append(f"{key}: server has {have!r}, expected {value!r}")
-    if bad:
-        raise SpecMismatchError(f"{where}: the served model's spec disagrees: " + "; ".join(bad))
-
-
-def encode_batch(blobs: Sequence[bytes], info: ModelInfo) -> np.ndarray:
-    """Encoded files as the ensemble's input: BYTES one per row, or zero-padded UINT8 rows."""
-    if info.datatype == "BYTES":
-        return np.array([bytes(b) for b in blobs], dtype=np.object_).reshape(len(blobs), *([1] * len(info.dims)))
-    if info.datatype != "UINT8":
-        raise BadInputError(f"model {info.name!r}: cannot send encoded bytes as {info.datatype}")
-    # Decoders stop at the end-of-image marker, so trailing zeros are harmless.
-    width = max(len(b) for b in blobs)
-    out = np.zeros((len(blobs), width), np.uint8)
-    for i, b in enumerate(blobs):
-        out[i, :len(b)] = np.frombuffer(b, np.uint8)
-    return out
 
 
 def stream_predictions(clients: Sequence[PatchClient], groups: Iterable[tuple[Any, Any]],

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.errors import InputError
-from serving.spec import TTA_MODES
+from serving.errors import InputError, SpecMismatchError
+from serving.spec import TTA_MODES, ModelSpec
 
 PROTOCOLS = ("grpc", "http")
 CLIENT_TTA_MODES = TTA_MODES + ("server",)
+# Fields a caller may pin with ``expected_spec``; the rest are the server's business.
+CHECKED_FIELDS = ("name", "class_names", "input_height", "input_width", "source_height", "source_width",
+                  "input_dtype", "input_layout", "mean", "std")
 
 
 def check_tta(mode: str, flag: str = "--tta") -> str:
@@ -57,3 +60,19 @@ class ClientConfig:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
                                             or self.batch_size < 1):
             raise InputError(f"--batch-size: expected a positive integer, got {self.batch_size!r}")
+
+
+def check_spec(actual: ModelSpec, expected: ModelSpec | dict, where: str = "server") -> None:
+    """Raise SpecMismatchError naming every field where ``actual`` disagrees with ``expected``."""
+    want = {f: getattr(expected, f) for f in CHECKED_FIELDS} if isinstance(expected, ModelSpec) else dict(expected)
+    bad = []
+    for key, value in want.items():
+        if not hasattr(actual, key):
+            raise SpecMismatchError(f"expected_spec: unknown field {key!r}; known fields are {list(CHECKED_FIELDS)}")
+        have = getattr(actual, key)
+        if isinstance(have, tuple):
+            value = tuple(value)
+        if have != value:
+            bad.append(f"{key}: server has {have!r}, expected {value!r}")
+    if bad:
+        raise SpecMismatchError(f"{where}: the served model's spec disagrees: " + "; ".join(bad))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.batching import check_images, client_views, split_rows, windowed
-from serving.client import ModelInfo, check_spec, encode_batch
+from serving.client import ModelInfo, check_spec, encode_batch  # re-exported by the client
 from serving.client_config import ClientConfig, check_tta, check_url
 from serving.errors import BadInputError, InputError, SpecMismatchError
 
