@@ -16,7 +16,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="which split of DATA (when it has splits)")
     p.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation views, averaged")
     p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("-j", "--workers", type=int, default=2, help="DALI threads")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="DALI threads (default: half the cores on CPU, where the model needs the rest; "
+                        "up to 8 on GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dali-device", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -24,10 +26,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_run
+    import os
 
+    import torch
+
+    from training.evaluate import evaluate_run
+    from training.pipeline import default_dali_threads
+
+    workers = args.workers or default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
     r = evaluate_run(args.run, args.data, args.out, split=args.split, tta=args.tta, batch_size=args.batch_size,
-                     workers=args.workers, device=args.device, dali_device=args.dali_device, progress=args.progress)
+                     workers=workers, device=args.device, dali_device=args.dali_device, progress=args.progress)
     m = r.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
     print(f"{m['num_samples']} images: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "

@@ -67,7 +67,9 @@ def add_training_args(p: argparse.ArgumentParser, *, with_out: bool = True) -> a
     p.add_argument("--early-stopping-patience", type=int, default=0, help="epochs without improvement; 0: off")
     p.add_argument("--best-metric", default="accuracy", help="accuracy, balanced_accuracy, f1_macro, auc or loss")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-j", "--workers", type=int, default=2, help="DALI threads")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="DALI threads (default: half the cores on CPU, where the model needs the rest; "
+                        "up to 8 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dali-device", default="auto", help="auto, cpu or gpu")
     p.add_argument("--hflip-prob", type=float, default=0.5)
@@ -110,6 +112,12 @@ def config_from_args(args: argparse.Namespace, **override):
 
     kw = {k: getattr(args, k) for k in TRAIN_KEYS if hasattr(args, k)}
     kw.update(override)
+    if kw.get("workers") is None:
+        import torch
+
+        from training.pipeline import default_dali_threads
+
+        kw["workers"] = default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
     data = kw.pop("data", getattr(args, "data", None))
     out = kw.pop("out", getattr(args, "out", None))
     return TrainConfig(data=str(data), out=str(out), **kw)

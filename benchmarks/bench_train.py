@@ -1,0 +1,173 @@
+"""Training throughput: fp32 against autocast (bf16 on CPU, fp16 on CUDA),
+contiguous against channels-last, DALI-fed against DataLoader-fed, and a
+synthetic-input ceiling (model only, batches already in memory) that shows
+whether the loader or the model sets the pace.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import bar_plot, measure, write_results
+
+
+def _step_fn(model, device, amp: bool):
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(images, labels):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
+            loss = loss_fn(model(images).float(), labels)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def _model(arch: str, size: int, channels_last: bool, device):
+    import torch
+
+    from serving.spec import ModelSpec
+    from training.model import ModelConfig, build_model
+
+    spec = ModelSpec(name="bench", class_names=("a", "b"), input_height=size, input_width=size,
+                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), arch=arch)
+    model = build_model(spec, ModelConfig(arch=arch, num_classes=2)).to(device).train()
+    model.channels_last = channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(quick: bool, command: str) -> dict:
+    import torch
+
+    from benchmarks.bench_data import AUGMENT, torchvision_loader
+    from serving.sources import discover
+    from training.pipeline import AugmentConfig, build_train_pipeline, iterate
+    from training.synth import synthesize
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = [("resnet18", 96)] if quick else [("resnet18", 96), ("resnet18", 224), ("resnet50", 96),
+                                                ("resnet50", 224)]
+    batch = 32 if device.type == "cpu" else 256
+    steps = 4 if quick else 8
+    repeats = 3
+    from training.pipeline import default_dali_threads
+
+    # The DataLoader gets as many worker processes as DALI gets threads: the
+    # default that `patchserve train` picks for this machine.
+    workers = default_dali_threads(device.type == "cuda", os.cpu_count() or 1)
+    rows, timings = [], []
+
+    def record(t, **fields):
+        rows.append({**fields, "images/s": t.rate, "min": t.rate_min, "max": t.rate_max})
+        timings.append({**fields, **t.to_dict()})
+        print(f"  {fields}: {t.rate:.1f} images/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, size in configs:
+            # 1) the ceiling: model only, one batch held in memory.
+            x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+            y = torch.randint(0, 2, (batch,))
+            for amp, cl in itertools.product((False, True), (False, True)):
+                model = _model(arch, size, cl, device)
+                step = _step_fn(model, device, amp)
+
+                def run_steps(step=step):
+                    for _ in range(steps):
+                        step(x, y)
+                    _sync(device)
+
+                t = measure("synthetic", run_steps, items=batch * steps, warmup=1, repeats=repeats)
+                record(t, model=f"{arch} {size}px", input="synthetic (model only)",
+                       precision="autocast " + ("fp16" if device.type == "cuda" else "bf16") if amp else "fp32",
+                       memory="channels-last" if cl else "contiguous")
+            # 2) fed by a real loader, best model settings (autocast + channels-last).
+            data = Path(tmp) / f"{size}"
+            if not data.exists():
+                # About `steps` batches of training images: one epoch per repeat.
+                synthesize(data, classes=2, per_class=int(np.ceil(batch * steps / 1.6)) + 1, size=size, fmt="png",
+                           seed=0, split_fractions=(0.8, 0.1, 0.1))
+            samples = discover(data, split="train").samples
+            model = _model(arch, size, True, device)
+            step = _step_fn(model, device, True)
+
+            def dali_fed(samples=samples, step=step):
+                pipe = build_train_pipeline(samples, input_hw=(size, size), augment=AugmentConfig(**AUGMENT),
+                                            batch_size=batch, num_threads=workers, seed=0,
+                                            device="gpu" if device.type == "cuda" else "cpu",
+                                            device_id=0 if device.type == "cuda" else None)
+                pipe.build()
+                n = 0
+                for images, labels in iterate(pipe, samples):
+                    step(images, labels)
+                    n += images.shape[0]
+                _sync(device)
+                return n
+
+            loader = torchvision_loader(samples, size, batch, workers)
+
+            def loader_fed(loader=loader, step=step):
+                n = 0
+                for images, labels in loader:
+                    step(images, labels)
+                    n += images.shape[0]
+                _sync(device)
+                return n
+
+            precision = "autocast " + ("fp16" if device.type == "cuda" else "bf16")
+            for name, fn in (("DALI-fed", dali_fed), ("DataLoader-fed", loader_fed)):
+                t = measure(name, fn, items=len(samples), warmup=1, repeats=repeats)
+                record(t, model=f"{arch} {size}px", input=name, precision=precision, memory="channels-last")
+            del loader
+
+    notes = [f"Device {device.type}, batch {batch}, {steps} steps per repeat, SGD with momentum; "
+             f"{workers} loader workers; the loaders run the augmentations of the data benchmark; "
+             "loader-fed rows are one epoch per repeat, the DALI pipeline built anew each epoch as training does."]
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model_name]
+        ceiling = max(r["images/s"] for r in mine if r["input"].startswith("synthetic"))
+        fp32 = next(r["images/s"] for r in mine if r["precision"] == "fp32" and r["memory"] == "contiguous")
+        dali = next(r["images/s"] for r in mine if r["input"] == "DALI-fed")
+        torch_fed = next(r["images/s"] for r in mine if r["input"] == "DataLoader-fed")
+        notes.append(f"{model_name}: best synthetic / fp32 contiguous = {ceiling / fp32:.2f}; "
+                     f"DALI-fed reaches {dali / ceiling:.2f} of the model-only ceiling, "
+                     f"DataLoader-fed {torch_fed / ceiling:.2f}.")
+
+    def plot(png: Path) -> None:
+        labels = [f"{r['model']}, {r['input']}, {r['precision']}, {r['memory']}" for r in rows]
+        bar_plot(png, labels, [r["images/s"] for r in rows], title="Training throughput",
+                 xlabel="images/s (median)", errors=[(r["min"], r["max"]) for r in rows])
+
+    write_results("train", command=command, rows=rows,
+                  columns=["model", "input", "precision", "memory", "images/s", "min", "max"], targets=[],
+                  notes=notes, payload={"timings": timings}, quick=quick, plot=plot)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    import sys
+
+    quick = "--quick" in sys.argv
+    run(quick=quick, command="python -m benchmarks.bench_train" + (" --quick" if quick else ""))
