@@ -20,14 +20,11 @@ from serving.batching import check_images, client_views, encode_batch, split_row
 from serving.client_config import ClientConfig, check_spec, check_tta, check_url
 from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
+from serving.retry import Pending, RetryPolicy, is_retryable
 from serving.spec import ModelSpec
 from serving.views import combine_views
 
 SPEC_PARAMETER = "patchserve_spec"
-_RETRYABLE = ("unavailable", "connect", "connection", "socket", "broken pipe", "reset by peer", "deadline",
-              "timed out", "timeout", "failed to obtain inference response", "eof")
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the server says about one model: tensors and batching."""
@@ -39,6 +36,15 @@ class ModelInfo:
     output_name: str
     max_batch_size: int
     parameters: dict
+
+
+def _grpc_channel_args(lib) -> list[tuple[str, int]]:
+    """tritonclient's defaults, with gRPC's reconnect backoff capped: its default
+    grows to two minutes, so a restarted server would go unnoticed that long."""
+    return [("grpc.max_send_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo:
@@ -57,56 +63,24 @@ def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo
                      tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in _RETRYABLE)
-
-
-class _Pending:
-    """One request in flight; ``result()`` waits, retrying on transport errors."""
-
-    def __init__(self, client: "PatchClient", info: ModelInfo, array: np.ndarray, slot: int | None):
-        self.client, self.info, self.array, self.slot = client, info, array, slot
-        self.handle = client._send(info, array, slot)
-
-    def result(self) -> np.ndarray:
-        c = self.client
-        attempt = 0
-        while True:
-            try:
-                return c._receive(self.info, self.handle, len(self.array), self.slot)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not _is_retryable(exc):
-                    raise InferenceError(f"{c.url}: model {self.info.name!r} failed: {exc}") from exc
-                if attempt >= c.config.retries:
-                    raise ServerUnavailableError(
-                        f"{c.url}: no answer from model {self.info.name!r} after {attempt + 1} attempts: {exc}") from exc
-                time.sleep(c.config.backoff_s * (2 ** attempt))
-                attempt += 1
-                try:
-                    self.handle = c._send(self.info, self.array, self.slot)
-                except Exception as send_exc:  # noqa: BLE001 - the next result() call classifies it
-                    self.handle = send_exc
-
-
 class PatchClient:
     """Score uint8 NHWC patches against one Triton server.
 
     ``expected_spec`` is a :class:`ModelSpec` or a dict of spec fields (e.g.
     ``{"class_names": (...), "input_height": 48}``); any disagreement with
-    the server's spec raises :class:`SpecMismatchError`.
+    the server's spec raises :class:`SpecMismatchError`. ``wait_timeout_s``
+    > 0 keeps retrying a lost server that long (it may be restarting).
     """
 
     def __init__(self, url: str, model: str, *, protocol: str = "grpc",
                  expected_spec: ModelSpec | dict | None = None, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 shared_memory: bool = False, version: str = ""):
+                 shared_memory: bool = False, version: str = "", wait_timeout_s: float = 0.0):
         self.url = check_url(url)
         self.model = model
         self.version = version
         self.config = ClientConfig(protocol, timeout_s, retries, backoff_s, concurrency, batch_size, shared_memory)
+        self.policy = RetryPolicy(retries, backoff_s, wait_timeout_s)
         self._lib = self._import_protocol()
         self._client = self._connect()
         self._infos: dict[str, ModelInfo] = {}
@@ -135,10 +109,11 @@ class PatchClient:
     def _connect(self):
         cfg = self.config
         last: BaseException | None = None
-        for attempt in range(cfg.retries + 1):
+        attempt, first_failure = 0, time.monotonic()
+        while True:
             try:
                 if cfg.protocol == "grpc":
-                    client = self._lib.InferenceServerClient(self.url)
+                    client = self._lib.InferenceServerClient(self.url, channel_args=_grpc_channel_args(self._lib))
                     live = client.is_server_live(client_timeout=cfg.timeout_s)
                 else:
                     client = self._lib.InferenceServerClient(
@@ -151,10 +126,12 @@ class PatchClient:
                 last = RuntimeError("server is not live")
             except Exception as exc:  # noqa: BLE001 - tritonclient raises many types for a dead socket
                 last = exc
-            if attempt < cfg.retries:
-                time.sleep(cfg.backoff_s * (2 ** attempt))
+            if not self.policy.again(attempt, first_failure):
+                break
+            time.sleep(self.policy.delay_s(attempt))
+            attempt += 1
         raise ServerUnavailableError(
-            f"--url {self.url}: no Triton server answered over {cfg.protocol} after {cfg.retries + 1} attempts "
+            f"--url {self.url}: no Triton server answered over {cfg.protocol} after {attempt + 1} attempts "
             f"({last}); is it running, and is this its {cfg.protocol} port?")
 
     def model_info(self, name: str, output_name: str | None = None) -> ModelInfo:
@@ -165,7 +142,7 @@ class PatchClient:
             ready = self._client.is_model_ready(name, self.version)
         except Exception as exc:  # noqa: BLE001
             ready = False
-            if _is_retryable(exc):
+            if is_retryable(exc):
                 raise ServerUnavailableError(f"{self.url}: lost the server while asking for {name!r}: {exc}") from exc
         if not ready:
             raise ModelNotFoundError(f"--model {name}: the server at {self.url} has no ready model of that name; "
@@ -292,10 +269,10 @@ class PatchClient:
                                  f"expected ({rows}, {self.spec.num_classes})")
         return probs.astype(np.float32, copy=False)
 
-    def submit(self, info: ModelInfo, array: np.ndarray) -> _Pending:
+    def submit(self, info: ModelInfo, array: np.ndarray) -> Pending:
         """Send one request now; ``.result()`` on the returned object waits for it."""
         slot = next(self._seq) % self.config.concurrency if self._shm else None
-        return _Pending(self, info, array, slot)
+        return Pending(self, info, array, slot)
 
     # -- prediction -----------------------------------------------------------
     def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
@@ -353,15 +330,19 @@ class PatchClient:
 
 
 def stream_predictions(clients: Sequence[PatchClient], groups: Iterable[tuple[Any, Any]],
-                       tta: str = "none") -> Iterator[tuple[Any, np.ndarray]]:
+                       tta: str = "none", on_error: str = "raise") -> Iterator[tuple[Any, Any]]:
     """Predict groups of patches across one or more servers, in order.
 
     Requests go round-robin to ``clients`` with at most ``concurrency`` in
     flight per client; each group's views are averaged once all its requests
-    are back. ``tta="encoded"`` sends file bytes to the ensemble.
+    are back. ``tta="encoded"`` sends file bytes to the ensemble. With
+    ``on_error="record"`` a group the server answered with an error yields its
+    :class:`InferenceError` instead of probabilities, and the stream goes on.
     """
     if not clients:
         raise ValueError("stream_predictions needs at least one client")
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error: expected 'raise' or 'record', got {on_error!r}")
     first = clients[0]
     for c in clients[1:]:
         check_spec(c.spec, first.spec, where=f"{c.url} model {c.model!r}")
@@ -384,14 +365,29 @@ def stream_predictions(clients: Sequence[PatchClient], groups: Iterable[tuple[An
         info = client.model_info(req[0].name) if client is not first else req[0]
         return client.submit(info, req[1])
 
+    def collect(handle):
+        if handle is None:
+            return None
+        try:
+            return handle.result()
+        except InferenceError as exc:
+            if on_error == "raise":
+                raise
+            return exc
+
     parts: list[np.ndarray] = []
+    failed: InferenceError | None = None
     max_in_flight = sum(c.config.concurrency for c in clients)
-    for (tag, _), handle_result in windowed(requests(), submit, lambda h: None if h is None else h.result(),
-                                            max_in_flight):
+    for (tag, _), handle_result in windowed(requests(), submit, collect, max_in_flight):
         g, key, v, _, last = tag
-        if handle_result is not None:
+        if isinstance(handle_result, InferenceError):
+            failed = failed or handle_result
+        elif handle_result is not None:
             parts.append(handle_result)
         if last:
-            probs = np.concatenate(parts) if parts else np.empty((0, first.spec.num_classes), np.float32)
-            parts = []
-            yield key, (combine_views(probs, v) if v > 1 else probs)
+            if failed is not None:
+                yield key, failed
+            else:
+                probs = np.concatenate(parts) if parts else np.empty((0, first.spec.num_classes), np.float32)
+                yield key, (combine_views(probs, v) if v > 1 else probs)
+            parts, failed = [], None

@@ -18,10 +18,11 @@ import numpy as np
 
 from serving.client import PatchClient, stream_predictions
 from serving.client_config import check_tta, check_url
-from serving.errors import InputError, PatchserveError, SlideError
+from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
 from serving.output import JobStopped, PartWriter, check_output, errors_path, read_results, result_columns
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
-from serving.slides import SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles, thumbnail
+from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
+                            thumbnail)
 from serving.sources import SPLITS, discover
 from serving.spec import ModelSpec
 from serving.views import num_views
@@ -47,6 +48,8 @@ class ScoreConfig:
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 0.5
+    wait: bool = False
+    wait_timeout_s: float = 600.0
     shared_memory: bool = False
     read_threads: int = 2
     part_rows: int = 4096
@@ -73,6 +76,8 @@ class ScoreConfig:
             raise InputError(f"--read-threads: expected a positive integer, got {self.read_threads}")
         if self.part_rows < 1:
             raise InputError(f"--part-rows: expected a positive integer, got {self.part_rows}")
+        if not self.wait_timeout_s > 0:
+            raise InputError(f"--wait-timeout-s: expected a positive number of seconds, got {self.wait_timeout_s}")
         if self.stop_after_parts is not None and self.stop_after_parts < 1:
             raise InputError(f"--stop-after-parts: expected a positive integer, got {self.stop_after_parts}")
 
@@ -134,6 +139,10 @@ def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Ca
                 f"(read from level {grid.read_level})")
             units.append(SlideUnit("slide:" + key, grid, handles))
             continue
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
+            # A slide OpenSlide cannot read: record why and score the other inputs.
+            units.append(FailedUnit("slide:" + key, [(str(p), _slide_open_error(p))]))
+            continue
         ds = discover(p, split=cfg.split, classes=spec.class_names, strict=False)
         if ds.bad_rows:
             units.append(FailedUnit("bad-rows:" + key, [(w, f"malformed manifest row: {why}") for w, why in ds.bad_rows]))
@@ -141,6 +150,14 @@ def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Ca
             raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
         units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec.source_hw, encoded=cfg.send == "encoded"))
     return units
+
+
+def _slide_open_error(path: Path) -> str:
+    try:
+        open_slide(path).close()
+    except SlideError as exc:
+        return str(exc)
+    return f"{path}: OpenSlide does not recognise it as a slide"
 
 
 def _groups(items: Iterator[Item], size: int, encoded: bool) -> Iterator[tuple[list[Item], object]]:
@@ -176,7 +193,8 @@ def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResu
     out = Path(cfg.out)
     clients = [PatchClient(u, cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s, retries=cfg.retries,
                            backoff_s=cfg.backoff_s, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
-                           shared_memory=cfg.shared_memory) for u in cfg.urls]
+                           shared_memory=cfg.shared_memory, wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0)
+               for u in cfg.urls]
     handles = SlideHandles()
     try:
         return _run(cfg, clients, handles, out, log)
@@ -222,11 +240,12 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     bar = tqdm(total=total, unit="patch", disable=not cfg.progress, dynamic_ncols=True)
     try:
         groups = _groups(iter(reader), rows_per_group, encoded)
-        for group, probs in stream_predictions(clients, groups, mode):
+        for group, probs in stream_predictions(clients, groups, mode, on_error="record"):
             j = 0
             for item in group:
-                if item.error is not None:
-                    writer.add(item.unit, error=(item.source, item.error))
+                if item.error is not None or isinstance(probs, InferenceError):
+                    # The server refused this request: its patches are listed, never dropped.
+                    writer.add(item.unit, error=(item.source, item.error or f"server error: {probs}"))
                     continue
                 p = probs[j]
                 j += 1
@@ -240,6 +259,14 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         writer.commit()
     except JobStopped:
         stopped = True
+    except ServerUnavailableError as exc:
+        try:
+            writer.commit()  # every group written so far is complete: keep it for --resume
+        except JobStopped:
+            pass
+        raise ServerUnavailableError(
+            f"{exc}\nstopped: {writer.rows_committed} rows are kept in {writer.parts_dir}; when the server is back, "
+            "run the same command with --resume to finish (or pass --wait to ride out a restart)") from exc
     except KeyboardInterrupt:
         writer.commit()  # what came back is complete: keep it for --resume
         raise

@@ -30,6 +30,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--backoff-s", type=float, default=0.5)
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
+                   help="when the server goes away mid-job, keep retrying until it is back (restarts) instead of "
+                        "stopping with the finished parts kept for --resume")
+    p.add_argument("--wait-timeout-s", type=float, default=600.0, help="how long --wait waits for the server")
     p.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=False,
                    help="pass tensors through system shared memory (client and server on one host)")
     p.add_argument("--read-threads", type=int, default=2)
@@ -58,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(inputs=tuple(args.inputs), urls=tuple(args.url), model=args.model, out=args.out,
                       protocol=args.protocol, tta=args.tta, send=args.send, batch_size=args.batch_size,
                       concurrency=args.concurrency, split=args.split, resume=args.resume, timeout_s=args.timeout_s,
-                      retries=args.retries, backoff_s=args.backoff_s, shared_memory=args.shared_memory,
+                      retries=args.retries, backoff_s=args.backoff_s, wait=args.wait,
+                      wait_timeout_s=args.wait_timeout_s, shared_memory=args.shared_memory,
                       read_threads=args.read_threads, part_rows=args.part_rows,
                       stop_after_parts=args.stop_after_parts, tiling=tiling, heatmap_class=args.heatmap_class,
                       progress=args.progress)

@@ -56,8 +56,10 @@ def prepare_distribution(workdir: Path) -> Path:
     if not stub.exists():
         raise ServerError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
     dst = target / "backends" / "python" / "triton_python_backend_stub"
-    shutil.copy2(stub, dst)
-    dst.chmod(0o755)
+    # On a restart after a kill, orphaned stubs may still be running it ("text file busy").
+    if not dst.exists() or dst.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, dst)
+        dst.chmod(0o755)
     return target
 
 

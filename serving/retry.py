@@ -1,0 +1,86 @@
+"""Retries for requests in flight: which errors are worth another try, and for how long.
+
+A transport error (the server is gone, restarting, or the network dropped) is
+retried with exponential backoff, ``retries`` times; with a wait window
+(``--wait``) it is retried until the window closes, so a job rides out a
+server restart. An error the server answered on purpose (bad input, model
+failure) is never retried: it is raised as :class:`InferenceError` so the
+caller can record it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from serving.errors import InferenceError, InputError, ServerUnavailableError
+
+_RETRYABLE = ("unavailable", "connect", "connection", "socket", "broken pipe", "reset by peer", "deadline",
+              "timed out", "timeout", "failed to obtain inference response", "eof")
+# Backoff doubles per attempt but is capped, so a restarted server is noticed soon.
+MAX_BACKOFF_S = 2.0
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors of the transport, not of the request."""
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _RETRYABLE)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` tries with backoff, then keep trying until ``wait_timeout_s`` after the first failure."""
+
+    retries: int = 3
+    backoff_s: float = 0.5
+    wait_timeout_s: float = 0.0  # 0: do not wait for a server to come back
+
+    def __post_init__(self) -> None:
+        if not self.wait_timeout_s >= 0:
+            raise InputError(f"--wait-timeout-s: expected a non-negative number of seconds, got {self.wait_timeout_s}")
+
+    def delay_s(self, attempt: int) -> float:
+        return min(self.backoff_s * (2 ** min(attempt, 16)), max(self.backoff_s, MAX_BACKOFF_S))
+
+    def again(self, attempt: int, first_failure: float) -> bool:
+        """Whether attempt number ``attempt`` (0-based) may be followed by another."""
+        if attempt < self.retries:
+            return True
+        return self.wait_timeout_s > 0 and time.monotonic() - first_failure < self.wait_timeout_s
+
+
+class Pending:
+    """One request in flight; ``result()`` waits, resending on transport errors.
+
+    ``client`` provides ``url``, ``policy``, ``_send(info, array, slot)`` and
+    ``_receive(info, handle, rows, slot)``.
+    """
+
+    def __init__(self, client, info, array, slot: int | None):
+        self.client, self.info, self.array, self.slot = client, info, array, slot
+        self.handle = client._send(info, array, slot)
+
+    def result(self):
+        c = self.client
+        policy: RetryPolicy = c.policy
+        attempt, first_failure = 0, None
+        while True:
+            try:
+                return c._receive(self.info, self.handle, len(self.array), self.slot)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_retryable(exc):
+                    raise InferenceError(f"{c.url}: model {self.info.name!r} failed: {exc}") from exc
+                first_failure = first_failure or time.monotonic()
+                if not policy.again(attempt, first_failure):
+                    waited = time.monotonic() - first_failure
+                    raise ServerUnavailableError(
+                        f"{c.url}: no answer from model {self.info.name!r} after {attempt + 1} attempts "
+                        f"over {waited:.0f} s: {exc}") from exc
+                time.sleep(policy.delay_s(attempt))
+                attempt += 1
+                try:
+                    self.handle = c._send(self.info, self.array, self.slot)
+                except Exception as send_exc:  # noqa: BLE001 - the next _receive raises and classifies it
+                    self.handle = send_exc

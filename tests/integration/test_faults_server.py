@@ -1,0 +1,249 @@
+"""Faults during a bulk score, with the real server: it dies, it comes back, the scorer dies, the model refuses.
+
+The job is ``patchserve score`` in a subprocess on an HDF5 file of distinct
+random patches at the source size, written in parts of PART_ROWS rows. Faults
+are injected once the first part is committed (the manifest shows progress),
+so they land mid-job: the rest of the job is tens of parts away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from serving.cli import main as cli
+from serving.output import read_results
+from serving.views import view_boxes
+from tests.fixtures_export import link_copy
+from tests.fixtures_serve import OrtReference, find_onnx
+
+N_PATCHES = 600
+PART_ROWS = 10
+ATOL = 1e-5
+MARK = (1, 2, 3)  # a patch of exactly this colour is refused by the faulty model
+POLL_TIMEOUT_S = 120.0
+
+# Appended to the Python-backend model: requests holding a marked patch get an
+# error response from Triton; the others are answered by the real model.
+FAULTY_PATCH = f'''
+
+MARK = np.array({list(MARK)}, np.uint8)
+_answer = TritonPythonModel.execute
+
+
+def _execute_refusing_marked(self, requests):
+    out, good = {{}}, []
+    for i, request in enumerate(requests):
+        x = pb_utils.get_input_tensor_by_name(request, self.input_names[0]).as_numpy()
+        if (x == MARK).all(axis=(1, 2, 3)).any():
+            out[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError("marked patch refused"))
+        else:
+            good.append(i)
+    for i, response in zip(good, _answer(self, [requests[i] for i in good]) if good else []):
+        out[i] = response
+    return [out[i] for i in range(len(requests))]
+
+
+TritonPythonModel.execute = _execute_refusing_marked
+'''
+
+
+def faulty_name(spec) -> str:
+    return f"{spec.name}_faulty"
+
+
+@pytest.fixture(scope="module")
+def fault_repo(exported_repo, tmp_path_factory):
+    """The classifier alone (fast restarts), plus a copy that refuses marked patches."""
+    import re
+
+    src, spec = exported_repo
+    repo = tmp_path_factory.mktemp("fault_repo")
+    link_copy(Path(src) / spec.name, repo / spec.name)
+    faulty = link_copy(Path(src) / spec.name, repo / faulty_name(spec))
+    config = (faulty / "config.pbtxt").read_text()
+    (faulty / "config.pbtxt").write_text(re.sub(r'^name: ".*"$', f'name: "{faulty_name(spec)}"', config, count=1,
+                                                flags=re.M))
+    model_py = faulty / "1" / "model.py"
+    model_py.write_text(model_py.read_text() + FAULTY_PATCH)
+    return repo, spec
+
+
+@pytest.fixture(scope="module")
+def fault_server(fault_repo):
+    """A server of this module alone: its tests kill it and start it again on the same ports."""
+    from serving.server import EmbeddedTriton
+
+    repo, _ = fault_repo
+    with EmbeddedTriton(repo) as server:
+        yield server
+
+
+@pytest.fixture
+def server(fault_server):
+    if not fault_server.alive():
+        fault_server.restart()
+    yield fault_server
+    if not fault_server.alive():
+        fault_server.restart()
+
+
+@pytest.fixture(scope="module")
+def patches_h5(fault_repo, tmp_path_factory):
+    """N_PATCHES distinct random patches at the source size, and what ONNX Runtime says of each."""
+    repo, spec = fault_repo
+    x = np.random.default_rng(7).integers(0, 256, (N_PATCHES, *spec.source_hw, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("fault_data") / "patches_x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x)
+    (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
+    h, w = spec.input_hw
+    expected = OrtReference(find_onnx(repo, spec), spec).probs(np.ascontiguousarray(x[:, top:top + h, left:left + w]))
+    return path, expected
+
+
+def _score_cmd(server, spec, inputs, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "serving.cli", "score", *map(str, inputs), "--url", server.urls.grpc,
+            "--model", spec.name, "--out", str(out), "--part-rows", str(PART_ROWS), "--batch-size", "2",
+            "--concurrency", "2", "--retries", "2", "--backoff-s", "0.2", "--no-progress", *map(str, extra)]
+
+
+def _manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out.with_name(out.name + ".parts") / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> dict:
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while time.monotonic() < deadline:
+        m = _manifest(out)
+        if m is not None and m.get("rows", 0) >= rows:
+            return m
+        assert proc.poll() is None, f"score exited early:\n{proc.communicate()[1]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no part of {out} committed within {POLL_TIMEOUT_S} s")
+
+
+def _start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_one_row_per_patch(out: Path, h5: Path, expected: np.ndarray, spec) -> None:
+    rows = read_results(out)
+    assert [r["source"] for r in rows] == [f"{h5}#{i}" for i in range(N_PATCHES)]  # none lost, none repeated
+    probs = np.array([[r[f"prob_{c}"] for c in spec.class_names] for r in rows])
+    np.testing.assert_allclose(probs, expected, atol=ATOL)
+
+
+def test_server_killed_mid_job_stops_cleanly_keeps_parts_and_resume_completes(server, fault_repo, patches_h5,
+                                                                             tmp_path):
+    _, spec = fault_repo
+    h5, expected = patches_h5
+    out = tmp_path / "results.parquet"
+    proc = _start(_score_cmd(server, spec, [h5], out))
+    try:
+        _wait_for_rows(out, proc, PART_ROWS)
+        server.kill()
+        _, err = proc.communicate(timeout=POLL_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    assert "no answer from model" in err and "run the same command with --resume" in err
+    assert not out.exists()
+    m = _manifest(out)
+    kept = m["rows"]
+    assert PART_ROWS <= kept < N_PATCHES and m["errors"] == []
+    # What is kept is exactly the first rows, each once; the rest is left for --resume.
+    assert m["progress"] == {f"hdf5:{h5.resolve()}": kept}
+    parts_dir = out.with_name(out.name + ".parts")
+    import pyarrow.parquet as pq
+
+    sources = [s for p in m["parts"] for s in pq.read_table(parts_dir / p).column("source").to_pylist()]
+    assert sources == [f"{h5}#{i}" for i in range(kept)]
+    server.restart()
+    args = _score_cmd(server, spec, [h5], out, "--resume")[3:]
+    assert cli(args) == 0
+    _assert_one_row_per_patch(out, h5, expected, spec)
+
+
+def test_server_killed_and_restarted_during_a_waiting_job_gives_one_row_per_patch(server, fault_repo, patches_h5,
+                                                                                 tmp_path):
+    _, spec = fault_repo
+    h5, expected = patches_h5
+    out = tmp_path / "results.csv"
+    proc = _start(_score_cmd(server, spec, [h5], out, "--wait", "--wait-timeout-s", "120"))
+    try:
+        _wait_for_rows(out, proc, PART_ROWS)
+        server.kill()
+        assert _manifest(out)["rows"] < N_PATCHES  # the kill landed mid-job
+        server.restart()
+        _, err = proc.communicate(timeout=POLL_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    _assert_one_row_per_patch(out, h5, expected, spec)
+    assert (tmp_path / "results.errors.csv").read_text() == "source,reason\n"
+
+
+def test_scorer_killed_leaves_only_committed_parts_and_resume_completes(server, fault_repo, patches_h5, tmp_path):
+    _, spec = fault_repo
+    h5, expected = patches_h5
+    out = tmp_path / "results.parquet"
+    proc = _start(_score_cmd(server, spec, [h5], out))
+    try:
+        _wait_for_rows(out, proc, 2 * PART_ROWS)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # the final file is written only by the atomic merge at the end
+    import pyarrow.parquet as pq
+
+    parts_dir = out.with_name(out.name + ".parts")
+    m = _manifest(out)
+    for name in m["parts"]:  # every committed part is whole
+        assert pq.read_table(parts_dir / name).num_rows == PART_ROWS
+    assert m["rows"] == PART_ROWS * len(m["parts"]) < N_PATCHES
+    # Anything else is a hidden temporary file or a part written after the last commit point.
+    others = [p.name for p in parts_dir.iterdir() if p.name not in m["parts"] and p.name != "manifest.json"]
+    assert all(n.startswith(".") or n.startswith("part-") for n in others), others
+    assert cli(_score_cmd(server, spec, [h5], out, "--resume")[3:]) == 0
+    assert not parts_dir.exists()
+    _assert_one_row_per_patch(out, h5, expected, spec)
+
+
+def test_patches_the_server_refuses_are_listed_as_errors_never_dropped(server, fault_repo, tmp_path):
+    from PIL import Image
+
+    _, spec = fault_repo
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (*spec.source_hw, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.png")
+    Image.fromarray(np.full((*spec.source_hw, 3), MARK, np.uint8)).save(folder / "p05_marked.png")
+    out = tmp_path / "results.csv"
+    code = cli(["score", str(folder), "--url", server.urls.grpc, "--model", faulty_name(spec), "--out", str(out),
+                "--batch-size", "4", "--concurrency", "2", "--no-progress"])
+    assert code == 0
+    names = sorted(p.name for p in folder.iterdir())  # p00..p05, p05_marked, p06..p09
+    refused = names[4:8]  # the request of four that holds the marked patch
+    assert [Path(r["source"]).name for r in read_results(out)] == [n for n in names if n not in refused]
+    errors = (tmp_path / "results.errors.csv").read_text().splitlines()[1:]
+    assert [Path(e.split(",")[0]).name for e in errors] == refused
+    assert all("server error: " in e and "marked patch refused" in e for e in errors)
