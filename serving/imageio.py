@@ -55,6 +55,9 @@ def to_rgb_u8(img: Image.Image) -> np.ndarray:
 def _open(source: str | Path | bytes) -> Image.Image:
     fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     img = Image.open(fh)
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse from the header, before allocating.
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels is over the limit of {MAX_PIXELS}")
     img.load()  # decode now so a truncated file fails here, not later
     return img
 
