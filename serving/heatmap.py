@@ -14,6 +14,10 @@ from serving.slides import SlideGrid
 
 # Blue (0) -> cyan -> yellow -> red (1): readable over pink tissue, no matplotlib needed.
 _ANCHORS = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], np.float64)
+# The heatmap is drawn over a thumbnail of at most this many pixels along
+# its long side: enough to see tiles, and at 2048 the PNG encode alone took
+# longer than scoring a small slide (benchmarks/bench_slide.py).
+HEATMAP_MAX_SIDE = 1024
 # Class colours for QuPath (cycled when there are more classes).
 _CLASS_COLOURS = ((64, 160, 64), (200, 0, 0), (0, 90, 200), (220, 140, 0), (150, 0, 150), (0, 160, 160))
 
@@ -53,7 +57,8 @@ def write_heatmap(grid: SlideGrid, thumb_rgb_u8: np.ndarray, rows: Sequence[dict
     out = thumb_rgb_u8 * (1 - weight[..., None]) + colour * weight[..., None]
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.round(out).astype(np.uint8)).save(tmp, format="PNG")
+        # Light compression: level 6 cost 4x the time for a file about 15% smaller.
+        Image.fromarray(np.round(out).astype(np.uint8)).save(tmp, format="PNG", compress_level=2)
     return path
 
 

@@ -320,7 +320,7 @@ def _write_metrics(result: ScoreResult, rows: list[dict], spec: ModelSpec, log) 
 
 def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[SlideUnit], spec: ModelSpec,
                          heat_class: str) -> None:
-    from serving.heatmap import write_geojson, write_heatmap
+    from serving.heatmap import HEATMAP_MAX_SIDE, write_geojson, write_heatmap
 
     by_source: dict[str, list[dict]] = {}
     for r in rows:
@@ -333,7 +333,7 @@ def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[Sli
         slide_rows = by_source.get(grid.path, [])
         slide = open_slide(grid.path)
         try:
-            thumb = thumbnail(slide)
+            thumb = thumbnail(slide, HEATMAP_MAX_SIDE)
         finally:
             slide.close()
         try:

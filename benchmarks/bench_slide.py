@@ -1,0 +1,138 @@
+"""Whole-slide scoring: tiles/s of reading alone, of the model alone (served,
+tiles already in memory) and of the whole scoring pipeline on a synthetic
+slide; peak memory of bulk scoring at 1x and 10x the patches.
+
+Targets: the pipeline at least 0.8 of the slower of reading and the model;
+peak memory flat (10x at most 1.2 times the peak at 1x).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import Target, bar_plot, export_random_model, measure, write_results
+
+# Measures one child's peak RSS: getrusage of a process that ran only that child.
+_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        x = f.create_dataset("x", (n, size, size, 3), dtype=np.uint8, chunks=(64, size, size, 3))
+        for lo in range(0, n, 1024):
+            hi = min(n, lo + 1024)
+            x[lo:hi] = rng.integers(0, 256, (hi - lo, size, size, 3), dtype=np.uint8)
+
+
+def _peak_rss_mb(cmd: list[str]) -> float:
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def run(quick: bool, command: str) -> dict:
+    from serving.client import PatchClient
+    from serving.readers import OrderedReader
+    from serving.score import ScoreConfig, plan_units, run_score
+    from serving.server import EmbeddedTriton
+    from serving.slides import SlideHandles
+    from training.synth import synthesize
+
+    cores = os.cpu_count() or 1
+    size = 64
+    slide_size = 4096 if quick else 8192
+    repeats = 3
+    rows, targets, notes, results = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32, instances=cores)
+        synthesize(tmp / "data", classes=2, per_class=3, size=size, slide=True, slide_size=slide_size)
+        slide = str(sorted((tmp / "data" / "slides").glob("*.tiff"))[0])
+        with EmbeddedTriton(repo) as server:
+            cfg = ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
+                              out=str(tmp / "slide.parquet"), progress=False, read_threads=2)
+            handles = SlideHandles()
+            (unit,) = plan_units(cfg, spec, handles, log=lambda _m: None)
+            n_tiles = len(unit)
+
+            def read_all() -> int:
+                with OrderedReader(unit.tasks(0), threads=cfg.read_threads) as reader:
+                    return sum(1 for item in reader if item.image is not None)
+
+            t_read = measure("reading alone", read_all, items=n_tiles, repeats=repeats, unit="tiles/s")
+            with OrderedReader(unit.tasks(0), threads=cfg.read_threads) as reader:
+                tiles = np.stack([item.image for item in reader])
+            handles.close()
+            client = PatchClient(server.urls.grpc, spec.name, concurrency=cfg.concurrency)
+            t_model = measure("model alone (served)", lambda: client.predict(tiles), items=n_tiles,
+                              repeats=repeats, unit="tiles/s")
+            client.close()
+
+            def pipeline() -> int:
+                out = tmp / "slide.parquet"
+                for p in tmp.glob("slide.*"):
+                    if p.is_file():
+                        p.unlink()
+                result = run_score(ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
+                                               out=str(out), progress=False, read_threads=2),
+                                   log=lambda _m: None)
+                assert result.rows == n_tiles and result.errors == 0, (result.rows, result.errors)
+                return result.rows
+
+            t_pipe = measure("whole scoring pipeline", pipeline, items=n_tiles, repeats=repeats, unit="tiles/s")
+            for t in (t_read, t_model, t_pipe):
+                rows.append({"stage": t.name, "tiles": n_tiles, "tiles/s": t.rate, "min": t.rate_min,
+                             "max": t.rate_max})
+                results.append(t.to_dict())
+                print(f"  {t.name:24s} {t.rate:8.1f} tiles/s")
+            slower = min(t_read.rate, t_model.rate)
+            targets.append(Target("pipeline / slower of reading and model", t_pipe.rate / slower, 0.8))
+            notes.append(f"Synthetic slide {slide_size}x{slide_size * 3 // 4} px at 0.5 um/px, {n_tiles} tissue tiles of "
+                         f"{size}x{size}; {cfg.read_threads} reader threads, {cfg.concurrency} requests in flight, "
+                         f"{cores} python-backend instances; the slower stage is "
+                         f"{'reading' if t_read.rate < t_model.rate else 'the model'}. The pipeline time includes "
+                         "planning the tiles (tissue mask), writing Parquet, the heatmap and the GeoJSON.")
+
+            # Peak memory of bulk scoring at 1x and 10x the patches (HDF5 input, no labels).
+            base = 1000 if quick else 4000
+            peaks = {}
+            for mult in (1, 10):
+                h5 = tmp / f"x{mult}.h5"
+                _write_hdf5(h5, base * mult, size, seed=mult)
+                out = tmp / f"mem{mult}.parquet"
+                cmd = [sys.executable, "-m", "serving.cli", "score", str(h5), "--url", server.urls.grpc,
+                       "--model", spec.name, "--out", str(out), "--no-progress"]
+                t0 = time.perf_counter()
+                peaks[mult] = _peak_rss_mb(cmd)
+                dt = time.perf_counter() - t0
+                rows.append({"stage": f"bulk score, {base * mult:,} patches: peak RSS MB", "tiles": base * mult,
+                             "tiles/s": base * mult / dt, "peak MB": peaks[mult]})
+                print(f"  bulk score x{mult}: {base * mult} patches, peak RSS {peaks[mult]:.0f} MB, {dt:.1f} s")
+            targets.append(Target("peak memory 10x / 1x patches", peaks[10] / peaks[1], 1.2, higher_is_better=False))
+            notes.append("Peak RSS of the whole `patchserve score` process (interpreter and libraries included), "
+                         "one run each; patches/s there includes process start-up.")
+
+    def plot(png: Path) -> None:
+        speed = [r for r in rows if "peak MB" not in r]
+        bar_plot(png, [r["stage"] for r in speed], [r["tiles/s"] for r in speed], title="Whole-slide scoring",
+                 xlabel="tiles/s (median)", errors=[(r["min"], r["max"]) for r in speed])
+
+    write_results("slide", command=command, rows=rows, columns=["stage", "tiles", "tiles/s", "min", "max", "peak MB"],
+                  targets=targets, notes=notes, payload={"results": results, "peaks_mb": peaks}, quick=quick,
+                  plot=plot)
+    return {"rows": rows, "targets": [t.to_dict() for t in targets]}
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    run(quick=quick, command="python -m benchmarks.bench_slide" + (" --quick" if quick else ""))
