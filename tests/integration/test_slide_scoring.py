@@ -64,7 +64,8 @@ def test_slide_heatmap_and_geojson_are_written_from_the_grid(scored_slide, trito
     spec = triton_server.spec
     heat = out.with_name("slides.slide_0.heatmap.png")
     with Image.open(heat) as im:
-        assert im.size == (2048, 1536)  # the thumbnail: level 0 is under the 2048 px cap
+        # The thumbnail of the 2048x1536 slide, capped to HEATMAP_MAX_SIDE on its long side.
+        assert im.size == (1024, 768)
     geo = json.loads(out.with_name("slides.slide_0.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(rows)
     f, r = geo["features"][0], rows[0]
