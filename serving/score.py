@@ -288,7 +288,7 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         _write_metrics(result, rows, spec, log)
     slides = [u for u in units if isinstance(u, SlideUnit)]
     if slides:
-        _write_slide_outputs(result, rows, slides, spec, heat_class)
+        _write_slide_outputs(result, rows, slides, spec, heat_class, log)
     log(f"scored {done_now} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); "
         f"{result.rows} rows in {out}; {len(errors)} unreadable inputs listed in {result.errors_file}")
     return result
@@ -319,7 +319,7 @@ def _write_metrics(result: ScoreResult, rows: list[dict], spec: ModelSpec, log) 
 
 
 def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[SlideUnit], spec: ModelSpec,
-                         heat_class: str) -> None:
+                         heat_class: str, log) -> None:
     from serving.heatmap import HEATMAP_MAX_SIDE, write_geojson, write_heatmap
 
     by_source: dict[str, list[dict]] = {}
@@ -331,11 +331,15 @@ def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[Sli
         grid: SlideGrid = u.grid
         stem = f"{out.stem}.{Path(grid.path).stem}"
         slide_rows = by_source.get(grid.path, [])
-        slide = open_slide(grid.path)
         try:
-            thumb = thumbnail(slide, HEATMAP_MAX_SIDE)
-        finally:
-            slide.close()
+            slide = open_slide(grid.path)
+            try:
+                thumb = thumbnail(slide, HEATMAP_MAX_SIDE)
+            finally:
+                slide.close()
+        except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged level: the rows are written already
+            log(f"{grid.path}: no heatmap or GeoJSON, its thumbnail cannot be read ({exc})")
+            continue
         try:
             result.heatmaps.append(write_heatmap(grid, thumb, slide_rows, heat_class,
                                                  out.with_name(stem + ".heatmap.png")))
