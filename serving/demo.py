@@ -27,8 +27,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo"), help="folder for everything the demo writes (default: demo)")
     p.add_argument("--name", default="patchserve_demo", help="model name in the Triton repository")
-    p.add_argument("--repo", type=Path, default=None,
-                   help="model repository to export into (default: OUT/model_repository)")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="model repository to export into (default: model_repository, whose configs are checked "
+                        "in; the demo regenerates its weights)")
     p.add_argument("--size", type=int, default=64, help="patch side in pixels (default: 64)")
     p.add_argument("--per-class", type=int, default=300, help="synthetic patches per class (default: 300)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     data, run, eval_dir = out / "data", out / "run", out / "eval"
-    repo = args.repo or out / "model_repository"
+    repo = args.repo
     scores = out / "scores"
     per_class, epochs, slide_size = args.per_class, args.epochs, 4096
     if args.quick:

@@ -14,7 +14,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from serving.atomic import atomic_path, atomic_write_text
 from serving.errors import InputError
@@ -171,23 +171,46 @@ class PartWriter:
         return self.out
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a finished output file, as dicts (numbers parsed for CSV)."""
+def iter_results(path: str | Path, columns: Sequence[str] | None = None,
+                 batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
+    """The rows of a finished output file, streamed as dicts (numbers parsed for CSV).
+
+    Memory stays bounded by ``batch_rows`` whatever the file's size.
+    """
     p = Path(path)
     if p.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
-    rows = []
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_rows, columns=columns):
+            yield from batch.to_pylist()
+        return
+    keep = set(columns) if columns is not None else None
     with open(p, newline="") as fh:
         for r in csv.DictReader(fh):
             out: dict[str, Any] = {}
             for k, v in r.items():
+                if keep is not None and k not in keep:
+                    continue
                 if k in ("x", "y", "col", "row", "version"):
                     out[k] = int(v) if v != "" else None
                 elif k.startswith("prob_"):
                     out[k] = float(v)
                 else:
                     out[k] = v if v != "" else None
-            rows.append(out)
-    return rows
+            yield out
+
+
+def count_results(path: str | Path) -> int:
+    """Rows in a finished output file, without reading them (Parquet metadata)."""
+    p = Path(path)
+    if p.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(p).metadata.num_rows
+    with open(p, newline="") as fh:
+        return sum(1 for _ in csv.reader(fh)) - 1
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a finished output file, as dicts (for small files and tests)."""
+    return list(iter_results(path))

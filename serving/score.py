@@ -19,7 +19,7 @@ import numpy as np
 from serving.client import PatchClient, stream_predictions
 from serving.client_config import check_tta, check_url
 from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
-from serving.output import JobStopped, PartWriter, check_output, errors_path, read_results, result_columns
+from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
 from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
                             thumbnail)
@@ -212,8 +212,7 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     parts_dir = out.with_name(out.name + ".parts")
     if cfg.resume and out.is_file() and not parts_dir.exists():
         log(f"--resume: {out} is already complete")
-        rows = read_results(out)
-        return ScoreResult(out, errors_path(out), len(rows), 0, 0, 0.0)
+        return ScoreResult(out, errors_path(out), count_results(out), 0, 0, 0.0)
     units = plan_units(cfg, spec, handles, log)
     writer = PartWriter(out, result_columns(spec.class_names), fingerprint=_fingerprint(cfg, spec),
                         resume=cfg.resume, part_rows=cfg.part_rows, stop_after_parts=cfg.stop_after_parts)
@@ -282,28 +281,47 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     errors = writer.errors()
     writer.finish()
     result = ScoreResult(out, errors_path(out), 0, len(errors), done_now, seconds)
-    rows = read_results(out)
-    result.rows = len(rows)
-    if any(isinstance(u, DatasetUnit) and u.dataset.labelled for u in units):
-        _write_metrics(result, rows, spec, log)
+    result.rows = count_results(out)
+    labelled = any(isinstance(u, DatasetUnit) and u.dataset.labelled for u in units)
     slides = [u for u in units if isinstance(u, SlideUnit)]
-    if slides:
-        _write_slide_outputs(result, rows, slides, spec, heat_class, log)
+    if labelled or slides:
+        # One streamed pass over the output: memory grows with what metrics and
+        # slide outputs need (numbers; slide tiles), never with whole row dicts.
+        y, probs, by_slide = _collect(out, spec, labelled, bool(slides))
+        if labelled:
+            _write_metrics(result, y, probs, spec, log)
+        if slides:
+            _write_slide_outputs(result, by_slide, slides, spec, heat_class, log)
     log(f"scored {done_now} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); "
         f"{result.rows} rows in {out}; {len(errors)} unreadable inputs listed in {result.errors_file}")
     return result
 
 
-def _write_metrics(result: ScoreResult, rows: list[dict], spec: ModelSpec, log) -> None:
+def _collect(out: Path, spec: ModelSpec, want_labels: bool, want_slides: bool):
+    """Labels and probabilities of labelled rows, and the slide rows per slide."""
+    prob_cols = [f"prob_{c}" for c in spec.class_names]
+    columns = ["source", "label", *prob_cols]
+    if want_slides:
+        columns += ["x", "y", "col", "row", "predicted"]
+    y: list[int] = []
+    probs: list[np.ndarray] = []
+    by_slide: dict[str, list[dict]] = {}
+    for r in iter_results(out, columns=columns):
+        if want_labels and r.get("label") is not None:
+            y.append(spec.class_names.index(r["label"]))
+            probs.append(np.array([r[c] for c in prob_cols], np.float32))
+        if want_slides and r.get("col") is not None:
+            by_slide.setdefault(r["source"], []).append(r)
+    return np.array(y, np.int64), np.array(probs, np.float32).reshape(-1, len(prob_cols)), by_slide
+
+
+def _write_metrics(result: ScoreResult, y: np.ndarray, probs: np.ndarray, spec: ModelSpec, log) -> None:
     from serving.atomic import atomic_write_text
     from serving.metrics import compute_metrics
     from serving.plots import plot_confusion_matrix
 
-    labelled = [r for r in rows if r.get("label") is not None]
-    if not labelled:
+    if len(y) == 0:
         return
-    y = [spec.class_names.index(r["label"]) for r in labelled]
-    probs = np.array([[r[f"prob_{c}"] for c in spec.class_names] for r in labelled])
     metrics = compute_metrics(y, probs, spec.class_names)
     out = result.out
     result.metrics = metrics
@@ -318,14 +336,10 @@ def _write_metrics(result: ScoreResult, rows: list[dict], spec: ModelSpec, log) 
     log(f"metrics: {result.metrics_file}")
 
 
-def _write_slide_outputs(result: ScoreResult, rows: list[dict], slides: list[SlideUnit], spec: ModelSpec,
-                         heat_class: str, log) -> None:
+def _write_slide_outputs(result: ScoreResult, by_source: dict[str, list[dict]], slides: list[SlideUnit],
+                         spec: ModelSpec, heat_class: str, log) -> None:
     from serving.heatmap import HEATMAP_MAX_SIDE, write_geojson, write_heatmap
 
-    by_source: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("col") is not None:
-            by_source.setdefault(r["source"], []).append(r)
     out = result.out
     for u in slides:
         grid: SlideGrid = u.grid

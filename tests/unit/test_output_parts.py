@@ -73,3 +73,17 @@ def test_manifest_is_the_commit_point_and_counts_items_per_unit(tmp_path):
 def test_output_suffix_must_be_parquet_or_csv(tmp_path):
     with pytest.raises(InputError, match=r"--out: .*results.json must end in .parquet or .csv"):
         PartWriter(tmp_path / "results.json", COLUMNS, fingerprint={})
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_results_stream_in_batches_with_chosen_columns_and_count_from_metadata(tmp_path, suffix):
+    from serving.output import count_results, iter_results
+
+    out = tmp_path / f"results{suffix}"
+    w = PartWriter(out, COLUMNS, fingerprint={}, part_rows=4)
+    for i in range(23):
+        w.add("u", row=_row(i))
+    w.finish()
+    assert count_results(out) == 23
+    got = list(iter_results(out, columns=["source", "prob_tumour"], batch_rows=5))
+    assert got == [{"source": f"img_{i:03d}.png", "prob_tumour": pytest.approx(i / 100)} for i in range(23)]
