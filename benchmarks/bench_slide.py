@@ -84,7 +84,7 @@ def run(quick: bool, command: str) -> dict:
                     if p.is_file():
                         p.unlink()
                 result = run_score(ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
-                                               out=str(out), progress=False, read_threads=2),
+                                               out=str(out), progress=False, read_threads=2, overwrite=True),
                                    log=lambda _m: None)
                 assert result.rows == n_tiles and result.errors == 0, (result.rows, result.errors)
                 return result.rows

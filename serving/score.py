@@ -45,6 +45,7 @@ class ScoreConfig:
     concurrency: int = 4
     split: str | None = None
     resume: bool = False
+    overwrite: bool = False
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 0.5
@@ -72,6 +73,8 @@ class ScoreConfig:
             raise InputError(f"--send encoded: the ensemble scores the centre crop only; use --tta none, not {self.tta}")
         if self.split is not None and self.split not in SPLITS:
             raise InputError(f"--split: invalid split {self.split!r}. Only {', '.join(SPLITS)} are supported.")
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite: give one of them, not both")
         if self.read_threads < 1:
             raise InputError(f"--read-threads: expected a positive integer, got {self.read_threads}")
         if self.part_rows < 1:
@@ -213,6 +216,11 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     if cfg.resume and out.is_file() and not parts_dir.exists():
         log(f"--resume: {out} is already complete")
         return ScoreResult(out, errors_path(out), count_results(out), 0, 0, 0.0)
+    if not cfg.resume and not cfg.overwrite:
+        for existing in (out, parts_dir):
+            if existing.exists():
+                raise InputError(f"--out: {existing} exists; pass --resume to continue that job or --overwrite "
+                                 "to start over")
     units = plan_units(cfg, spec, handles, log)
     writer = PartWriter(out, result_columns(spec.class_names), fingerprint=_fingerprint(cfg, spec),
                         resume=cfg.resume, part_rows=cfg.part_rows, stop_after_parts=cfg.stop_after_parts)

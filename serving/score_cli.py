@@ -25,6 +25,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="rows per request (default: the server's max)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
     p.add_argument("--split", default=None, help="train, val or test, for inputs with split folders or a split column")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="start over when OUT (or its unfinished OUT.parts) exists; without it and without "
+                        "--resume such a job is refused, so finished work is never deleted by accident")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue an interrupted job from OUT.parts")
     p.add_argument("--timeout-s", type=float, default=60.0)
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
                           min_tissue=args.min_tissue, tissue_mask=args.tissue_mask, mpp=args.mpp)
     cfg = ScoreConfig(inputs=tuple(args.inputs), urls=tuple(args.url), model=args.model, out=args.out,
                       protocol=args.protocol, tta=args.tta, send=args.send, batch_size=args.batch_size,
-                      concurrency=args.concurrency, split=args.split, resume=args.resume, timeout_s=args.timeout_s,
+                      concurrency=args.concurrency, split=args.split, resume=args.resume, overwrite=args.overwrite, timeout_s=args.timeout_s,
                       retries=args.retries, backoff_s=args.backoff_s, wait=args.wait,
                       wait_timeout_s=args.wait_timeout_s, shared_memory=args.shared_memory,
                       read_threads=args.read_threads, part_rows=args.part_rows,

@@ -111,3 +111,14 @@ def test_bad_flags_are_refused_with_the_flag_named(triton_server, synth_data, tm
     assert "--send encoded: the ensemble scores the centre crop only" in capsys.readouterr().err
     assert _score(triton_server, tmp_path / "missing", "--out", tmp_path / "r.csv") == 2
     assert "missing: no such file or folder" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_without_resume_or_overwrite(triton_server, class_tree, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    assert _score(triton_server, class_tree / "normal", "--out", out) == 0
+    first = out.read_bytes()
+    assert _score(triton_server, class_tree / "normal", "--out", out) == 2
+    assert "pass --resume to continue that job or --overwrite to start over" in capsys.readouterr().err
+    assert out.read_bytes() == first  # nothing already computed was touched
+    assert _score(triton_server, class_tree / "normal", "--out", out, "--overwrite") == 0
+    assert out.read_bytes() == first
