@@ -74,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
           "--lr-scheduler", "cosine", "--name", args.name, "--seed", str(args.seed), "--max-batch-size", "32"], log)
     _run("evaluate on the test split with five-crop TTA",
          ["evaluate", str(run), str(data), "--split", "test", "--out", str(eval_dir), "--tta", "five"], log)
+    _run("evaluate on a second centre's stain (domain shift)",
+         ["evaluate", str(run), str(data / "test_shifted"), "--out", str(out / "eval_shifted"), "--tta", "five"], log)
     _run("export into the Triton repository",
          ["export", str(run), "--repo", str(repo), "--formats", "python,onnxruntime", "--overwrite"], log)
     _run("check the export (the CI gate)", ["check-export", str(repo)], log)
@@ -96,18 +98,18 @@ def main(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     summary = {"total_seconds": round(total, 1), "steps": log, "outputs": {
         "run": str(run), "evaluation": str(eval_dir), "repository": str(repo), "scores": str(scores)}}
-    metrics_path = eval_dir / "metrics.json"
-    if metrics_path.exists():
-        m = json.loads(metrics_path.read_text())
-        summary["test_metrics"] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
-                                   if k in m}
+    keys = ("accuracy", "balanced_accuracy", "f1_macro", "specificity_macro", "auc")
+    for label, folder in (("test_metrics", eval_dir), ("shifted_stain_metrics", out / "eval_shifted")):
+        if (folder / "metrics.json").exists():
+            m = json.loads((folder / "metrics.json").read_text())
+            summary[label] = {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n==> done in {:.0f} s".format(total))
     for step in log:
         print(f"    {step['seconds']:7.1f} s  {step['step']}")
-    if "test_metrics" in summary:
-        print("    test metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["test_metrics"].items()
-                                            if isinstance(v, (int, float))))
+    for label, title in (("test_metrics", "test split"), ("shifted_stain_metrics", "second centre")):
+        if label in summary:
+            print(f"    {title}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[label].items()))
     print(f"    outputs: run {run}, evaluation {eval_dir} (report.md, plots), repository {repo},")
     print(f"             scores {scores} (parquet, metrics, heatmap PNG and GeoJSON of the slide)")
     return 0
