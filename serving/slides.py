@@ -20,6 +20,11 @@ from serving.imageio import resize_u8, to_rgb_u8
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
+MASK_MIN_SIDE = 256
+# Mask pixels along a tile's side: enough to measure its tissue fraction. A
+# finer mask only costs time: at 2048 px on a 4096-px slide, OpenSlide read
+# all of level 0 for the thumbnail, longer than scoring the slide's tiles.
+MASK_PIXELS_PER_TILE = 4
 
 
 def _openslide():
@@ -173,7 +178,8 @@ def thumbnail(slide, max_side: int = MASK_MAX_SIDE) -> np.ndarray:
     w, h = slide.dimensions
     k = max(w, h) / max_side if max(w, h) > max_side else 1.0
     size = (max(1, int(round(w / k))), max(1, int(round(h / k))))
-    return to_rgb_u8(slide.get_thumbnail(size).convert("RGB").resize(size))
+    thumb = slide.get_thumbnail(size).convert("RGB")
+    return to_rgb_u8(thumb if thumb.size == size else thumb.resize(size))
 
 
 def load_user_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
@@ -200,7 +206,9 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
         else:
             scale = (cfg.mpp_target or mpp0) / mpp0
         read_level = slide.get_best_level_for_downsample(scale + 1e-6) if scale >= 1 else 0
-        thumb = thumbnail(slide)
+        tile0 = min(patch_hw) * scale  # a tile's side in level-0 pixels
+        side = max(slide.dimensions) * MASK_PIXELS_PER_TILE / tile0
+        thumb = thumbnail(slide, int(min(MASK_MAX_SIDE, max(MASK_MIN_SIDE, side))))
         dims0 = tuple(int(v) for v in slide.dimensions)
     finally:
         slide.close()

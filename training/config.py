@@ -66,15 +66,16 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     dali_device: str = "auto"
-    hflip_prob: float = 0.5
-    vflip_prob: float = 0.5
-    rotation_deg: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    scale_min: float = 0.08
-    grayscale_equalize: bool = False
+    # Flat, one field per flag; the defaults are AugmentConfig's own so the two cannot drift.
+    hflip_prob: float = AugmentConfig.hflip_prob
+    vflip_prob: float = AugmentConfig.vflip_prob
+    rotation_deg: float = AugmentConfig.rotation_deg
+    brightness: float = AugmentConfig.brightness
+    contrast: float = AugmentConfig.contrast
+    saturation: float = AugmentConfig.saturation
+    hue: float = AugmentConfig.hue
+    scale_min: float = AugmentConfig.scale_min
+    grayscale_equalize: bool = AugmentConfig.grayscale_equalize
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     stats_max_images: int = 1000
