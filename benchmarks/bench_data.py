@@ -15,13 +15,13 @@ AUGMENT = dict(hflip_prob=0.5, vflip_prob=0.5, rotation_deg=20.0, brightness=0.1
                saturation=0.1, hue=0.02, scale_min=0.5)
 
 
-def torchvision_loader(samples, size: int, batch_size: int, workers: int):
+def torchvision_loader(samples, size: int, batch_size: int, workers: int, augment: dict | None = None):
     """The users' notebook loader: PIL decode + torchvision transforms, uint8 NHWC batches."""
     import torch
     from PIL import Image
     from torchvision import transforms
 
-    a = AUGMENT
+    a = {**AUGMENT, **(augment or {})}
     tf = transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(a["scale_min"], 1.0), ratio=(3 / 4, 4 / 3)),
         transforms.RandomHorizontalFlip(a["hflip_prob"]),
@@ -51,46 +51,56 @@ def run(quick: bool, command: str) -> dict:
 
     workers = os.cpu_count() or 1
     size, batch = 96, 64
-    per_class = 160 if quick else 600
+    # Epochs long enough that building the DALI pipeline (once per epoch, as
+    # training does) is not what is measured.
+    per_class = 500 if quick else 2000
     repeats = 3 if quick else 5
+    variants = {"full": AUGMENT, "no rotation": {**AUGMENT, "rotation_deg": 0.0}}
     rows, timings, targets = [], [], []
+    ratios: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("png", "jpg"):
             out = Path(tmp) / fmt
             synthesize(out, classes=2, per_class=per_class, size=size, fmt=fmt, seed=0)
             samples = discover(out, split="train").samples
             n = len(samples)
+            for variant, aug in variants.items():
+                def dali_epoch(samples=samples, aug=aug):
+                    pipe = build_train_pipeline(samples, input_hw=(size, size), augment=AugmentConfig(**aug),
+                                                batch_size=batch, num_threads=workers, seed=0)
+                    pipe.build()
+                    count = 0
+                    for images, _ in iterate(pipe, samples):
+                        assert images.shape[1:] == (size, size, 3)
+                        count += images.shape[0]
+                    return count
 
-            def dali_epoch(samples=samples):
-                pipe = build_train_pipeline(samples, input_hw=(size, size), augment=AugmentConfig(**AUGMENT),
-                                            batch_size=batch, num_threads=workers, seed=0)
-                pipe.build()
-                count = 0
-                for images, _ in iterate(pipe, samples):
-                    assert images.shape[1:] == (size, size, 3)
-                    count += images.shape[0]
-                return count
+                loader = torchvision_loader(samples, size, batch, workers, aug)
 
-            loader = torchvision_loader(samples, size, batch, workers)
+                def torch_epoch(loader=loader):
+                    count = 0
+                    for images, _ in loader:
+                        count += images.shape[0]
+                    return count
 
-            def torch_epoch(loader=loader):
-                count = 0
-                for images, _ in loader:
-                    count += images.shape[0]
-                return count
-
-            t_dali = measure(f"DALI {fmt}", dali_epoch, items=n, repeats=repeats)
-            t_torch = measure(f"DataLoader {fmt}", torch_epoch, items=n, repeats=repeats)
-            del loader
-            for t in (t_dali, t_torch):
-                rows.append({"loader": t.name, "images": t.items, "images/s": t.rate, "min": t.rate_min,
-                             "max": t.rate_max})
-                timings.append(t.to_dict())
-                print(f"  {t.name:16s} {t.rate:8.1f} images/s (min {t.rate_min:.1f}, max {t.rate_max:.1f})")
-            targets.append(Target(f"DALI / DataLoader, {fmt}", t_dali.rate / t_torch.rate, 2.5))
+                t_dali = measure(f"DALI {fmt}, {variant}", dali_epoch, items=n, repeats=repeats)
+                t_torch = measure(f"DataLoader {fmt}, {variant}", torch_epoch, items=n, repeats=repeats)
+                del loader
+                for t in (t_dali, t_torch):
+                    rows.append({"loader": t.name, "images": t.items, "images/s": t.rate, "min": t.rate_min,
+                                 "max": t.rate_max})
+                    timings.append(t.to_dict())
+                    print(f"  {t.name:28s} {t.rate:8.1f} images/s (min {t.rate_min:.1f}, max {t.rate_max:.1f})")
+                ratios[(fmt, variant)] = t_dali.rate / t_torch.rate
+            targets.append(Target(f"DALI / DataLoader, {fmt}, full augmentation", ratios[(fmt, "full")], 2.5))
     notes = [f"{workers} workers each (DALI num_threads, DataLoader num_workers), batch {batch}, {size}x{size} "
-             "patches, random resized crop, flips, rotation 20 degrees, colour jitter; one epoch per repeat, "
-             "DALI pipeline built anew per epoch as training does."]
+             "patches; full augmentation: random resized crop (area 0.5-1), flips, rotation 20 degrees with white "
+             "fill, colour jitter; one epoch per repeat, DALI pipeline built anew per epoch as training does.",
+             "Without rotation DALI / DataLoader is " + ", ".join(
+                 f"{ratios[(f, 'no rotation')]:.2f} ({f})" for f in ("png", "jpg")) +
+             ": DALI's CPU rotation (fn.rotate; fn.warp_affine measured the same) costs about half its "
+             "throughput, while PIL's rotate is cheap. On the CPU that is what keeps DALI under the 2.5x target; "
+             "its GPU operators (mixed decoding, GPU warp) are where the margin is, and no GPU was lent here."]
 
     def plot(png: Path) -> None:
         bar_plot(png, [r["loader"] for r in rows], [r["images/s"] for r in rows], title="Loader throughput",
