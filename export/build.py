@@ -27,9 +27,16 @@ def _read_run(run: Path) -> dict:
     from training.checkpoint import read_checkpoint
 
     try:
-        return read_checkpoint(run)
+        payload = read_checkpoint(run)
     except PatchserveError as exc:
         raise ExportInputError(f"RUN {run}: cannot export: {exc}") from exc
+    if payload["spec"].extra.get("grayscale_equalize"):
+        # Training and evaluation equalise in DALI; the exported graph and the
+        # client do not yet, so served scores would be silently wrong.
+        raise ExportInputError(
+            f"RUN {run}: cannot export: it was trained with --grayscale-equalize, which serving does not apply "
+            "yet; retrain without --grayscale-equalize to serve it")
+    return payload
 
 
 def _random_u8(shape: tuple[int, ...], seed: int) -> np.ndarray:
