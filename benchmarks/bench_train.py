@@ -154,6 +154,11 @@ def run(quick: bool, command: str) -> dict:
         notes.append(f"{model_name}: best synthetic / fp32 contiguous = {ceiling / fp32:.2f}; "
                      f"DALI-fed reaches {dali / ceiling:.2f} of the model-only ceiling, "
                      f"DataLoader-fed {torch_fed / ceiling:.2f}.")
+    if device.type == "cpu":
+        notes.append("On the CPU the loader's threads and the model's threads share the same cores, so no loader "
+                     "reaches the model-only ceiling and both loaders land close together: the model sets the pace. "
+                     "With as many DALI threads as cores, DALI-fed training fell to about 0.3 of the ceiling "
+                     "(oversubscription), which is why `patchserve train` defaults to half the cores on the CPU.")
 
     def plot(png: Path) -> None:
         labels = [f"{r['model']}, {r['input']}, {r['precision']}, {r['memory']}" for r in rows]
