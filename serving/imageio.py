@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from serving.errors import ImageReadError
 
@@ -62,15 +62,18 @@ def _open(source: str | Path | bytes) -> Image.Image:
     return img
 
 
+def _check_file(p: Path, label: str) -> None:
+    if not p.is_file():
+        raise ImageReadError(f"{label}: no such file")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"{label}: empty file (0 bytes)")
+
+
 def load_rgb_u8(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """Decode a file (or its bytes) into uint8 HWC RGB; ImageReadError names the file."""
     label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
     if not isinstance(source, (bytes, bytearray)):
-        p = Path(source)
-        if not p.is_file():
-            raise ImageReadError(f"{label}: no such file")
-        if p.stat().st_size == 0:
-            raise ImageReadError(f"{label}: empty file (0 bytes)")
+        _check_file(Path(source), label)
     try:
         img = _open(source)
         return to_rgb_u8(img)
@@ -85,10 +88,7 @@ def load_rgb_u8(source: str | Path | bytes, name: str | None = None) -> np.ndarr
 def inspect_image(path: str | Path) -> str:
     """Fully decode ``path`` and return its PIL mode; ImageReadError if unusable."""
     p = Path(path)
-    if not p.is_file():
-        raise ImageReadError(f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise ImageReadError(f"{p}: empty file (0 bytes)")
+    _check_file(p, str(p))
     try:
         img = _open(p)
         _ = img.size
