@@ -24,15 +24,15 @@ def build_pipeline(spec: ModelSpec, batch_size: int, num_threads: int = 1):
     """The preprocessing pipeline for ``spec`` (not built), CPU-only."""
     from nvidia.dali import fn, pipeline_def, types
 
+    from training.pipeline import resize_like_serving
+
     (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
-    sh, sw = spec.source_hw
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
     def preprocess():
         encoded = fn.external_source(name=spec.encoded_name, dtype=types.UINT8, ndim=1, device="cpu")
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-        # Linear with antialiasing: the closest DALI gets to PIL's BILINEAR resize.
-        images = fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = resize_like_serving(images, spec.source_hw)
         return fn.slice(images, start=[top, left], shape=list(spec.input_hw), axis_names="HW",
                         out_of_bounds_policy="error")
 

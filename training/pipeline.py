@@ -139,6 +139,21 @@ def _source(samples, *, batch_size, shard_id, num_shards, pad_last_batch, device
     return images, labels
 
 
+def resize_like_serving(images, hw: tuple[int, int]):
+    """Resize to ``hw`` the way serving does.
+
+    Linear with antialiasing, the closest DALI gets to PIL's bilinear resize
+    that the client uses; training's plain resize, evaluation and export's
+    DALI preprocessing all call this, so their pixels agree with served ones
+    on downscaled images too.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    sh, sw = hw
+    return fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
+
+
 def _grey_equalize(images):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -170,7 +185,7 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
             images = fn.random_resized_crop(images, size=[h, w], random_area=[a.scale_min, 1.0],
                                             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], antialias=False)
         else:
-            images = fn.resize(images, resize_x=w, resize_y=h, antialias=False)
+            images = resize_like_serving(images, (h, w))
         # Ops with a zero range are left out, so "no augmentation" is exactly the resize.
         if a.hflip_prob > 0 or a.vflip_prob > 0:
             images = fn.flip(images, horizontal=fn.random.coin_flip(probability=a.hflip_prob),
@@ -202,7 +217,6 @@ def build_eval_pipeline(samples: list[Sample], *, source_hw: tuple[int, int], cr
     import nvidia.dali.fn as fn
     from nvidia.dali import pipeline_def
 
-    sh, sw = source_hw
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=0,
                   device_id=device_id if device == "gpu" else None, prefetch_queue_depth=2)
@@ -211,7 +225,7 @@ def build_eval_pipeline(samples: list[Sample], *, source_hw: tuple[int, int], cr
                                  pad_last_batch=True, device=device)
         if grayscale_equalize:
             images = _grey_equalize(images)
-        images = fn.resize(images, resize_x=sw, resize_y=sh, antialias=False)
+        images = resize_like_serving(images, source_hw)
         if crop_hw is not None:
             (top, left, _), = view_boxes("none", source_hw, crop_hw)
             images = fn.slice(images, start=[top, left], shape=list(crop_hw), axis_names="HW")
