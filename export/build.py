@@ -27,16 +27,9 @@ def _read_run(run: Path) -> dict:
     from training.checkpoint import read_checkpoint
 
     try:
-        payload = read_checkpoint(run)
+        return read_checkpoint(run)
     except PatchserveError as exc:
         raise ExportInputError(f"RUN {run}: cannot export: {exc}") from exc
-    if payload["spec"].extra.get("grayscale_equalize"):
-        # Training and evaluation equalise in DALI; the exported graph and the
-        # client do not yet, so served scores would be silently wrong.
-        raise ExportInputError(
-            f"RUN {run}: cannot export: it was trained with --grayscale-equalize, which serving does not apply "
-            "yet; retrain without --grayscale-equalize to serve it")
-    return payload
 
 
 def _random_u8(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -88,6 +81,12 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
 
     payload = _read_run(run)
     spec = resolve_spec(payload["spec"], name=name, version=version, max_batch_size=max_batch_size)
+    if spec.grayscale_equalize and (with_tta or with_dali):
+        # The client equalises before sending; the TTA graph and the DALI
+        # preprocessing would see unequalised pixels and score them wrong.
+        print(f"{spec.name}: trained with --grayscale-equalize, which the client applies: no server-side TTA "
+              "or DALI preprocessing models (they would skip the equalisation)")
+        with_tta = with_dali = False
     opts = tc.ExportOptions(max_batch_size=spec.max_batch_size, version=version, formats=formats,
                             tta_views=tta_views, with_tta=with_tta, with_dali=with_dali, instances=instances,
                             max_queue_delay_us=max_queue_delay_us, fp16=fp16, trt_accelerator=trt_accelerator)

@@ -18,6 +18,7 @@ import numpy as np
 
 from serving.batching import check_images, client_views, encode_batch, split_rows, to_source_size, windowed
 from serving.client_config import ClientConfig, check_spec, check_tta, check_url
+from serving.imageio import grey_equalize_u8
 from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
 from serving.retry import Pending, RetryPolicy, is_retryable
@@ -277,6 +278,10 @@ class PatchClient:
     # -- prediction -----------------------------------------------------------
     def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
         """The requests for one group of patches: (model, array, views per patch) each."""
+        if self.spec.grayscale_equalize and tta in ("encoded", "server"):
+            what = "--send encoded" if tta == "encoded" else "--tta server"
+            raise SpecMismatchError(f"{what}: model {self.model!r} was trained on grey-scale equalised images, which "
+                                    "only the client applies; use --send pixels with --tta none, flip, five or ten")
         if tta == "encoded":
             info = self.ensemble_info()
             return [(info, encode_batch(images[sl], info), 1) for sl in split_rows(len(images), self.request_rows(info))]
@@ -288,6 +293,8 @@ class PatchClient:
             return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
         if tta not in self.spec.tta_views:
             raise SpecMismatchError(f"--tta {tta}: the model supports only {', '.join(self.spec.tta_views)}")
+        if self.spec.grayscale_equalize:
+            images = grey_equalize_u8(images)  # as training's pipeline did; the graph does not
         views, v = client_views(images, self.spec, tta)
         rows = self.request_rows()
         # Whole patches per request when they fit, so a patch's views travel together.

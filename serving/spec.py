@@ -145,6 +145,11 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def grayscale_equalize(self) -> bool:
+        """Trained on grey-scale, histogram-equalised images (``--grayscale-equalize``)."""
+        return bool(self.extra.get("grayscale_equalize"))
+
     # The models export writes beside the classifier, and the client asks for.
     @property
     def tta_model_name(self) -> str:

@@ -72,10 +72,10 @@ def test_tensorrt_without_gpu_is_skipped_with_a_note_and_real_patches_agree_then
     assert fixture["inputs"].shape[0] == 3 and fixture["probabilities"].shape == (3, spec.num_classes)
 
 
-def test_run_trained_with_grayscale_equalisation_is_refused(tmp_path, tiny_spec):
+def test_run_trained_with_grayscale_equalisation_exports_the_classifier_only(tmp_path, tiny_spec):
     from tests.fixtures_export import write_random_run
 
     run = write_random_run(tmp_path / "run", tiny_spec.replace(extra={"grayscale_equalize": True}))
-    with pytest.raises(ExportInputError, match="trained with --grayscale-equalize, which serving does not apply"):
-        export_run(run, tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()
+    result = export_run(run, tmp_path / "repo", formats=("python",))
+    assert sorted(result.models) == [tiny_spec.name]  # no TTA, preprocess or ensemble model
+    assert result.spec.grayscale_equalize
