@@ -90,15 +90,34 @@ def test_encoded_files_through_the_ensemble_match_pixels(triton_server, synth_da
     np.testing.assert_allclose([r["prob_tumour"] for r in enc], [r["prob_tumour"] for r in px], atol=ENCODED_ATOL)
 
 
-def test_work_spread_over_two_urls_keeps_rows_in_input_order(triton_server, ort_reference, synth_data, tmp_path):
+def _inference_count(url: str, model: str) -> int:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+        return sum(int(m.get("inference_count", 0)) for m in stats)
+    finally:
+        client.close()
+
+
+def test_work_spread_over_two_servers_keeps_rows_in_input_order(triton_server, ort_reference, synth_data, tmp_path):
+    from serving.server import EmbeddedTriton
+
     spec = triton_server.spec
     manifest = synth_data / "manifest.csv"
     out = tmp_path / "results.parquet"
-    code = cli(["score", str(manifest), "--split", "val", "--url", triton_server.grpc, "--url", triton_server.grpc,
-                "--model", spec.name, "--out", str(out), "--batch-size", "2", "--no-progress"])
+    with EmbeddedTriton(triton_server.repo) as second:
+        urls = (triton_server.grpc, second.urls.grpc)
+        before = [_inference_count(u, spec.name) for u in urls]  # the model warm-up counts too
+        code = cli(["score", str(manifest), "--split", "val", "--url", urls[0], "--url", urls[1],
+                    "--model", spec.name, "--out", str(out), "--batch-size", "2", "--no-progress"])
+        served = tuple(_inference_count(u, spec.name) - b for u, b in zip(urls, before))
     assert code == 0
     rows = read_results(out)
     assert len(rows) == 16
+    # Both servers did part of the work, and together exactly all of it.
+    assert served[0] > 0 and served[1] > 0 and sum(served) == 16, served
     probs = np.array([[r[f"prob_{c}"] for c in spec.class_names] for r in rows])
     np.testing.assert_allclose(probs, _expected(ort_reference, spec, [r["source"] for r in rows]), atol=ATOL)
 
