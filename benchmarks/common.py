@@ -217,21 +217,13 @@ def export_random_model(folder: Path, *, size: int = 96, max_batch_size: int = 3
     Throughput does not depend on the weights, so benchmarks need no training.
     Returns (repository path, spec).
     """
-    import torch
-
     from export.repository import export_run
     from serving.spec import ModelSpec
-    from training.checkpoint import LAST, save_checkpoint
-    from training.model import ModelConfig, build_model
+    from training.checkpoint import write_random_run
 
     spec = ModelSpec(name=name, class_names=("normal", "tumour"), input_height=size, input_width=size,
                      mean=(0.7, 0.55, 0.7), std=(0.15, 0.2, 0.15), arch=arch, max_batch_size=max_batch_size)
-    torch.manual_seed(0)
-    config = ModelConfig(arch=arch, num_classes=spec.num_classes)
-    run = folder / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run / LAST, model=build_model(spec, config).eval(), spec=spec, model_config=config)
-    spec.save(run / "spec.json")
+    run = write_random_run(folder / "run", spec)
     repo = folder / "repo"
     export_run(run, repo, formats=("python",), with_dali=False, instances=instances, overwrite=True)
     return repo, spec

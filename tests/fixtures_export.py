@@ -20,22 +20,6 @@ import pytest
 EXPORT_MAX_BATCH = 8
 
 
-def write_random_run(run: Path, spec, seed: int = 0) -> Path:
-    """A run folder holding a random-init checkpoint of ``spec`` (resnet18, linear head)."""
-    import torch
-
-    from training.checkpoint import LAST, save_checkpoint
-    from training.model import ModelConfig, build_model
-
-    torch.manual_seed(seed)
-    config = ModelConfig(arch=spec.arch, num_classes=spec.num_classes)
-    model = build_model(spec, config).eval()
-    run.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run / LAST, model=model, spec=spec, model_config=config, train_config={})
-    spec.save(run / "spec.json")
-    return run
-
-
 def link_copy(src: Path, dst: Path) -> Path:
     """Copy a repository, linking the large weight files instead of copying them."""
     def copy(s, d):
@@ -53,6 +37,7 @@ def export_run_dir(request, tmp_path_factory):
     import torch
 
     from serving.spec import ModelSpec
+    from training.checkpoint import write_random_run
 
     torch.set_num_threads(1)
     try:

@@ -42,20 +42,11 @@ def trained_run(synth_data, tmp_path_factory):
 def random_run(tmp_path_factory):
     import shutil
 
-    import torch
-
     from serving.spec import ModelSpec
-    from training.checkpoint import BEST, LAST, save_checkpoint
-    from training.model import ModelConfig, build_model
+    from training.checkpoint import BEST, LAST, write_random_run
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("random_run") / "run"
-    out.mkdir()
     spec = ModelSpec(name="random_resnet18", class_names=("normal", "tumour"), input_height=32, input_width=32,
                      mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8)
-    config = ModelConfig(arch="resnet18", num_classes=spec.num_classes)
-    model = build_model(spec, config).eval()
-    save_checkpoint(out / LAST, model=model, spec=spec, model_config=config)
+    out = write_random_run(tmp_path_factory.mktemp("random_run") / "run", spec)
     shutil.copyfile(out / LAST, out / BEST)
-    spec.save(out / "spec.json")
     return out

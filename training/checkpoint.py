@@ -88,3 +88,18 @@ def load_for_inference(run_or_file: str | Path) -> tuple[Classifier, ModelSpec, 
     model.load_state_dict(payload["model"])
     model.eval()
     return model, spec, config
+
+
+def write_random_run(run: str | Path, spec: ModelSpec, seed: int = 0) -> Path:
+    """A run folder holding a random-init checkpoint of ``spec`` (linear head) and its spec.
+
+    For benchmarks and structure tests: throughput, export and serving do not
+    depend on the weights, so they need no training.
+    """
+    run = Path(run)
+    torch.manual_seed(seed)
+    config = ModelConfig(arch=spec.arch, num_classes=spec.num_classes)
+    run.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run / LAST, model=build_model(spec, config).eval(), spec=spec, model_config=config)
+    spec.save(run / "spec.json")
+    return run

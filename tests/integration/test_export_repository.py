@@ -73,7 +73,7 @@ def test_tensorrt_without_gpu_is_skipped_with_a_note_and_real_patches_agree_then
 
 
 def test_run_trained_with_grayscale_equalisation_exports_the_classifier_only(tmp_path, tiny_spec):
-    from tests.fixtures_export import write_random_run
+    from training.checkpoint import write_random_run
 
     run = write_random_run(tmp_path / "run", tiny_spec.replace(extra={"grayscale_equalize": True}))
     result = export_run(run, tmp_path / "repo", formats=("python",))

@@ -44,7 +44,7 @@ def test_client_equalisation_matches_the_training_pipeline():
 def grey_server(tmp_path_factory, tiny_spec_module):
     from export.repository import export_run
     from serving.server import EmbeddedTriton
-    from tests.fixtures_export import write_random_run
+    from training.checkpoint import write_random_run
 
     tmp = tmp_path_factory.mktemp("grey")
     spec = tiny_spec_module.replace(name="grey", extra={"grayscale_equalize": True})
