@@ -5,13 +5,16 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo
 PYTEST_ARGS ?=
+# Everything; the gpu extra (TensorRT) only where CUDA is (nvidia-smi answers).
+EXTRAS ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo all,test; else echo export,test; fi)
 
 .PHONY: demo test install bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@case "$(EXTRAS)" in *all*) ;; *) echo "no CUDA here (nvidia-smi): installing without the gpu extra (TensorRT)";; esac
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/patchserve demo --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -47,7 +47,7 @@ def torchvision_loader(samples, size: int, batch_size: int, workers: int, augmen
 def run(quick: bool, command: str) -> dict:
     from serving.sources import discover
     from training.pipeline import AugmentConfig, build_train_pipeline, iterate
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     workers = os.cpu_count() or 1
     size, batch = 96, 64

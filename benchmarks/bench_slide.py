@@ -46,7 +46,7 @@ def run(quick: bool, command: str) -> dict:
     from serving.score import ScoreConfig, plan_units, run_score
     from serving.server import EmbeddedTriton
     from serving.slides import SlideHandles
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     cores = os.cpu_count() or 1
     size = 64
@@ -117,7 +117,7 @@ def run(quick: bool, command: str) -> dict:
                 h5 = tmp / f"x{mult}.h5"
                 _write_hdf5(h5, base * mult, size, seed=mult)
                 out = tmp / f"mem{mult}.parquet"
-                cmd = [sys.executable, "-m", "serving.cli", "score", str(h5), "--url", server.urls.grpc,
+                cmd = [sys.executable, "-m", "patchserve", "score", str(h5), "--url", server.urls.grpc,
                        "--model", spec.name, "--out", str(out), "--no-progress"]
                 t0 = time.perf_counter()
                 peaks[mult] = _peak_rss_mb(cmd)

@@ -64,7 +64,7 @@ def run(quick: bool, command: str) -> dict:
     from benchmarks.bench_data import AUGMENT, torchvision_loader
     from serving.sources import discover
     from training.pipeline import AugmentConfig, build_train_pipeline, iterate
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -217,7 +217,7 @@ def export_random_model(folder: Path, *, size: int = 96, max_batch_size: int = 3
     Throughput does not depend on the weights, so benchmarks need no training.
     Returns (repository path, spec).
     """
-    from export.repository import export_run
+    from export.build import export_run
     from serving.spec import ModelSpec
     from training.checkpoint import write_random_run
 

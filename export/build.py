@@ -192,3 +192,17 @@ def _export_tta(classifier, spec: ModelSpec, mode: str, repo: Path, version: int
     np.savez(tta_dir / PARITY_FILE, inputs=fixture, probabilities=torch_outputs(tta, fixture)[0])
     copy_backend("onnx_model.py", tta_dir / tc.PYTHON_FILE)
     return rows
+
+
+def export_run(run: Path, repo: Path, *, name: str | None = None, version: int = 1,
+               formats: tuple[str, ...] = ("python", "onnxruntime"), tta_views: str = "five",
+               with_tta: bool = True, with_dali: bool = True, max_batch_size: int | None = None,
+               instances: int = 1, max_queue_delay_us: int = 2000, overwrite: bool = False,
+               fp16: bool = True, trt_accelerator: bool = False, data: Path | None = None,
+               progress: bool = False) -> ExportResult:
+    """Export a run (folder or checkpoint) into ``repo``: the steps of :func:`build_repository`."""
+    return build_repository(Path(run), Path(repo), name=name, version=version, formats=tuple(formats),
+                            tta_views=tta_views, with_tta=with_tta, with_dali=with_dali,
+                            max_batch_size=max_batch_size, instances=instances,
+                            max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, fp16=fp16,
+                            trt_accelerator=trt_accelerator, data=data, progress=progress)

@@ -9,46 +9,19 @@ with ONNX Runtime in-process (:mod:`export.check_server`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from export import triton_config as tc
+from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
 from export.onnx_export import PROB_ATOL, check_onnx, onnx_signature, ort_session
 from serving.errors import PatchserveError
 from serving.spec import ModelSpec
 
-OK, FAIL, SKIP = "ok", "FAIL", "skip"
 _DTYPES = {"TYPE_UINT8": "uint8", "TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64"}
-
-
-@dataclass(frozen=True)
-class CheckRow:
-    check: str
-    model: str
-    status: str
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    rows: tuple[CheckRow, ...]
-
-    @property
-    def passed(self) -> bool:
-        return all(r.status != FAIL for r in self.rows)
-
-    def failed(self, check: str | None = None) -> list[CheckRow]:
-        return [r for r in self.rows if r.status == FAIL and (check is None or r.check == check)]
-
-    def table(self) -> str:
-        w = max([len(r.model) for r in self.rows] + [5])
-        head = f"{'check':<14} {'model':<{w}} {'status':<6} detail"
-        return "\n".join([head, "-" * len(head)] + [f"{r.check:<14} {r.model:<{w}} {r.status:<6} {r.detail}"
-                                                    for r in self.rows])
 
 
 def role_of(name: str, spec: ModelSpec) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from export import triton_config as tc
-from export.check import FAIL, OK, CheckRow
+from export.check_report import FAIL, OK, CheckRow
 from export.onnx_export import ort_session
 from serving.errors import PatchserveError
 

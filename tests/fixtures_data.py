@@ -28,7 +28,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     out = tmp_path_factory.mktemp("synth_data")
     synthesize(out, classes=2, per_class=40, size=48, seed=0)
@@ -37,7 +37,7 @@ def synth_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_slide(tmp_path_factory):
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     out = tmp_path_factory.mktemp("synth_slide")
     synthesize(out, classes=2, per_class=12, size=48, seed=0, slide=True, slide_size=2048)

@@ -51,7 +51,7 @@ def export_run_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_repo(export_run_dir, tmp_path_factory):
-    from export.repository import export_run
+    from export.build import export_run
 
     repo = tmp_path_factory.mktemp("exported_repo") / "repo"
     result = export_run(export_run_dir, repo, formats=("python", "onnxruntime"), tta_views="five",

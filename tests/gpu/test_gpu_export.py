@@ -17,7 +17,7 @@ pytestmark = [
 
 def test_tensorrt_plan_has_a_profile_to_max_batch_a_manifest_and_matches_onnx_runtime(export_run_dir, tmp_path):
     from export.check import check_repository
-    from export.repository import export_run
+    from export.build import export_run
     from export.triton_config import read_config
 
     repo = tmp_path / "repo"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.cli import main as cli
+from patchserve.cli import main as cli
 from serving.imageio import load_rgb_u8, resize_u8
 from serving.output import read_results
 from serving.views import view_boxes

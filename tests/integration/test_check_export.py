@@ -10,7 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.check import check_repository
 from export.triton_config import read_config
-from serving.cli import main as cli_main
+from patchserve.cli import main as cli_main
 from tests.fixtures_export import link_copy
 
 

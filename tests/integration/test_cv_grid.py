@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_cv_writes_a_sorted_table_of_the_grid_and_refits_the_best(synth_data, tmp_path):
-    from serving.cli import main
+    from patchserve.cli import main
 
     out = tmp_path / "cv"
     rc = main(["cv", str(synth_data), "--out", str(out), "--grid", "lr=1e-3,1e-1", "--folds", "2",

@@ -132,7 +132,7 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
     """
     from serving.imageio import load_rgb_u8, resize_u8
     from serving.views import view_boxes
-    from training.synth import make_patch
+    from serving.synth.dataset import make_patch
 
     rng = np.random.default_rng(0)
     samples = []

@@ -13,7 +13,7 @@ import pytest
 def test_two_process_gloo_training_writes_one_run_and_sees_each_sample_once(synth_data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "serving.cli", "train", str(synth_data), "--out", str(out), "--epochs", "1",
+           "-m", "patchserve", "train", str(synth_data), "--out", str(out), "--epochs", "1",
            "--image-size", "32", "-b", "8", "--workers", "1", "--device", "cpu", "--dali-device", "cpu",
            "--no-progress", "--name", "ddp_test"]
     env = {"OMP_NUM_THREADS": "1"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from export.errors import ExportInputError, RepositoryExistsError
-from export.repository import compare_generated, export_run
+from export.build import export_run
+from export.repository import compare_generated
 from export.triton_config import read_config
 
 

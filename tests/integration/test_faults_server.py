@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from serving.cli import main as cli
+from patchserve.cli import main as cli
 from serving.output import read_results
 from serving.views import view_boxes
 from tests.fixtures_export import link_copy
@@ -112,7 +112,7 @@ def patches_h5(fault_repo, tmp_path_factory):
 
 
 def _score_cmd(server, spec, inputs, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "serving.cli", "score", *map(str, inputs), "--url", server.urls.grpc,
+    return [sys.executable, "-m", "patchserve", "score", *map(str, inputs), "--url", server.urls.grpc,
             "--model", spec.name, "--out", str(out), "--part-rows", str(PART_ROWS), "--batch-size", "2",
             "--concurrency", "2", "--retries", "2", "--backoff-s", "0.2", "--no-progress", *map(str, extra)]
 

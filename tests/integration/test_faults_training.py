@@ -32,12 +32,12 @@ def _history(run) -> list[dict]:
 
 
 def test_training_killed_in_epoch_two_resumes_to_the_uninterrupted_weights_and_metrics(synth_data, tmp_path):
-    from serving.cli import main as cli
+    from patchserve.cli import main as cli
     from training.checkpoint import LAST, read_checkpoint
 
     torch.set_num_threads(1)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", *_argv(synth_data, killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "patchserve", *_argv(synth_data, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

@@ -7,7 +7,7 @@ import pytest
 
 from serving.errors import SpecMismatchError
 from serving.imageio import grey_equalize_u8
-from training.synth import make_patch
+from serving.synth.dataset import make_patch
 
 
 def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_client_equalisation_matches_the_training_pipeline():
 
 @pytest.fixture(scope="module")
 def grey_server(tmp_path_factory, tiny_spec_module):
-    from export.repository import export_run
+    from export.build import export_run
     from serving.server import EmbeddedTriton
     from training.checkpoint import write_random_run
 

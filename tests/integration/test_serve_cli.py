@@ -16,7 +16,7 @@ from serving.server import free_port
 def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tmp_path):
     repo, spec = exported_repo
     http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+    cmd = [sys.executable, "-m", "patchserve", "serve", "--repo", str(repo), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workdir", str(tmp_path / "work")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

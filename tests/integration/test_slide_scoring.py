@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.cli import main as cli
+from patchserve.cli import main as cli
 from serving.heatmap import probability_grid
 from serving.output import read_results
 from serving.slides import open_slide
@@ -78,7 +78,7 @@ def test_slide_heatmap_and_geojson_are_written_from_the_grid(scored_slide, trito
 
 @pytest.fixture(scope="module")
 def trained_server(trained_run, tmp_path_factory):
-    from export.repository import export_run
+    from export.build import export_run
     from serving.server import EmbeddedTriton
 
     repo = tmp_path_factory.mktemp("trained_repo") / "repo"

@@ -9,8 +9,8 @@ import openslide
 import pytest
 from PIL import Image
 
-from training.synth import make_patch
-from training.synth_slide import write_slide
+from serving.synth.dataset import make_patch
+from serving.synth.slide import write_slide
 
 MASK_DOWNSAMPLE = 16
 

@@ -97,7 +97,7 @@ def test_client_score_and_slides_import_neither_torch_nor_dali():
     code = textwrap.dedent("""
         import sys
         import serving.client, serving.score, serving.slides, serving.heatmap, serving.output, serving.readers
-        import serving.score_cli, serving.serve_cli
+        import patchserve.commands.score, patchserve.commands.serve
         bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('nvidia.dali'))
         print(','.join(bad))
     """)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from serving.errors import InputError
 from serving.sources import discover, read_hdf5_rows
-from training.synth import class_names_for, make_patch, synthesize
+from serving.synth.dataset import class_names_for, make_patch, synthesize
 
 
 def _all_files(root: Path) -> dict[str, bytes]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.synth_texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, to_rgb
+from serving.synth.texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, to_rgb
 
 MPP = 0.5  # level 0, micrometres per pixel (a 20x scan)
 LEVEL_DOWNSAMPLE = 4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from training.synth import FORMATS, MAX_CLASSES
+    from serving.synth.dataset import FORMATS, MAX_CLASSES
 
     p = argparse.ArgumentParser(
         description="Write deterministic synthetic H&E-like patches as class folders (train/val/test and a "
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.synth import synthesize
+    from serving.synth.dataset import synthesize
 
     s = synthesize(args.out, classes=args.classes, per_class=args.per_class, imbalance=args.imbalance,
                    size=args.size, fmt=args.fmt, seed=args.seed, slide=args.slide, slide_size=args.slide_size,

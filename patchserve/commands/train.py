@@ -1,6 +1,6 @@
 """``patchserve train DATA --out RUN``: flags named as in torchvision's reference train.py.
 
-Multi-process: ``torchrun --nproc-per-node 2 -m serving.cli train ...``.
+Multi-process: ``torchrun --nproc-per-node 2 -m patchserve train ...``.
 """
 
 from __future__ import annotations

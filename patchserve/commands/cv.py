@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.train_cli import add_training_args
+from patchserve.commands.train import add_training_args
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from training.cv import parse_grid, run_cv
-    from training.train_cli import config_from_args
+    from patchserve.commands.train import config_from_args
 
     grid = parse_grid(args.grid)
     base = config_from_args(args)

@@ -4,7 +4,7 @@ One call writes the same data in every layout users have: class-folder trees
 per split, a second centre's test set with a shifted stain, a CSV manifest,
 PatchCamelyon-style HDF5 files and (optionally) a pyramidal whole-slide image
 with its ground-truth masks. The same seed gives the same bytes in every file.
-Textures come from :mod:`training.synth_texture`; numpy/PIL/h5py only.
+Textures come from :mod:`serving.synth.texture`; numpy/PIL/h5py only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import InputError
-from training.synth_texture import REFERENCE_SIZE, class_names_for, make_patch
+from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
 
 __all__ = ["SynthConfig", "SynthSummary", "synthesize", "make_patch", "class_names_for", "REFERENCE_SIZE"]
 
@@ -211,7 +211,7 @@ def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: f
     slide_paths: dict[str, Path] = {}
     slide_meta: dict = {}
     if slide:
-        from training.synth_slide import write_slide
+        from serving.synth.slide import write_slide
 
         written = write_slide(out / "slides", seed=seed, patch_size=size, slide_size=slide_size, progress=progress)
         slide_paths = {"slide": written.slide, "slide_mask": written.tumour_mask,

@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run(step: str, args: list[str], log: list[dict]) -> float:
-    cmd = [sys.executable, "-m", "serving.cli", *args]
+    cmd = [sys.executable, "-m", "patchserve", *args]
     print(f"\n==> {step}: patchserve {' '.join(shlex.quote(a) for a in args)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)

@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from export.onnx_export import format_table
-    from export.repository import export_run
+    from export.build import export_run
 
     result = export_run(args.run, args.repo, name=args.name, version=args.version, formats=args.formats,
                         tta_views=args.tta_views, with_tta=args.tta, with_dali=args.dali,

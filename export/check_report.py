@@ -1,0 +1,33 @@
+"""The gate's result: one row per check and model, shown as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OK, FAIL, SKIP = "ok", "FAIL", "skip"
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    check: str
+    model: str
+    status: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    rows: tuple[CheckRow, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status != FAIL for r in self.rows)
+
+    def failed(self, check: str | None = None) -> list[CheckRow]:
+        return [r for r in self.rows if r.status == FAIL and (check is None or r.check == check)]
+
+    def table(self) -> str:
+        w = max([len(r.model) for r in self.rows] + [5])
+        head = f"{'check':<14} {'model':<{w}} {'status':<6} detail"
+        return "\n".join([head, "-" * len(head)] + [f"{r.check:<14} {r.model:<{w}} {r.status:<6} {r.detail}"
+                                                    for r in self.rows])

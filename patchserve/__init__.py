@@ -1,0 +1,1 @@
+"""The top layer: the ``patchserve`` command line and the demo, nothing else."""

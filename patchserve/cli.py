@@ -1,0 +1,107 @@
+"""The ``patchserve`` console script.
+
+Each subcommand is a module of ``patchserve.commands`` with
+``get_args_parser()`` and ``main(args)``; it is imported only when it runs, so
+``patchserve score`` never imports torch or DALI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+# name -> one-line help. The modules themselves are imported only when their
+# command runs (see _command), so ``patchserve score`` never imports torch or DALI.
+COMMANDS: dict[str, str] = {
+    "synth": "write deterministic synthetic patches, HDF5 and a whole-slide image",
+    "train": "train a ResNet on a DALI pipeline",
+    "evaluate": "evaluate a run on a data set (metrics, report, plots, TTA)",
+    "cv": "cross-validated grid search, then refit the best combination",
+    "export": "export a run into a Triton model repository",
+    "check-export": "check a model repository (the CI gate)",
+    "serve": "start the embedded Triton server on a model repository",
+    "score": "score folders, manifests, HDF5 files and whole slides against Triton",
+    "bench": "throughput benchmarks of every stage",
+    "demo": "the main job: synth, train, evaluate, export, check, serve, score",
+}
+
+
+def _command(name: str) -> ModuleType:
+    """The module of one subcommand, imported here (not by string) so import-linter sees every arrow."""
+    if name == "synth":
+        from patchserve.commands import synth as module
+    elif name == "train":
+        from patchserve.commands import train as module
+    elif name == "evaluate":
+        from patchserve.commands import evaluate as module
+    elif name == "cv":
+        from patchserve.commands import cv as module
+    elif name == "export":
+        from patchserve.commands import export as module
+    elif name == "check-export":
+        from patchserve.commands import check_export as module
+    elif name == "serve":
+        from patchserve.commands import serve as module
+    elif name == "score":
+        from patchserve.commands import score as module
+    elif name == "bench":
+        from patchserve.commands import bench as module
+    elif name == "demo":
+        from patchserve import demo as module
+    else:
+        raise KeyError(name)
+    return module
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchserve",
+        description="Train, export, serve and score ResNet classifiers for medical image patches.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'patchserve COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, help_ in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"patchserve {version('patchserve')}"
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        return "patchserve (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"invalid command {argv[0]!r}. Choose from: {', '.join(COMMANDS)}")
+        parser.parse_args(argv or ["--help"])
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = _command(name)
+    parser = module.get_args_parser()
+    parser.prog = f"patchserve {name}"
+    args = parser.parse_args(rest)
+    from serving.errors import PatchserveError
+
+    try:
+        rc = module.main(args)
+    except PatchserveError as exc:
+        print(f"patchserve {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"patchserve {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per subcommand: ``get_args_parser()`` and ``main(args)``."""
