@@ -22,10 +22,9 @@ from serving.imageio import grey_equalize_u8
 from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
 from serving.retry import Pending, RetryPolicy, is_retryable
-from serving.spec import ModelSpec
+from serving.spec import SPEC_PARAMETER, ModelSpec
 from serving.views import combine_views
 
-SPEC_PARAMETER = "patchserve_spec"
 @dataclass(frozen=True)
 class ModelInfo:
     """What the server says about one model: tensors and batching."""

@@ -20,6 +20,11 @@ from typing import Any
 from serving.errors import SpecError
 
 SPEC_FORMAT_VERSION = 1
+# Keys of the `parameters` map of every exported Triton config: the spec as
+# JSON, and the sha256 of the run's weights the model serves (a client reads
+# both from a live server).
+SPEC_PARAMETER = "patchserve_spec"
+WEIGHTS_PARAMETER = "weights_sha256"
 # Triton uses the model name as a folder name and in URLs: keep it to a
 # conservative character set, no path separators and no "..".
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
