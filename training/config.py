@@ -76,6 +76,9 @@ class TrainConfig:
     hue: float = AugmentConfig.hue
     scale_min: float = AugmentConfig.scale_min
     grayscale_equalize: bool = AugmentConfig.grayscale_equalize
+    stain_augment: bool = AugmentConfig.stain_augment
+    stain_scale: float = AugmentConfig.stain_scale
+    stain_shift: float = AugmentConfig.stain_shift
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     stats_max_images: int = 1000
@@ -83,6 +86,9 @@ class TrainConfig:
     max_batch_size: int = 64
     skip_bad: bool = False
     progress: bool = True
+    overwrite: bool = False
+    undersample: bool = False
+    holdout_split: str | None = None
 
     def __post_init__(self) -> None:
         _choice("--arch", self.arch, ARCHITECTURES, "architecture")
@@ -114,8 +120,10 @@ class TrainConfig:
             raise TrainingError(f"--model-ema-decay: expected a value in (0, 1), got {self.model_ema_decay}")
         if self.nesterov and self.optimizer != "sgd":
             raise TrainingError(f"--nesterov works only with --optimizer sgd, got {self.optimizer}")
-        if self.class_weights and self.balanced_sampling:
-            raise TrainingError("--class-weights and --balanced-sampling both correct imbalance; pick one")
+        chosen = [f for f, on in (("--class-weights", self.class_weights), ("--balanced-sampling", self.balanced_sampling),
+                                  ("--undersample", self.undersample)) if on]
+        if len(chosen) > 1:
+            raise TrainingError(f"{' and '.join(chosen)} each correct class imbalance; pick one")
         if self.max_batch_size < 1:
             raise TrainingError(f"--max-batch-size: expected a positive integer, got {self.max_batch_size}")
         for flag, v in (("--mean", self.mean), ("--std", self.std)):
@@ -133,7 +141,8 @@ class TrainConfig:
         return AugmentConfig(hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob,
                              rotation_deg=self.rotation_deg, brightness=self.brightness, contrast=self.contrast,
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
-                             grayscale_equalize=self.grayscale_equalize)
+                             grayscale_equalize=self.grayscale_equalize, stain_augment=self.stain_augment,
+                             stain_scale=self.stain_scale, stain_shift=self.stain_shift)
 
     def model_config(self, num_classes: int) -> ModelConfig:
         if self.pool_size not in POOL_SIZES:

@@ -13,7 +13,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
     p.add_argument("data", metavar="DATA", help="split folders, class folders, a CSV manifest or a PCam .h5")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--split", default="test", help="which split of DATA (when it has splits)")
+    p.add_argument("--split", action="append", default=None, metavar="SPLIT",
+                   help="split of DATA to evaluate (when it has splits; default: test); repeat it, or give "
+                        "test,test_shifted, to evaluate several into DIR/SPLIT/ with a comparison in DIR/report.md")
     p.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation views, averaged")
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("-j", "--workers", type=int, default=None,
@@ -30,14 +32,17 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from training.evaluate import evaluate_run
+    from training.evaluate import evaluate_splits
     from training.pipeline import default_dali_threads
 
     workers = args.workers or default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
-    r = evaluate_run(args.run, args.data, args.out, split=args.split, tta=args.tta, batch_size=args.batch_size,
-                     workers=workers, device=args.device, dali_device=args.dali_device, progress=args.progress)
-    m = r.metrics
-    auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
-    print(f"{m['num_samples']} images: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "
-          f"f1 macro {m['f1_macro']:.4f}, AUC {auc}; written to {r.out_dir}")
+    splits = [s.strip() for arg in (args.split or ["test"]) for s in arg.split(",") if s.strip()]
+    results = evaluate_splits(args.run, args.data, args.out, splits, tta=args.tta, batch_size=args.batch_size,
+                              workers=workers, device=args.device, dali_device=args.dali_device,
+                              progress=args.progress)
+    for split, r in results.items():
+        m = r.metrics
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+        print(f"{split}: {m['num_samples']} images: accuracy {m['accuracy']:.4f}, balanced accuracy "
+              f"{m['balanced_accuracy']:.4f}, f1 macro {m['f1_macro']:.4f}, AUC {auc}; written to {r.out_dir}")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from serving.synth.dataset import FORMATS, MAX_CLASSES
+    from serving.synth.dataset import DEFAULT_OVERLAP, FORMATS, MAX_CLASSES
 
     p = argparse.ArgumentParser(
         description="Write deterministic synthetic H&E-like patches as class folders (train/val/test and a "
@@ -19,7 +19,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=60,
                    help="images of the largest class, over train+val+test (at least 3)")
     p.add_argument("--imbalance", type=float, default=1.0,
-                   help="ratio of the largest (first) class to the smallest, >= 1")
+                   help="ratio of the largest (first) class to the smallest, >= 1 (3: the chest X-ray study's 3:1)")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
+                   help="how far patches stray towards another class's morphology and stain, 0..1 "
+                        "(0: classes apart, a model reaches 1.0)")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="share of train/val images filed under a wrong class, 0..0.5 (synth.json lists them)")
     p.add_argument("--size", type=int, default=64, help="patch side in pixels, 16..1024")
     p.add_argument("--format", dest="fmt", default="png", help=f"image format: {', '.join(FORMATS)}")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
@@ -37,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
 
     s = synthesize(args.out, classes=args.classes, per_class=args.per_class, imbalance=args.imbalance,
                    size=args.size, fmt=args.fmt, seed=args.seed, slide=args.slide, slide_size=args.slide_size,
-                   overwrite=args.overwrite, progress=args.progress)
+                   overwrite=args.overwrite, overlap=args.overlap, label_noise=args.label_noise,
+                   progress=args.progress)
     width = max(len(c) for c in s.class_names)
     print(f"wrote {len(s.files)} files to {s.out} ({args.size}x{args.size} {args.fmt}, seed {args.seed})")
     print(f"  {'split':<13}" + " ".join(f"{c:>{width}}" for c in s.class_names) + "  total")

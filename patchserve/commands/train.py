@@ -9,6 +9,7 @@ import argparse
 import os
 
 from training.errors import TrainingError
+from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT
 
 
 def _floats3(flag: str):
@@ -63,6 +64,10 @@ def add_training_args(p: argparse.ArgumentParser, *, with_out: bool = True) -> a
     p.add_argument("--freeze-backbone", action=B, default=False)
     p.add_argument("--class-weights", action=B, default=False, help="weight the loss by inverse class frequency")
     p.add_argument("--balanced-sampling", action=B, default=False, help="oversample so classes are equally likely")
+    p.add_argument("--undersample", action=B, default=False,
+                   help="each epoch, every class cut to the smallest class's count (a fresh draw per epoch)")
+    p.add_argument("--holdout-split", default=None, metavar="SPLIT",
+                   help="also evaluate DATA's SPLIT (e.g. test) after every epoch, for learning curves only")
     p.add_argument("--val-fraction", type=float, default=0.2, help="stratified validation share when DATA has no val split")
     p.add_argument("--early-stopping-patience", type=int, default=0, help="epochs without improvement; 0: off")
     p.add_argument("--best-metric", default="accuracy", help="accuracy, balanced_accuracy, f1_macro, auc or loss")
@@ -81,13 +86,21 @@ def add_training_args(p: argparse.ArgumentParser, *, with_out: bool = True) -> a
     p.add_argument("--hue", type=float, default=0.0, help="fraction of the colour circle, at most 0.5")
     p.add_argument("--scale-min", type=float, default=0.08, help="random resized crop area range [min, 1]; 1: plain resize")
     p.add_argument("--grayscale-equalize", action=B, default=False, help="grey-scale + histogram equalisation")
+    p.add_argument("--stain-augment", action=B, default=False,
+                   help="HED stain jitter: scale and shift each stain's optical density per image")
+    p.add_argument("--stain-scale", type=float, default=DEFAULT_STAIN_SCALE,
+                   help="HED concentration scale drawn from [1 - x, 1 + x] per stain")
+    p.add_argument("--stain-shift", type=float, default=DEFAULT_STAIN_SHIFT,
+                   help="HED concentration shift drawn from [-x, x] per stain (optical density units)")
     p.add_argument("--mean", type=_floats3("--mean"), default=None, help="R,G,B in [0,1]; default: from the data")
     p.add_argument("--std", type=_floats3("--std"), default=None, help="R,G,B in [0,1]; default: from the data")
     p.add_argument("--stats-max-images", type=int, default=1000, help="images sampled for mean/std")
     p.add_argument("--name", default=None, help="model name (default: from the data folder name)")
     p.add_argument("--max-batch-size", type=int, default=64, help="the served model's max batch size")
     p.add_argument("--skip-bad", action=B, default=False, help="train without unreadable files instead of refusing")
-    p.add_argument("--progress", action=B, default=True, help="progress bars")
+    p.add_argument("--progress", action=B, default=True, help="progress bars (on a terminal only)")
+    p.add_argument("--overwrite", action=B, default=False,
+                   help="replace a run already in the output folder (train's own files; others stay)")
     return p
 
 
@@ -103,8 +116,8 @@ TRAIN_KEYS = ("arch", "epochs", "batch_size", "lr", "momentum", "nesterov", "opt
               "dropout", "pool_size", "pretrained", "freeze_backbone", "class_weights", "balanced_sampling",
               "val_fraction", "early_stopping_patience", "best_metric", "seed", "workers", "device", "dali_device",
               "hflip_prob", "vflip_prob", "rotation_deg", "brightness", "contrast", "saturation", "hue",
-              "scale_min", "grayscale_equalize", "mean", "std", "stats_max_images", "name", "max_batch_size",
-              "skip_bad", "progress")
+              "scale_min", "grayscale_equalize", "stain_augment", "stain_scale", "stain_shift", "mean", "std", "stats_max_images", "name", "max_batch_size",
+              "skip_bad", "progress", "overwrite", "undersample", "holdout_split")
 
 
 def config_from_args(args: argparse.Namespace, **override):
