@@ -25,6 +25,13 @@ BEST_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "loss")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _auto_dali_threads() -> int:
+    """DALI threads when --workers is not given (see :func:`default_dali_threads`)."""
+    import torch  # here, not at the top: building the command line must not import torch
+
+    return default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
+
+
 def _choice(flag: str, value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
         listed = ", ".join(choices[:-1]) + f" and {choices[-1]}"
@@ -97,9 +104,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.workers is None:
-            import torch  # here, not at the top: building the command line must not import torch
-
-            object.__setattr__(self, "workers", default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1))
+            object.__setattr__(self, "workers", _auto_dali_threads())
         _choice("--arch", self.arch, ARCHITECTURES, "architecture")
         _choice("--optimizer", self.optimizer, OPTIMIZERS, "optimizer")
         _choice("--lr-scheduler", self.lr_scheduler, SCHEDULERS, "lr scheduler")
@@ -191,9 +196,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.workers is None:
-            import torch  # here, not at the top: building the command line must not import torch
-
-            object.__setattr__(self, "workers", default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1))
+            object.__setattr__(self, "workers", _auto_dali_threads())
         _choice("--tta", self.tta, TTA_MODES, "TTA mode")
         _choice("--device", self.device, DEVICES, "device")
         _choice("--dali-device", self.dali_device, DALI_DEVICES, "DALI device")
