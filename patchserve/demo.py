@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
           "--lr-scheduler", "cosine", "--name", args.name, "--seed", str(args.seed), "--max-batch-size", "32",
           "--stain-augment", "--overwrite"], log)
     _run("evaluate on the test split and on a second centre's stain, five-crop TTA",
-         ["evaluate", str(run), str(data), "--split", "test", "--split", SHIFTED, "--out", str(eval_dir),
+         ["evaluate", str(run), str(data), "--split", f"test,{SHIFTED}", "--out", str(eval_dir),
           "--tta", "five"], log)
     _run("export into the Triton repository",
          ["export", str(run), "--repo", str(repo), "--formats", "python,onnxruntime", "--overwrite"], log)

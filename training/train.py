@@ -24,12 +24,13 @@ from serving.metrics import compute_metrics
 from serving.progress import bar_disable
 from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
-from training.config import TrainConfig, build_optimizer, build_scheduler
+from training.config import TrainConfig
 from training.data import DataSplit, default_model_name, resolve_eval_samples, resolve_training_data
 from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
                                   destroy_process_group, init_process_group)
 from training.errors import CheckpointError, TrainingError
 from training.model import build_model, load_pretrained_backbone
+from training.optim import build_optimizer, build_scheduler
 from training.pipeline import build_eval_pipeline, build_train_pipeline, iterate, resolve_dali_device
 from training.runs import check_run_folder, write_run_config
 from training.sampling import balanced_class_weights, epoch_order

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import InputError
+from serving.options import option
 from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
 from serving.progress import bar_disable
 
@@ -44,17 +45,20 @@ _NOISE_KEY = 99
 class SynthConfig:
     """Options of :func:`synthesize`, validated on construction (errors name the flag)."""
 
-    classes: int = 2
-    per_class: int = 60
-    imbalance: float = 1.0
-    size: int = 64
-    fmt: str = "png"
-    seed: int = 0
-    slide: bool = False
-    slide_size: int = 4096
-    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    overlap: float = DEFAULT_OVERLAP
-    label_noise: float = 0.0
+    classes: int = option(2, f"number of classes, 2..{MAX_CLASSES} (2: normal/tumour; more: colorectal tissue types)")
+    per_class: int = option(60, "images of the largest class, over train+val+test (at least 3)")
+    imbalance: float = option(1.0, "ratio of the largest (first) class to the smallest, >= 1 "
+                                   "(3: the chest X-ray study's 3:1)")
+    size: int = option(64, "patch side in pixels, 16..1024")
+    fmt: str = option("png", "image format", flag="--format", choices=tuple(FORMATS))
+    seed: int = option(0, "same seed, same bytes")
+    slide: bool = option(False, "also write slides/slide_0.tiff with tumour and tissue masks")
+    slide_size: int = option(4096, "slide level-0 width in pixels (height is 3/4)")
+    split_fractions: tuple[float, float, float] = option((0.6, 0.2, 0.2), cli=False)
+    overlap: float = option(DEFAULT_OVERLAP, "how far patches stray towards another class's morphology and "
+                            "stain, 0..1 (0: classes apart, a model reaches 1.0)")
+    label_noise: float = option(0.0, "share of train/val images filed under a wrong class, 0..0.5 "
+                                "(synth.json lists them)")
 
     def __post_init__(self) -> None:
         def integer(flag: str, v: object, lo: int, hi: int) -> None:
