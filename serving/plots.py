@@ -88,6 +88,11 @@ def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
     The best epoch is the last row's ``best_epoch`` (what training picked
     for ``checkpoint_best.pt``); epochs are whole numbers on the axis.
     """
+    return _save(training_curves_figure(history), path)
+
+
+def training_curves_figure(history: Sequence[dict]):
+    """The figure of :func:`plot_training_curves` (for tests to inspect)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
@@ -117,7 +122,7 @@ def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_misclassified(images_hwc_u8: Sequence[np.ndarray], true_names: Sequence[str],
