@@ -92,6 +92,9 @@ class TrainConfig:
     scale_min: float = option(AugmentConfig.scale_min, "random resized crop area range [min, 1]; 1: plain resize")
     grayscale_equalize: bool = option(AugmentConfig.grayscale_equalize,
                                       "grey-scale + histogram equalisation (chest X-rays)")
+    random_crop: bool = option(AugmentConfig.random_crop, "train on random windows of --image-size without "
+                               "resizing (images larger than the model, e.g. 150 px cropped to 128); "
+                               "replaces --scale-min's random resized crop")
     stain_augment: bool = option(AugmentConfig.stain_augment,
                                  "HED stain jitter: scale and shift each stain's optical density per image")
     stain_scale: float = option(AugmentConfig.stain_scale, "HED concentration scale drawn from [1 - x, 1 + x]")
@@ -164,7 +167,8 @@ class TrainConfig:
         return AugmentConfig(hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob,
                              rotation_deg=self.rotation_deg, brightness=self.brightness, contrast=self.contrast,
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
-                             grayscale_equalize=self.grayscale_equalize, stain_augment=self.stain_augment,
+                             grayscale_equalize=self.grayscale_equalize, random_crop=self.random_crop,
+                             stain_augment=self.stain_augment,
                              stain_scale=self.stain_scale, stain_shift=self.stain_shift)
 
     def model_config(self, num_classes: int) -> "ModelConfig":

@@ -38,6 +38,7 @@ class AugmentConfig:
     hue: float = 0.0
     scale_min: float = 0.08
     grayscale_equalize: bool = False
+    random_crop: bool = False  # a window of the model's size, no resize (larger images, e.g. 150 -> 128 px)
     stain_augment: bool = False
     stain_scale: float = DEFAULT_STAIN_SCALE
     stain_shift: float = DEFAULT_STAIN_SHIFT
@@ -186,7 +187,12 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
                                  pad_last_batch=False, device=device)
         if a.grayscale_equalize:
             images = _grey_equalize(images)
-        if a.scale_min < 1.0:
+        if a.random_crop:
+            # Smaller images are padded white (the background of slides), never stretched.
+            images = fn.crop(images, crop=[h, w], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                             crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), out_of_bounds_policy="pad",
+                             fill_values=255)
+        elif a.scale_min < 1.0:
             images = fn.random_resized_crop(images, size=[h, w], random_area=[a.scale_min, 1.0],
                                             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], antialias=False)
         else:

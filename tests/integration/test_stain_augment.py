@@ -100,3 +100,21 @@ def test_train_pipeline_applies_the_jitter_only_with_stain_augment(synth_data):
 
     np.testing.assert_array_equal(outs[0][0], load_rgb_u8(samples[0].source))  # 48 px: the resize is a copy
     assert np.abs(outs[1].astype(int) - outs[0]).mean() > 1.0
+
+
+def test_random_crop_takes_windows_of_the_model_size_without_resizing(synth_data):
+    from serving.imageio import load_rgb_u8
+    from serving.sources import discover
+    from training.pipeline import AugmentConfig, build_train_pipeline, iterate
+
+    samples = discover(synth_data, split="train").samples[:8]
+    aug = AugmentConfig(hflip_prob=0.0, vflip_prob=0.0, random_crop=True)
+    pipe = build_train_pipeline(samples, input_hw=(32, 32), augment=aug, batch_size=8, num_threads=1, seed=5)
+    (images, _), = list(iterate(pipe, samples))
+    offsets = set()
+    for crop, s in zip(images.numpy(), samples):
+        src = load_rgb_u8(s.source)  # 48 x 48: every 32 x 32 crop is a window of it, pixel for pixel
+        hits = [(y, x) for y in range(17) for x in range(17) if np.array_equal(src[y:y + 32, x:x + 32], crop)]
+        assert len(hits) == 1, s.source
+        offsets.add(hits[0])
+    assert len(offsets) > 2  # random positions, not the centre every time
