@@ -1,7 +1,10 @@
 """TensorRT plan from the exported ONNX (GPU machines only), with parity vs ONNX Runtime.
 
-TensorRT 10 Python API: explicit-batch network from the ONNX parser, one
-optimisation profile from batch 1 to the maximum batch, FP16 optional. A plan
+TensorRT 10/11 Python API: explicit-batch network from the ONNX parser, one
+optimisation profile from batch 1 to the maximum batch (opt = max: Triton's
+dynamic batcher fills batches), FP16 optional. TensorRT 11 removed the weak
+typing flags (BuilderFlag.FP16): its networks are strongly typed, so the plan
+keeps the ONNX graph's fp32 and the manifest records fp16 false. A plan
 only runs on the GPU model and TensorRT version that built it, so a manifest
 (GPU name, compute capability, TensorRT version, profile) is written beside it
 and check-export compares the config's max batch with the profile.
@@ -50,12 +53,14 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
         raise ExportError(f"{onnx_path}: TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    fp16 = fp16 and hasattr(trt.BuilderFlag, "FP16")  # absent in TensorRT 11 (strong typing)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     h, w = spec.input_hw
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.input_name, (1, h, w, 3), (spec.max_batch_size, h, w, 3), (spec.max_batch_size, h, w, 3))
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise ExportError(f"{onnx_path}: TensorRT rejected the profile 1..{spec.max_batch_size} for {spec.input_name!r}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build a plan (see its log above)")

@@ -35,6 +35,7 @@ def _ports(args) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from serving.server import EmbeddedTriton
+    from serving.spec import GPU_FLAVOURS
 
     _ports(args)
     extra = (f"--model-config-name={args.model_config_name}",) if args.model_config_name else ()
@@ -55,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
             for name, version, state in _models(server):
                 print(f"  {name} (version {version}): {state}")
             print("The same repository on a GPU machine, from NGC's container:")
-            print(f"  {server.ngc_command()}")
+            gpu = args.model_config_name if args.model_config_name in GPU_FLAVOURS else None
+            print(f"  {server.ngc_command(gpu)}")
             print("Press Ctrl-C to stop.", flush=True)
             while not stop.wait(0.5):
                 if not server.alive():
