@@ -37,6 +37,12 @@ def _pytriton_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def triton_backends() -> tuple[str, ...]:
+    """Backends the embedded distribution carries (the nvidia-pytriton wheel: python only)."""
+    folder = _pytriton_root() / "tritonserver" / "backends"
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

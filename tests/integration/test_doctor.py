@@ -1,0 +1,51 @@
+"""``patchserve doctor`` on this machine: every installed component found, the GPU state told, exit 0."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+
+def _doctor(*flags):
+    return subprocess.run([sys.executable, "-m", "patchserve", "doctor", *flags], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_doctor_json_reports_each_component_its_cuda_build_and_the_gpu_state():
+    import torch
+
+    proc = _doctor("--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    by_name = {c["name"]: c for c in report["components"]}
+    assert list(by_name) == ["torch", "DALI", "ONNX Runtime", "TensorRT", "Triton server", "OpenSlide"]
+    expected_installed = {"torch": True, "DALI": True, "ONNX Runtime": True,
+                          "TensorRT": importlib.util.find_spec("tensorrt") is not None,
+                          "Triton server": True, "OpenSlide": True}
+    assert {n: c["installed"] for n, c in by_name.items()} == expected_installed
+    gpus = torch.cuda.device_count()
+    assert report["gpus"] == gpus
+    # The project's stack is built for one CUDA major: torch's.
+    assert by_name["torch"]["cuda_built"].split(".")[0] == by_name["DALI"]["cuda_built"] == "13"
+    assert report["cuda_majors_agree"] is True
+    assert by_name["Triton server"]["version"].startswith("2.")
+    assert by_name["OpenSlide"]["gpu_applies"] is False
+    if not gpus:
+        assert [c["gpu"] for c in report["components"]] == [False] * 6
+        assert by_name["torch"]["detail"] == "no CUDA device here"
+    else:  # tests/gpu asserts the GPU paths themselves
+        assert by_name["torch"]["gpu"] is True
+
+
+def test_doctor_table_says_when_there_is_no_gpu_and_require_gpu_fails_then():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a GPU; tests/gpu/test_gpu_doctor.py covers it")
+    proc = _doctor("--require-gpu")
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[0] == "GPU: none found (CPU-only machine: GPU paths not checked)"
