@@ -146,7 +146,7 @@ def probe_dali(gpus: int) -> Component:
 
 
 def probe_onnxruntime(gpus: int) -> Component:
-    hint = f"pip uninstall onnxruntime && pip install onnxruntime-gpu (its CUDA {CUDA_MAJOR_HINT} build)"
+    hint = f"pip uninstall onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]' (its CUDA {CUDA_MAJOR_HINT} build)"
     try:
         import onnxruntime as ort
     except ImportError:
@@ -168,15 +168,14 @@ def probe_onnxruntime(gpus: int) -> Component:
         y = session.run(["y"], {"x": np.ones((1, 4), np.float32)})[0]
         ok = "CUDAExecutionProvider" in active and bool(np.allclose(y, np.ones((1, 4)) @ (np.arange(16).reshape(4, 4) / 16) + 1))
         return Component(**base, gpu=ok, detail=f"session active providers: {', '.join(active)}",
-                         install="" if ok else "the CUDA 13 libraries onnxruntime-gpu loads (libcublas.so.13, "
-                                               "libcudart.so.13, cuDNN 9): pip install nvidia-cublas "
-                                               "nvidia-cuda-runtime nvidia-cudnn-cu13")
+                         install="" if ok else "the CUDA 13 libraries its CUDA provider loads (libcurand.so.10, "
+                                               "cuDNN 9, ...): pip install 'onnxruntime-gpu[cuda,cudnn]'")
     except Exception as exc:  # noqa: BLE001
         return Component(**base, detail=f"CUDA session failed: {exc}".splitlines()[0], install=hint)
 
 
 def probe_tensorrt(gpus: int) -> Component:
-    hint = "pip install 'patchserve[gpu]' (tensorrt)"
+    hint = "pip install 'patchserve[gpu]' (tensorrt-cu13 10.x, the major ONNX Runtime's TensorRT provider loads)"
     try:
         import tensorrt as trt
     except ImportError:
@@ -199,7 +198,10 @@ def probe_tensorrt(gpus: int) -> Component:
             raise RuntimeError("build_serialized_network returned None")
         engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
         ok = engine is not None
-        return Component(**base, gpu=ok, detail=f"built and loaded an engine ({len(bytes(plan))} bytes)")
+        note = "" if trt.__version__.startswith("10.") else \
+            "; ONNX Runtime 1.31's TensorRT provider needs TensorRT 10 (libnvinfer.so.10)"
+        return Component(**base, gpu=ok, detail=f"built and loaded an engine ({len(bytes(plan))} bytes){note}",
+                         install="" if not note else hint)
     except Exception as exc:  # noqa: BLE001
         return Component(**base, detail=f"builder failed: {exc}".splitlines()[0], install=hint)
 
@@ -228,7 +230,9 @@ def probe_triton(gpus: int) -> Component:
     except Exception as exc:  # noqa: BLE001
         return Component("Triton server", True, version=f"nvidia-pytriton {version}",
                          detail=f"the binary did not start: {exc}".splitlines()[0], install=hint)
-    return Component("Triton server", True, version=f"{tv} (nvidia-pytriton {version})", gpu=bool(gpu_backends and gpus),
+    # The wheel's binary has no GPU backend: its GPU question does not apply (NGC's container answers it).
+    return Component("Triton server", True, version=f"{tv} (nvidia-pytriton {version})",
+                     gpu=bool(gpu_backends and gpus), gpu_applies=bool(gpu_backends),
                      detail=detail + ("" if gpu_backends else "; the python flavour runs ONNX Runtime on the CPU"),
                      install="" if gpu_backends else NGC_HINT)
 
@@ -275,7 +279,7 @@ class DoctorReport:
             agree = len(set(majors.values())) <= 1
             lines.append(f"CUDA majors: {', '.join(f'{k} {v}' for k, v in majors.items())} -> "
                          f"{'one major' if agree else 'MIXED: install the builds for one CUDA major'}")
-        todo = [c for c in self.components if c.install and (not c.installed or (self.gpus and c.gpu_applies))]
+        todo = [c for c in self.components if c.install and (not c.installed or self.gpus or not c.gpu_applies)]
         if todo:
             lines.append("to install:")
             lines += [f"  {c.name}: {c.install}" for c in todo]

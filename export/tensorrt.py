@@ -30,7 +30,7 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TensorRTUnavailable("the 'tensorrt' package is not installed (pip install tensorrt on a GPU machine)") from exc
+        raise TensorRTUnavailable("the tensorrt package is not installed (pip install 'patchserve[gpu]' on a GPU machine)") from exc
     import torch
 
     if not torch.cuda.is_available():

@@ -49,3 +49,21 @@ def test_doctor_table_says_when_there_is_no_gpu_and_require_gpu_fails_then():
     proc = _doctor("--require-gpu")
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[0] == "GPU: none found (CPU-only machine: GPU paths not checked)"
+
+
+def test_probes_told_there_is_a_gpu_on_a_cpu_machine_report_the_failure_instead_of_raising():
+    import torch
+
+    from export.doctor import probe_dali, probe_onnxruntime, probe_torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a GPU; tests/gpu/test_gpu_doctor.py covers it")
+    t, d, o = probe_torch(1), probe_dali(1), probe_onnxruntime(1)
+    assert (t.gpu, d.gpu, o.gpu) == (False, False, False)
+    assert t.detail.startswith("matmul on cuda:0 failed:")
+    assert d.detail.startswith("mixed decode failed:")
+    # The tiny model ran, on the CPU: the report names the provider that really ran.
+    assert o.detail == "session active providers: CPUExecutionProvider"
+    assert "onnxruntime-gpu[cuda,cudnn]" in o.install
