@@ -56,6 +56,9 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
     fp16 = fp16 and hasattr(trt.BuilderFlag, "FP16")  # absent in TensorRT 11 (strong typing)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        # An fp32 plan is held to fp32 parity (TRT_ATOL[False]); TF32 kernels would miss it.
+        config.clear_flag(trt.BuilderFlag.TF32)
     h, w = spec.input_hw
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.input_name, (1, h, w, 3), (spec.max_batch_size, h, w, 3), (spec.max_batch_size, h, w, 3))
@@ -74,37 +77,60 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
     return plan_parity(plan_path, onnx_path, spec, fp16=fp16)
 
 
-def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
-    """Probabilities from a plan (TensorRT 10 named-tensor API, torch CUDA buffers)."""
-    trt = _tensorrt()
-    import torch
+class PlanRunner:
+    """A deserialized plan with one execution context: run it many times (parity, benchmarks).
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    context = engine.create_execution_context()
-    x = torch.from_numpy(np.ascontiguousarray(images_nhwc_u8)).cuda()
-    context.set_input_shape(spec.input_name, tuple(x.shape))
-    context.set_tensor_address(spec.input_name, x.data_ptr())
-    outputs = {}
-    for name in (spec.output_name, spec.logits_name):
-        out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(name, out.data_ptr())
-        outputs[name] = out
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError(f"{plan_path}: TensorRT execution failed")
-    stream.synchronize()
-    return outputs[spec.output_name].cpu().numpy()
+    TensorRT 10/11 named-tensor API; inputs and outputs live in torch CUDA buffers.
+    """
+
+    def __init__(self, plan_path: Path, spec: ModelSpec):
+        trt = _tensorrt()
+        import torch
+
+        self.spec = spec
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(f"{plan_path}: TensorRT cannot load this plan (built by another TensorRT or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.plan_path = plan_path
+
+    def __call__(self, images_nhwc_u8: np.ndarray) -> np.ndarray:
+        """Probabilities for a host batch (copied in and out, as a server would)."""
+        import torch
+
+        spec = self.spec
+        with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(np.ascontiguousarray(images_nhwc_u8)).cuda(non_blocking=True)
+            self.context.set_input_shape(spec.input_name, tuple(x.shape))
+            self.context.set_tensor_address(spec.input_name, x.data_ptr())
+            outputs = {}
+            for name in (spec.output_name, spec.logits_name):
+                out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
+                self.context.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise ExportError(f"{self.plan_path}: TensorRT execution failed")
+            probs = outputs[spec.output_name].cpu()
+        self.stream.synchronize()
+        return probs.numpy()
+
+
+def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
+    """Probabilities from a plan for one batch."""
+    return PlanRunner(plan_path, spec)(images_nhwc_u8)
 
 
 def plan_parity(plan_path: Path, onnx_path: Path, spec: ModelSpec, *, fp16: bool) -> list[ParityRow]:
     session = ort_session(onnx_path)
+    runner = PlanRunner(plan_path, spec)
     rng = np.random.default_rng(7)
     rows = []
     for batch in sorted({1, 3, spec.max_batch_size}):
         x = rng.integers(0, 256, size=(batch, *spec.input_hw, 3), dtype=np.uint8)
         expected = session.run([spec.output_name], {spec.input_name: x})[0]
-        got = run_plan(plan_path, spec, x)
+        got = runner(x)
         rows.append(ParityRow("max |p_trt - p_onnx|", spec.name, batch, float(np.abs(got - expected).max()),
                               TRT_ATOL[fp16]))
     return rows
