@@ -62,7 +62,8 @@ def _measure(run: Callable[[np.ndarray], object], *, quick: bool) -> dict:
         run(one)
         lat.append(time.perf_counter() - t)
     ms = np.asarray(lat) * 1e3
-    return {"batch": MAX_BATCH, "images_per_s": round(throughput, 1), "p50_ms_batch1": round(float(np.percentile(ms, 50)), 3),
+    return {"batch": MAX_BATCH, "images_per_s": round(throughput, 1),
+            "p50_ms_batch1": round(float(np.percentile(ms, 50)), 3),
             "p99_ms_batch1": round(float(np.percentile(ms, 99)), 3)}
 
 

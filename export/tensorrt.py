@@ -30,7 +30,8 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TensorRTUnavailable("the tensorrt package is not installed (pip install 'patchserve[gpu]' on a GPU machine)") from exc
+        raise TensorRTUnavailable("the tensorrt package is not installed "
+                                  "(pip install 'patchserve[gpu]' on a GPU machine)") from exc
     import torch
 
     if not torch.cuda.is_available():
@@ -63,7 +64,8 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.input_name, (1, h, w, 3), (spec.max_batch_size, h, w, 3), (spec.max_batch_size, h, w, 3))
     if config.add_optimization_profile(profile) < 0:
-        raise ExportError(f"{onnx_path}: TensorRT rejected the profile 1..{spec.max_batch_size} for {spec.input_name!r}")
+        raise ExportError(f"{onnx_path}: TensorRT rejected the profile 1..{spec.max_batch_size} "
+                          f"for {spec.input_name!r}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build a plan (see its log above)")

@@ -18,8 +18,8 @@ if __name__ == "__main__":
     try:
         t = torch.full((4,), float(info.rank + 1), device="cuda")  # the current device: set per local rank
         dist.all_reduce(t)
-        print(json.dumps({"rank": info.rank, "local_rank": info.local_rank, "current_device": torch.cuda.current_device(),
-                          "tensor_device": t.device.index, "backend": dist.get_backend(), "sum": t[0].item()}),
-              flush=True)
+        print(json.dumps({"rank": info.rank, "local_rank": info.local_rank,
+                          "current_device": torch.cuda.current_device(), "tensor_device": t.device.index,
+                          "backend": dist.get_backend(), "sum": t[0].item()}), flush=True)
     finally:
         destroy_process_group()

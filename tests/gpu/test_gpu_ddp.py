@@ -22,7 +22,9 @@ def _nproc() -> int:
 
 def _torchrun(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(_nproc()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[2])  # the probe script imports training.* from the checkout
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
