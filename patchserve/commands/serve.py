@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
             for name, version, state in _models(server):
                 print(f"  {name} (version {version}): {state}")
             print("The same repository on a GPU machine, from NGC's container:")
-            gpu = args.model_config_name if args.model_config_name in GPU_FLAVOURS else None
+            gpu = cfg.model_config_name if cfg.model_config_name in GPU_FLAVOURS else None
             print(f"  {server.ngc_command(gpu)}")
             print("Press Ctrl-C to stop.", flush=True)
             while not stop.wait(0.5):
