@@ -210,9 +210,11 @@ def probe_tensorrt(gpus: int) -> Component:
 
 def probe_triton(gpus: int) -> Component:
     hint = "pip install 'patchserve[serve]' (nvidia-pytriton carries the tritonserver binary)"
-    _, version = _dist_version("nvidia-pytriton")
-    if not version:
+    try:
+        import pytriton  # noqa: F401 - the wheel that carries the tritonserver binary
+    except ImportError:
         return Component("Triton server", False, install=hint)
+    _, version = _dist_version("nvidia-pytriton")
     from serving.server import EmbeddedTriton, triton_backends
 
     backends = triton_backends()

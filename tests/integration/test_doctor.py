@@ -67,3 +67,34 @@ def test_probes_told_there_is_a_gpu_on_a_cpu_machine_report_the_failure_instead_
     # The tiny model ran, on the CPU: the report names the provider that really ran.
     assert o.detail == "session active providers: CPUExecutionProvider"
     assert "onnxruntime-gpu[cuda,cudnn]" in o.install
+
+
+_CLIENT_ONLY = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Block(MetaPathFinder):
+    # A client-only install: the training, export and GPU stack is not there.
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {"torch", "torchvision", "nvidia", "onnx", "onnxscript", "onnxruntime", "tensorrt",
+                                  "pytriton"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from patchserve import cli
+sys.exit(cli.main(["doctor", "--json"]))
+"""
+
+
+def test_doctor_on_a_client_only_install_names_what_to_install_and_exits_0(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _CLIENT_ONLY], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_name = {c["name"]: c for c in json.loads(done.stdout)["components"]}
+    assert {n: c["installed"] for n, c in by_name.items()} == {
+        "torch": False, "DALI": False, "ONNX Runtime": False, "TensorRT": False, "Triton server": False,
+        "OpenSlide": True}
+    assert by_name["torch"]["install"] == "pip install 'patchserve[train]' (torch, CUDA 13 wheel)"
+    assert by_name["DALI"]["install"] == "pip install nvidia-dali-cuda130 (the same CUDA major as torch)"
+    assert by_name["Triton server"]["install"].startswith("pip install 'patchserve[serve]'")
