@@ -43,3 +43,31 @@ def uint8_feed_problems(model) -> list[str]:
                 problems.append(f"uint8 tensor {name!r} feeds {node.op_type} node {label!r}; "
                                 "TensorRT takes uint8 only into a Cast (cast first, then transpose/slice)")
     return problems
+
+
+def route_shapes_through_cast(model) -> int:
+    """Rewire Shape nodes that read a uint8 graph input to read its Cast's output instead; return how many.
+
+    The dynamo exporter materialises the symbolic batch size with ``Shape`` on
+    the graph input (for the flatten before the head, at inputs of 64 px and
+    more). The cast tensor has the same shape, so reading it instead changes no
+    value and leaves the uint8 input feeding nothing but the Cast.
+    """
+    inputs = {v.name for v in model.graph.input if v.type.tensor_type.elem_type == _UINT8}
+    cast_of = {}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in inputs:
+            cast_of.setdefault(node.input[0], node.output[0])
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.input and node.input[0] in cast_of:
+            node.input[0] = cast_of[node.input[0]]
+            rewired += 1
+    if rewired:
+        # Keep the graph topologically sorted: those Casts read only graph inputs, so they can go first.
+        nodes = list(model.graph.node)
+        first = [n for n in nodes if n.op_type == "Cast" and n.output[0] in cast_of.values()]
+        rest = [n for n in nodes if not (n.op_type == "Cast" and n.output[0] in cast_of.values())]
+        del model.graph.node[:]
+        model.graph.node.extend(first + rest)
+    return rewired
