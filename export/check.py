@@ -22,7 +22,7 @@ from export.errors import ExportInputError, RepositoryCheckError
 from export.fixture import FIXTURE_FILE
 from export.manifest import read_manifest, verify_manifest
 from export.onnx_export import check_onnx, onnx_signature
-from export.repository import SPEC_FILE
+from export.repository import BACKENDS, SPEC_FILE
 from serving.errors import PatchserveError
 from serving.spec import ModelSpec
 
@@ -87,6 +87,20 @@ def onnx_io(model) -> tuple[dict, dict]:
     return table(ins), table(outs)
 
 
+# The Python-backend code each role runs: byte for byte patchserve's own, so
+# code added to a model.py fails even when its manifest was rewritten to match.
+_BACKEND_SOURCE = {"classifier": "onnx_model.py", "tta": "onnx_model.py", "preprocess": "dali_model.py"}
+
+
+def _backend_problems(path: Path, source: Path) -> list[str]:
+    try:
+        same = path.read_bytes() == source.read_bytes()
+    except OSError as exc:
+        return [f"{path.parent.name}/{path.name}: cannot read ({exc.strerror})"]
+    return [] if same else [f"{path.parent.name}/{path.name} differs from patchserve's {source.name} "
+                            "(code the server would run)"]
+
+
 def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     """Static checks of one model folder; returns the rows and what the later checks need."""
     name = folder.name
@@ -140,6 +154,10 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     add("weights", weights_problems(configs, manifest, role != "preprocess"),
         f"every config names weights {manifest.weights_sha256[:12]}..." if manifest and role != "preprocess"
         else "no weights parameter (no weights)")
+    backend = _BACKEND_SOURCE.get(role)
+    if backend and version_dir is not None:
+        add("backend", _backend_problems(version_dir / tc.PYTHON_FILE, BACKENDS / backend),
+            f"{version_dir.name}/{tc.PYTHON_FILE} is patchserve's {backend}")
     label_problems, label_files = [], 0
     for out in cfg.output:
         if out.label_filename:

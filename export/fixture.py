@@ -165,13 +165,14 @@ def reference_pixels(encoded: bytes, spec: ModelSpec) -> tuple[np.ndarray, np.nd
     return source, crop
 
 
-def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | None], list[str]]:
-    """Encoded bytes and labels of up to CANDIDATES validation images (val split first), evenly spread."""
+def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | None], list[str], int]:
+    """Encoded bytes and labels of up to CANDIDATES images, evenly spread, and how many lead from the val split."""
     from export.patches import encode
     from serving.errors import InputError
     from serving.sources import discover, parse_hdf5_source, read_hdf5_rows
 
     samples, seen = [], set()
+    first_split = 0
     # The validation split first; the test split, then the rest, when it is smaller than the fixture.
     for split in ("val", "test", None):
         if len(samples) >= CANDIDATES or (samples and len(samples) >= 2 * FIXTURE_IMAGES):
@@ -185,10 +186,11 @@ def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | No
             if s.source not in seen:
                 seen.add(s.source)
                 samples.append(s)
+        first_split = first_split or len(samples)
     if not samples:
         raise ExportInputError(f"--data: {data} holds no readable patches for the parity fixture")
-    encoded, labels, skipped = [], [], []
-    for s in samples[:CANDIDATES]:
+    encoded, labels, skipped, leading = [], [], [], 0
+    for k, s in enumerate(samples[:CANDIDATES]):
         try:
             pair = parse_hdf5_source(s.source)
             if pair:
@@ -205,7 +207,8 @@ def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | No
             continue
         encoded.append(raw)
         labels.append(s.label)
-    return encoded, labels, skipped
+        leading += int(k < first_split)
+    return encoded, labels, skipped, leading
 
 
 def _synthetic_candidates(spec: ModelSpec) -> list[bytes]:
@@ -228,6 +231,8 @@ def pick(logits: np.ndarray, labels: list[int | None], count: int) -> np.ndarray
     usable = margin > MIN_MARGIN
     classes = sorted(set(groups[usable].tolist()))
     chosen: list[int] = []
+    if not classes or count < 1:
+        return np.zeros(0, dtype=np.int64)
     for k, cls in enumerate(classes):
         share = count // len(classes) + int(k < count % len(classes))
         members = np.flatnonzero((groups == cls) & usable)
@@ -244,16 +249,20 @@ def select_images(data: Path | None, spec: ModelSpec, served, notes: list[str]) 
     from export.onnx_export import torch_outputs
 
     if data is not None:
-        encoded, labels, skipped = _candidates(data, spec)
+        encoded, labels, skipped, leading = _candidates(data, spec)
         notes += [f"fixture: skipped unreadable patch {s}" for s in skipped[:5]]
     else:
-        encoded, labels = _synthetic_candidates(spec), []
-        labels = [None] * len(encoded)
+        encoded = _synthetic_candidates(spec)
+        labels, leading = [None] * len(encoded), len(encoded)
         notes.append(f"fixture: no data recorded by the run and no --data: {len(encoded)} synthetic tissue "
                      "images stand in for validation images")
     pixels = np.stack([reference_pixels(e, spec)[1] for e in encoded])
     logits = np.concatenate([torch_outputs(served, pixels[i:i + 64])[1] for i in range(0, len(pixels), 64)])
-    idx = pick(logits, labels, FIXTURE_IMAGES)
+    # Validation images first: all of them when they are too few, the rest picked from the other splits.
+    idx = pick(logits[:leading], labels[:leading], FIXTURE_IMAGES)
+    if len(idx) < FIXTURE_IMAGES and leading < len(encoded):
+        more = pick(logits[leading:], labels[leading:], FIXTURE_IMAGES - len(idx)) + leading
+        idx = np.concatenate([idx, more])
     if len(idx) < FIXTURE_IMAGES:
         notes.append(f"fixture: {len(idx)} images (fewer than {FIXTURE_IMAGES} usable ones in the data)")
     if len(idx) == 0:
