@@ -71,15 +71,17 @@ def _serve_one(client, need: dict) -> CheckRow:
         x = inputs_of(role, need["fixture"])
         in_name = spec.encoded_name if role in ("preprocess", "ensemble") else spec.input_name
         out_name = output_of(role, spec)
+        want = need["expected"]
         if role in ("preprocess", "ensemble"):
             got = np.concatenate([_infer(client, name, in_name, row[None], out_name) for row in x])
             where = "served, one file per request"
         else:
+            # The first image alone, then every image in batches of the maximum batch size.
             step = spec.max_batch_size
-            first = _infer(client, name, in_name, x[:1], out_name)
-            rest = [_infer(client, name, in_name, x[i:i + step], out_name) for i in range(1, len(x), step)]
-            got = np.concatenate([first, *rest])
-            where = f"served at batch 1 and {min(step, max(1, len(x) - 1))}"
-        return judge("serve", need, got, need["expected"], where)
+            parts = [_infer(client, name, in_name, x[:1], out_name)]
+            parts += [_infer(client, name, in_name, x[i:i + step], out_name) for i in range(0, len(x), step)]
+            got, want = np.concatenate(parts), np.concatenate([want[:1], want])
+            where = f"served at batch 1 and {min(step, len(x))}"
+        return judge("serve", need, got, want, where)
     except Exception as exc:  # noqa: BLE001 - report the model, check the others
         return CheckRow("serve", name, FAIL, f"{type(exc).__name__}: {str(exc)[:300]}")

@@ -88,7 +88,9 @@ def test_cli_prints_a_table_and_exits_1_on_a_broken_repository_without_starting_
     assert cli_main(["check-export", str(broken), "--models", f"{spec.name},{spec.tta_model_name}"]) == 1
     out = capsys.readouterr().out
     assert "labels         " in out and "FAIL" in out and "static checks failed; the server was not started" in out
-    assert "check-export: FAILED (1 check(s))" in out
+    # The edited labels.txt also differs from the export manifest.
+    assert "labels.txt: sha256 differs from the manifest" in out
+    assert "check-export: FAILED (2 check(s))" in out
 
 
 def test_unknown_model_in_models_flag_is_an_error_naming_the_flag(exported_repo, capsys):
