@@ -32,4 +32,6 @@ def test_tensorrt_plan_has_a_profile_to_max_batch_a_manifest_and_matches_onnx_ru
     cfg = read_config(repo / name / "configs" / "tensorrt.pbtxt")
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
     report = check_repository(repo, serve=False)
-    assert [r.status for r in report.rows if r.check == "trt-profile"] == ["ok"]
+    (agree,) = [r for r in report.rows if r.check == "agree" and r.model == name]
+    assert agree.status == "ok" and "plan profile" in agree.detail  # the profile agrees with spec.json
+    assert report.passed, report.table()
