@@ -20,6 +20,7 @@ from export.check_fixture import expected_of, fixture_of, in_process_row, run_ro
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
 from export.fixture import FIXTURE_FILE
+from export.graph_checks import uint8_feed_problems
 from export.manifest import read_manifest, verify_manifest
 from export.onnx_export import check_onnx, onnx_signature
 from export.repository import BACKENDS, SPEC_FILE
@@ -180,6 +181,7 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         try:
             model = check_onnx(onnx_path)
             add("onnx", [], f"checker passed ({onnx_path.relative_to(folder.parent)})")
+            add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
             add("io-onnx", [p for c in configs.values()
                             for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
