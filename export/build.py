@@ -32,6 +32,16 @@ def _read_run(run: Path) -> dict:
         raise ExportInputError(f"RUN {run}: cannot export: {exc}") from exc
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _random_u8(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
@@ -89,7 +99,8 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
         with_tta = with_dali = False
     opts = tc.ExportOptions(max_batch_size=spec.max_batch_size, version=version, formats=formats,
                             tta_views=tta_views, with_tta=with_tta, with_dali=with_dali, instances=instances,
-                            max_queue_delay_us=max_queue_delay_us, fp16=fp16, trt_accelerator=trt_accelerator)
+                            max_queue_delay_us=max_queue_delay_us, fp16=fp16, trt_accelerator=trt_accelerator,
+                            weights_sha256=_file_sha256(payload["path"]))
     if data is None:
         recorded = (payload.get("train_config") or {}).get("data")
         data = Path(recorded) if recorded and Path(recorded).exists() else None

@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.spec import SPEC_PARAMETER, ModelSpec
+from serving.spec import SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
 FORMATS = ("python", "onnxruntime", "tensorrt")
 TTA_PARAMETER = "tta_views"
@@ -49,6 +49,7 @@ class ExportOptions:
     max_queue_delay_us: int = 2000
     fp16: bool = True
     trt_accelerator: bool = False
+    weights_sha256: str = ""  # the run's weights; into every config so a client can tell weights apart
 
     def __post_init__(self) -> None:
         formats = tuple(self.formats)
@@ -88,10 +89,16 @@ def _tensor(cls, name: str, dtype: int, dims, **kw):
     return t
 
 
+def _weights(cfg: mc.ModelConfig, opts: ExportOptions) -> None:
+    if opts.weights_sha256:
+        cfg.parameters[WEIGHTS_PARAMETER].string_value = opts.weights_sha256
+
+
 def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
+    _weights(cfg, opts)
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = opts.max_queue_delay_us
     db.preferred_batch_size.extend(sorted({max(1, opts.max_batch_size // 2), opts.max_batch_size}))
@@ -185,6 +192,7 @@ def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=opts.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
+    _weights(cfg, opts)
     cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1]))
     cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
                               label_filename=LABELS_FILE))

@@ -101,7 +101,7 @@ def _hdf5_file_for(root: Path, split: str) -> Path | None:
 
 
 def _hdf5_sibling(path: Path, split: str) -> Path | None:
-    m = re.match(r"^(train)(.*)$", path.name)
+    m = re.match(r"(train)(.*)\Z", path.name, re.S)
     return _hdf5_file_for(path.parent, split) if m else None
 
 
