@@ -225,3 +225,56 @@ def test_sigkilled_job_leaves_no_lock_and_sigint_leaves_no_shared_memory(triton_
     assert cli(["score", str(many_patches), "--url", triton_server.grpc, "--model", spec.name, "--out", str(out),
                 "--resume", "--no-progress", "--part-rows", "10"]) == 0
     assert [r["source"] for r in read_results(out)] == [f"{many_patches}#{i}" for i in range(400)]
+
+
+def test_a_server_that_comes_back_with_other_weights_gets_no_more_work(exported_repo, other_weights_server,
+                                                                        many_patches, tmp_path):
+    """Killed mid-job and replaced, on the same ports, by a server of other weights: --wait must not mix them."""
+    import json
+
+    from serving.server import EmbeddedTriton
+    from tests.fixtures_export import link_copy
+
+    src, spec = exported_repo
+    repo_a = link_copy(Path(src) / spec.name, tmp_path / "repo_a" / spec.name).parent
+    repo_b = Path(other_weights_server.repo)
+    out = tmp_path / "results.parquet"
+    server = EmbeddedTriton(repo_a, workdir=tmp_path / "work_a").start()
+    replacement = None
+    job = None
+    try:
+        job = _start_score(server.urls.grpc, spec, [many_patches], out, "--wait", "--wait-timeout-s", "120")
+        _wait_for(lambda: _committed(out) >= 10, job, "a committed part")
+        server.kill()
+        server.stop()
+        replacement = EmbeddedTriton(repo_b, http_port=server.urls.http_port, grpc_port=server.urls.grpc_port,
+                                     metrics_port=server.urls.metrics_port, workdir=tmp_path / "work_b").start()
+        _, err = job.communicate(timeout=POLL_TIMEOUT_S)
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.wait()
+        server.close()
+        if replacement is not None:
+            replacement.close()
+    assert job.returncode == 2, err
+    assert f"--url {server.urls.grpc}: the server came back serving model {spec.name!r} with other weights" in err
+    manifest = json.loads((out.with_name(out.name + ".parts") / "manifest.json").read_text())
+    kept = manifest["rows"]
+    assert 10 <= kept < 400 and manifest["errors"] == []
+    # Every kept row came from the first server (its weights): equal to ONNX Runtime on its model.
+    import h5py
+    import pyarrow.parquet as pq
+
+    from serving.views import view_boxes
+    from tests.fixtures_serve import OrtReference, find_onnx
+
+    with h5py.File(many_patches) as f:
+        x = f["x"][:kept]
+    (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
+    h, w = spec.input_hw
+    want = OrtReference(find_onnx(Path(src), spec), spec).probs(np.ascontiguousarray(x[:, top:top + h, left:left + w]))
+    parts = out.with_name(out.name + ".parts")
+    tables = [pq.read_table(parts / p) for p in manifest["parts"]]
+    got = np.array([[v for t in tables for v in t.column(f"prob_{c}").to_pylist()] for c in spec.class_names]).T
+    np.testing.assert_allclose(got, want, atol=1e-5)
