@@ -70,6 +70,8 @@ class ExportOptions:
     def to_json(self) -> str:
         d = asdict(self)
         d["formats"] = list(self.formats)
+        if not d["weights_sha256"]:
+            del d["weights_sha256"]  # repositories exported before the hash existed regenerate byte for byte
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
