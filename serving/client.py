@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from serving.batching import check_images, client_views, encode_batch, split_rows, to_source_size, windowed
 from serving.client_config import ClientConfig, check_spec, check_tta, check_url
+from serving.model_info import ModelInfo, grpc_channel_args, parse_config
 from serving.imageio import grey_equalize_u8
 from serving.errors import (InferenceError, ModelNotFoundError, ServerMismatchError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
@@ -25,44 +25,6 @@ from serving.retry import Pending, RetryPolicy, is_retryable
 from serving.shm import create_private_region, remove_stale_regions
 from serving.spec import SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 from serving.views import combine_views
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the server says about one model: tensors and batching."""
-
-    name: str
-    input_name: str
-    datatype: str  # Triton wire type: "UINT8", "BYTES"
-    dims: tuple[int, ...]  # without the batch dimension
-    output_name: str
-    max_batch_size: int
-    parameters: dict
-
-
-def _grpc_channel_args(lib) -> list[tuple[str, int]]:
-    """tritonclient's defaults, with gRPC's reconnect backoff capped: its default
-    grows to two minutes, so a restarted server would go unnoticed that long."""
-    return [("grpc.max_send_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo:
-    config = config.get("config", config)  # gRPC wraps it, HTTP does not
-    inputs = config.get("input", [])
-    outputs = [o["name"] for o in config.get("output", [])]
-    if len(inputs) != 1:
-        raise SpecMismatchError(f"model {name!r}: expected one input tensor, the server lists {len(inputs)}")
-    out = output_name if output_name in outputs else (outputs[0] if outputs else None)
-    if out is None:
-        raise SpecMismatchError(f"model {name!r}: the server lists no output tensor")
-    params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
-              for k, v in config.get("parameters", {}).items()}
-    inp = inputs[0]
-    return ModelInfo(name, inp["name"], inp.get("data_type", "").removeprefix("TYPE_").replace("STRING", "BYTES"),
-                     tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
-
 
 class PatchClient:
     """Score uint8 NHWC patches against one Triton server.
@@ -114,7 +76,7 @@ class PatchClient:
         while True:
             try:
                 if cfg.protocol == "grpc":
-                    client = self._lib.InferenceServerClient(self.url, channel_args=_grpc_channel_args(self._lib))
+                    client = self._lib.InferenceServerClient(self.url, channel_args=grpc_channel_args(self._lib))
                     live = client.is_server_live(client_timeout=cfg.timeout_s)
                 else:
                     client = self._lib.InferenceServerClient(
@@ -156,7 +118,7 @@ class PatchClient:
         except Exception as exc:  # noqa: BLE001
             raise ModelNotFoundError(f"--model {name}: cannot read its config from {self.url}: {exc}") from exc
         spec_out = self.spec.output_name if hasattr(self, "spec") else None
-        info = _parse_config(name, raw, output_name or spec_out)
+        info = parse_config(name, raw, output_name or spec_out)
         self._infos[name] = info
         return info
 
@@ -174,7 +136,7 @@ class PatchClient:
         """Re-read the configs of every model this client used: after a restart the server must serve the
         same spec and weights, or ServerMismatchError; transport errors propagate (the server is not back)."""
         for name, info in list(self._infos.items()):
-            fresh = _parse_config(name, self._fetch_config(name), info.output_name)
+            fresh = parse_config(name, self._fetch_config(name), info.output_name)
             for key in (WEIGHTS_PARAMETER, SPEC_PARAMETER):
                 if fresh.parameters.get(key, "") != info.parameters.get(key, ""):
                     what = "weights" if key == WEIGHTS_PARAMETER else "spec"

@@ -158,7 +158,7 @@ def _no_record(out: Path) -> FingerprintMismatchError:
 
 
 def _start(cfg: ScoreConfig, clients: list[PatchClient], units: list, out: Path, parts_dir: Path, log):
-    """The job's fingerprint, checked against the record on disk when resuming; None when already complete."""
+    """The job's fingerprint (checked against the record on disk when resuming) and whether the job is complete."""
     served = check_servers({c.url: c.served_identity() for c in clients})
     if not served.weights_sha256:
         log(f"warning: model {cfg.model!r} has no weights' hash in its config (exported by an older patchserve?); "
@@ -170,11 +170,9 @@ def _start(cfg: ScoreConfig, clients: list[PatchClient], units: list, out: Path,
         if record is None:
             raise _no_record(out)
         check_resume(out, record[0], record[1], fp, listing)
-        if out.is_file() and not parts_dir.exists():
-            return fp, listing, True
-        return fp, listing, False
+        return fp, out.is_file() and not parts_dir.exists()
     write_job_record(out, fp, listing)
-    return fp, listing, False
+    return fp, False
 
 
 def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, out: Path, log) -> ScoreResult:
@@ -189,7 +187,7 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
                 raise InputError(f"--out: {existing} exists; pass --resume to continue that job or --overwrite "
                                  "to start over")
     units = plan_units(cfg, spec, handles, log)
-    fp, _, complete = _start(cfg, clients, units, out, parts_dir, log)
+    fp, complete = _start(cfg, clients, units, out, parts_dir, log)
     if complete:
         errors = _count_errors(errors_path(out))
         log(f"--resume: {out} is already complete (same model, weights, options and inputs); "
