@@ -184,11 +184,23 @@ class PatchClient:
 
     def tta_info(self) -> ModelInfo:
         """The server-side TTA model (patches at the source size in, averaged probabilities out)."""
+        self._refuse_server_side("server")  # before asking for a model export never wrote
         return self.model_info(self.spec.tta_model_name, self.spec.output_name)
 
     def ensemble_info(self) -> ModelInfo:
         """The ensemble taking encoded image bytes."""
+        self._refuse_server_side("encoded")
         return self.model_info(self.spec.ensemble_model_name, self.spec.output_name)
+
+    def _refuse_server_side(self, tta: str) -> None:
+        """Equalised models get no server-side TTA or ensemble graph: say why and what works."""
+        if self.spec.grayscale_equalize:
+            what = "--send encoded" if tta == "encoded" else "--tta server"
+            raise SpecMismatchError(
+                f"{what}: model {self.model!r} was trained on grey-scale equalised images (--grayscale-equalize), "
+                "and only the client equalises: the server's TTA and ensemble graphs would score unequalised "
+                "pixels, so export did not write them. Use --send pixels with --tta none, flip, five or ten "
+                "(the same views, taken by the client after equalising)")
 
     # -- transport ----------------------------------------------------------
     def _setup_shared_memory(self) -> None:
@@ -264,10 +276,8 @@ class PatchClient:
     # -- prediction -----------------------------------------------------------
     def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
         """The requests for one group of patches: (model, array, views per patch) each."""
-        if self.spec.grayscale_equalize and tta in ("encoded", "server"):
-            what = "--send encoded" if tta == "encoded" else "--tta server"
-            raise SpecMismatchError(f"{what}: model {self.model!r} was trained on grey-scale equalised images, which "
-                                    "only the client applies; use --send pixels with --tta none, flip, five or ten")
+        if tta in ("encoded", "server"):
+            self._refuse_server_side(tta)
         if tta == "encoded":
             info = self.ensemble_info()
             return [(info, encode_batch(images[sl], info), 1) for sl in split_rows(len(images), self.request_rows(info))]
