@@ -105,7 +105,7 @@ def _hdf5_file_for(root: Path, split: str, prefix: str | None = None) -> Path | 
 
 def _hdf5_sibling(path: Path, split: str) -> Path | None:
     """The ``split`` file beside a training file: ``train_x.h5`` -> ``valid_x.h5``, same prefix."""
-    m = re.match(r"^(.*?)train(_x)?\.(h5|hdf5)$", path.name)
+    m = re.match(r"(.*?)train(_x)?\.(h5|hdf5)\Z", path.name)  # \Z: a name ending in a newline is no match
     return _hdf5_file_for(path.parent, split, prefix=m.group(1)) if m else None
 
 
