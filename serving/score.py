@@ -20,6 +20,7 @@ from serving.client import PatchClient, stream_predictions
 from serving.client_config import check_tta, check_url
 from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
 from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
 from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
                             thumbnail)
@@ -57,6 +58,7 @@ class ScoreConfig:
     stop_after_parts: int | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
     heatmap_class: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +83,9 @@ class ScoreConfig:
             raise InputError(f"--part-rows: expected a positive integer, got {self.part_rows}")
         if not self.wait_timeout_s > 0:
             raise InputError(f"--wait-timeout-s: expected a positive number of seconds, got {self.wait_timeout_s}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or \
+                self.max_image_pixels < 1:
+            raise InputError(f"--max-image-pixels: expected a positive integer, got {self.max_image_pixels!r}")
         if self.stop_after_parts is not None and self.stop_after_parts < 1:
             raise InputError(f"--stop-after-parts: expected a positive integer, got {self.stop_after_parts}")
 
@@ -140,7 +145,7 @@ def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Ca
                 continue
             log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
                 f"(read from level {grid.read_level})")
-            units.append(SlideUnit("slide:" + key, grid, handles))
+            units.append(SlideUnit("slide:" + key, grid, handles, equalize=spec.grayscale_equalize))
             continue
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
             # A slide OpenSlide cannot read: record why and score the other inputs.
@@ -151,7 +156,8 @@ def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Ca
             units.append(FailedUnit("bad-rows:" + key, [(w, f"malformed manifest row: {why}") for w, why in ds.bad_rows]))
         if cfg.send == "encoded" and ds.kind == "hdf5":
             raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
-        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec.source_hw, encoded=cfg.send == "encoded"))
+        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec, encoded=cfg.send == "encoded",
+                                 max_pixels=cfg.max_image_pixels))
     return units
 
 
@@ -181,7 +187,11 @@ def _payload(group: list[Item], encoded: bool):
     ok = [it for it in group if it.error is None]
     if encoded:
         return [it.data for it in ok]
-    return np.stack([it.image for it in ok]) if ok else np.empty((0, 1, 1, 3), np.uint8)
+    if not ok:
+        return np.empty((0, 1, 1, 3), np.uint8)
+    # Prepared images are at the input or the source size: one array when they agree, else a list.
+    shapes = {it.image.shape for it in ok}
+    return np.stack([it.image for it in ok]) if len(shapes) == 1 else [it.image for it in ok]
 
 
 def _fingerprint(cfg: ScoreConfig, spec: ModelSpec) -> dict:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.spec import ARCHITECTURES
 from training.errors import TrainingError
 from training.model import POOL_SIZES, ModelConfig
@@ -82,6 +83,7 @@ class TrainConfig:
     name: str | None = None
     max_batch_size: int = 64
     skip_bad: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse (or --skip-bad) images larger than this
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -94,7 +96,8 @@ class TrainConfig:
         for flag, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                         ("--image-size", self.image_size), ("--workers", self.workers),
                         ("--max-batch-size", self.max_batch_size), ("--lr-step-size", self.lr_step_size),
-                        ("--stats-max-images", self.stats_max_images)):
+                        ("--stats-max-images", self.stats_max_images),
+                        ("--max-image-pixels", self.max_image_pixels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")
         for flag, v in (("--lr-warmup-epochs", self.lr_warmup_epochs),

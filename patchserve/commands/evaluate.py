@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.spec import TTA_MODES
 
 
@@ -21,6 +22,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "up to 8 on GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dali-device", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="list images whose header says width x height is larger as bad files (decompression bombs)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
 
@@ -35,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
 
     workers = args.workers or default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
     r = evaluate_run(args.run, args.data, args.out, split=args.split, tta=args.tta, batch_size=args.batch_size,
-                     workers=workers, device=args.device, dali_device=args.dali_device, progress=args.progress)
+                     workers=workers, device=args.device, dali_device=args.dali_device, progress=args.progress,
+                     max_image_pixels=args.max_image_pixels)
     m = r.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
     print(f"{m['num_samples']} images: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from serving.client_config import CLIENT_TTA_MODES, PROTOCOLS
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-rows", type=int, default=4096, help="rows per output part")
     p.add_argument("--stop-after-parts", type=int, default=None,
                    help="stop after writing this many parts (chunked runs; continue with --resume)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="record an image whose header says width x height is larger as an error, undecoded")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     s = p.add_argument_group("whole slides")
     s.add_argument("--mpp-target", type=float, default=None, help="microns per pixel to tile at (default: level 0)")
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
                       wait_timeout_s=args.wait_timeout_s, shared_memory=args.shared_memory,
                       read_threads=args.read_threads, part_rows=args.part_rows,
                       stop_after_parts=args.stop_after_parts, tiling=tiling, heatmap_class=args.heatmap_class,
-                      progress=args.progress)
+                      max_image_pixels=args.max_image_pixels, progress=args.progress)
     result = run_score(cfg)
     if result.stopped:
         return 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from training.errors import TrainingError
 
 
@@ -87,6 +88,8 @@ def add_training_args(p: argparse.ArgumentParser, *, with_out: bool = True) -> a
     p.add_argument("--name", default=None, help="model name (default: from the data folder name)")
     p.add_argument("--max-batch-size", type=int, default=64, help="the served model's max batch size")
     p.add_argument("--skip-bad", action=B, default=False, help="train without unreadable files instead of refusing")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="refuse images whose header says width x height is larger (decompression bombs)")
     p.add_argument("--progress", action=B, default=True, help="progress bars")
     return p
 
@@ -104,7 +107,7 @@ TRAIN_KEYS = ("arch", "epochs", "batch_size", "lr", "momentum", "nesterov", "opt
               "val_fraction", "early_stopping_patience", "best_metric", "seed", "workers", "device", "dali_device",
               "hflip_prob", "vflip_prob", "rotation_deg", "brightness", "contrast", "saturation", "hue",
               "scale_min", "grayscale_equalize", "mean", "std", "stats_max_images", "name", "max_batch_size",
-              "skip_bad", "progress")
+              "skip_bad", "max_image_pixels", "progress")
 
 
 def config_from_args(args: argparse.Namespace, **override):
