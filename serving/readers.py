@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from serving.errors import ImageReadError, PatchserveError
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_u8, read_header
+from serving.imageio import DALI_SAFE_MODES, DEFAULT_MAX_IMAGE_PIXELS, load_rgb_u8, read_header
 from serving.preprocess import prepare_u8
 from serving.slides import SlideGrid, SlideHandles, read_tile
 from serving.sources import Dataset, parse_hdf5_source, read_hdf5_rows
@@ -28,6 +28,7 @@ from serving.spec import ModelSpec
 Task = Callable[[], list["Item"]]
 _END = object()
 ENCODED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what the ensemble's decoder takes: PNG, JPEG
+ENCODED_MODES = DALI_SAFE_MODES  # modes DALI decodes as the reference does
 
 
 @dataclass
@@ -79,6 +80,11 @@ class DatasetUnit:
                     if header.format not in ("PNG", "JPEG"):
                         raise ImageReadError(f"{src}: --send encoded takes PNG or JPEG files only, got "
                                              f"{header.format}")
+                    if header.mode not in ENCODED_MODES:
+                        # The server's DALI decoder would not apply the decode rule (alpha over white,
+                        # palette, 16-bit, CMYK) the way serving/imageio.py does: refuse, never drift.
+                        raise ImageReadError(f"{src}: --send encoded takes RGB or grey images; this one is "
+                                             f"{header.mode} (use --send pixels)")
                     data = Path(src).read_bytes()
                     if not data.startswith(ENCODED_MAGIC):
                         raise ImageReadError(f"{src}: --send encoded takes PNG or JPEG files only")

@@ -63,11 +63,15 @@ class TritonPythonModel:
             try:
                 with Image.open(io.BytesIO(row.tobytes())) as img:
                     w, h = img.size
+                    mode, fmt = img.mode, img.format
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad header
                 return f"image {i}: cannot read the image header ({type(exc).__name__}: {exc})"
             if self.max_pixels and w * h > self.max_pixels:
                 return (f"image {i}: image too large: {w}x{h} = {w * h} pixels is over the limit of "
                         f"{self.max_pixels} (max_image_pixels)")
+            if fmt not in ("PNG", "JPEG") or mode not in ("RGB", "L"):
+                # DALI would not apply patchserve's decode rule to alpha, palette, 16-bit or CMYK images.
+                return f"image {i}: expected an RGB or grey PNG or JPEG, got a {mode} {fmt}"
         return None
 
     def execute(self, requests):
