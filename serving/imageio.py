@@ -106,6 +106,17 @@ def _check_file(p: Path, label: str) -> None:
         raise ImageReadError(f"{label}: empty file (0 bytes)")
 
 
+def _exif(img: Image.Image) -> Image.Exif:
+    """The EXIF block without decoding pixels (PIL's PNG getexif() would decode the image to look for it)."""
+    if img.format == "PNG":
+        exif = Image.Exif()
+        raw = img.info.get("exif")  # an eXIf chunk before the pixel data, read with the header
+        if raw:
+            exif.load(raw)
+        return exif
+    return img.getexif()
+
+
 def _open_checked(source, label: str, max_pixels: int) -> tuple[Image.Image, ImageHeader]:
     """Open lazily (header only) and refuse what the header says is unusable."""
     fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
@@ -119,7 +130,7 @@ def _open_checked(source, label: str, max_pixels: int) -> tuple[Image.Image, Ima
         raise ImageReadError(f"{label}: image too large: {w}x{h} = {w * h} pixels is over the limit of "
                              f"{max_pixels} (--max-image-pixels)")
     try:
-        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
+        orientation = int(_exif(img).get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a damaged EXIF block: treat as upright, like a viewer
         orientation = 1
     return img, ImageHeader(w, h, img.format, img.mode, orientation if 1 <= orientation <= 8 else 1)

@@ -123,7 +123,9 @@ class EmbeddedTriton:
             f"--grpc-address={self.host}", f"--grpc-port={self.urls.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.urls.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
-            "--model-control-mode=none",
+            # Explicit mode (every model loaded at start) lets the stub watchdog reload a model whose
+            # Python-backend process died; in mode "none" Triton would report it ready and fail every request.
+            "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true",
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
@@ -151,6 +153,9 @@ class EmbeddedTriton:
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
                                         env=self.environment(), cwd=self.workdir, start_new_session=True)
         self.wait_ready()
+        from serving.watchdog import StubWatchdog
+
+        self.watchdog = StubWatchdog(self.process.pid, self.urls.http).start()
         return self
 
     def wait_ready(self) -> None:
@@ -181,11 +186,18 @@ class EmbeddedTriton:
             return "(no log)"
         return "\n".join(text[-lines:])
 
+    def _stop_watchdog(self) -> None:
+        # First: stubs leaving with a stopping server must not be "reloaded".
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -198,6 +210,7 @@ class EmbeddedTriton:
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would (fault tests)."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()

@@ -180,3 +180,59 @@ def test_reference_decodes_the_scan_cache_to_the_same_pixels(matrix, tmp_path):
     for name in ("rgba_equal.png", "exif_6.jpg", "cmyk_equal.jpg"):
         scan = scan_samples([Sample(str(matrix[name]), 0)], tmp_path / "cache", progress=False)
         np.testing.assert_array_equal(load_rgb_u8(scan.samples[0].source), load_rgb_u8(matrix[name]))
+
+
+def _png_header_only(side: int) -> bytes:
+    """A PNG whose header claims side x side RGB pixels (the limits are read from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_ensemble_refuses_an_over_limit_image_per_request_and_stays_ready(served_spec, triton_server, matrix):
+    import tritonclient.grpc as grpcclient
+
+    spec = served_spec
+    client = grpcclient.InferenceServerClient(triton_server.grpc)
+
+    def send(data: bytes):
+        arr = np.frombuffer(data, np.uint8)[None]
+        inp = grpcclient.InferInput(spec.encoded_name, list(arr.shape), "UINT8")
+        inp.set_data_from_numpy(arr)
+        return client.infer(spec.ensemble_model_name, [inp]).as_numpy(spec.output_name)
+
+    try:
+        with pytest.raises(Exception, match=r"image too large: 20000x20000 = 400000000 pixels is over the limit"):
+            send(_png_header_only(20_000))
+        with pytest.raises(Exception, match=r"expected an RGB or grey PNG or JPEG, got a RGBA PNG"):
+            send(matrix["rgba_equal.png"].read_bytes())
+        assert send(matrix["rgb_equal.png"].read_bytes()).shape == (1, 2)
+        assert client.is_server_ready() and client.is_model_ready(spec.ensemble_model_name)
+    finally:
+        client.close()
+
+
+def test_scoring_records_an_over_limit_file_without_decoding_it(served_spec, triton_server, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from serving.output import errors_path
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(folder / "ok.png")
+    (folder / "bomb.png").write_bytes(_png_header_only(20_000))
+    for send in ("pixels", "encoded"):
+        out = tmp_path / f"{send}.parquet"
+        rows = _score(served_spec, triton_server, [folder], out, send=send)
+        assert list(rows) == [(str(folder / "ok.png"), None, None)]
+        with open(errors_path(out), newline="") as fh:
+            (err,) = list(csv.DictReader(fh))
+        assert err["source"] == str(folder / "bomb.png")
+        assert "image too large: 20000x20000 = 400000000 pixels is over the limit of 67108864" in err["reason"]

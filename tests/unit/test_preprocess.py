@@ -85,3 +85,41 @@ def test_mode_rule_for_grey_rgba_palette_16bit_and_cmyk(matrix):
     np.testing.assert_array_equal(g16[..., 0], ((v * 255 + 32767) // 65535).astype(np.uint8))
     cmyk = load_rgb_u8(matrix["cmyk_equal.jpg"])
     assert cmyk.shape == (32, 32, 3) and np.abs(cmyk.astype(int) - rgb.astype(int)).mean() < 6
+
+
+def test_mean_std_of_a_grey_model_are_those_of_the_equalised_images(tmp_path):
+    from serving.sources import Sample
+    from training.stats import compute_mean_std
+
+    # Bright, low-contrast grey images (an X-ray-like set): raw statistics are far from the equalised ones.
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(3):
+        grey = np.clip(rng.normal(200, 25, (40, 48)), 0, 255).astype(np.uint8)
+        Image.fromarray(grey).save(tmp_path / f"{i}.png")
+        samples.append(Sample(str(tmp_path / f"{i}.png")))
+    raw_mean, raw_std = compute_mean_std(samples)
+    mean, std = compute_mean_std(samples, grayscale_equalize=True)
+    pixels = np.concatenate([equalize_grey_u8(load_rgb_u8(s.source)).reshape(-1, 3) for s in samples]) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-6)
+    assert raw_mean[0] > 0.7 and abs(mean[0] - 0.5) < 0.05 and std[0] > 2 * raw_std[0]
+
+
+def test_training_scan_lists_an_over_limit_image_by_its_header(tmp_path):
+    from serving.sources import Sample
+    from tests.unit.test_bad_input_decode import png_header_only
+    from training.scan import refuse_bad, scan_samples
+    from training.errors import DataError
+
+    (tmp_path / "bomb.png").write_bytes(png_header_only(20_000, 20_000))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    scan = scan_samples([Sample(str(tmp_path / "bomb.png"), 0), Sample(str(tmp_path / "ok.png"), 1)], None,
+                        progress=False)
+    assert [s.source for s in scan.samples] == [str(tmp_path / "ok.png")]
+    assert scan.bad == [(str(tmp_path / "bomb.png"),
+                         "image too large: 20000x20000 = 400000000 pixels is over the limit of 67108864 "
+                         "(--max-image-pixels)")]
+    with pytest.raises(DataError, match=r"1 unusable image file\(s\).*--skip-bad[\s\S]*bomb\.png: image too large"):
+        refuse_bad(scan, skip_bad=False)
+    refuse_bad(scan, skip_bad=True)  # --skip-bad: trains on the rest; the file stays listed in scan.bad
