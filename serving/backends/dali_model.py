@@ -65,7 +65,7 @@ class TritonPythonModel:
                     w, h = img.size
                     mode, fmt = img.mode, img.format
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad header
-                return f"image {i}: cannot read the image header ({type(exc).__name__}: {exc})"
+                return f"cannot decode the image bytes: image {i} has no header PIL can read ({type(exc).__name__})"
             if self.max_pixels and w * h > self.max_pixels:
                 return (f"image {i}: image too large: {w}x{h} = {w * h} pixels is over the limit of "
                         f"{self.max_pixels} (max_image_pixels)")
