@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,9 @@ from serving.errors import ServerError
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
+
+# The header that unlocks the repository API for this process's own stub watchdog.
+ADMIN_HEADER = "patchserve-admin-key"
 
 def _pytriton_root() -> Path:
     spec = importlib.util.find_spec("pytriton")
@@ -108,6 +112,7 @@ class EmbeddedTriton:
         self.exit_on_error = exit_on_error
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
+        self._admin_key = secrets.token_hex(16)
         self.log_path = self.workdir / "tritonserver.log"
 
     # -- life cycle ---------------------------------------------------------
@@ -126,6 +131,10 @@ class EmbeddedTriton:
             # Explicit mode (every model loaded at start) lets the stub watchdog reload a model whose
             # Python-backend process died; in mode "none" Triton would report it ready and fail every request.
             "--model-control-mode=explicit", "--load-model=*",
+            # ... and only it: the repository API (load, unload, which can upload model files) needs a
+            # header whose value is a secret of this process, over HTTP and gRPC alike.
+            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self._admin_key}",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self._admin_key}",
             "--strict-readiness=true",
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
@@ -155,7 +164,8 @@ class EmbeddedTriton:
         self.wait_ready()
         from serving.watchdog import StubWatchdog
 
-        self.watchdog = StubWatchdog(self.process.pid, self.urls.http).start()
+        self.watchdog = StubWatchdog(self.process.pid, self.urls.http,
+                                     headers={ADMIN_HEADER: self._admin_key}).start()
         return self
 
     def wait_ready(self) -> None:

@@ -44,8 +44,10 @@ def live_stubs(server_pid: int) -> dict[int, str]:
 class StubWatchdog:
     """A daemon thread: when a stub of model M disappears, POST /v2/repository/models/M/load."""
 
-    def __init__(self, server_pid: int, http_url: str, every_s: float = 1.0, log=None):
+    def __init__(self, server_pid: int, http_url: str, every_s: float = 1.0, log=None,
+                 headers: dict[str, str] | None = None):
         self.server_pid, self.http_url, self.every_s = server_pid, http_url, every_s
+        self.headers = dict(headers or {})
         self.reloads: list[str] = []
         self._log = log or (lambda _msg: None)
         self._stop = threading.Event()
@@ -61,7 +63,7 @@ class StubWatchdog:
 
     def reload(self, model: str) -> None:
         req = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"",
-                                     method="POST")
+                                     method="POST", headers=self.headers)
         with urllib.request.urlopen(req, timeout=300) as resp:
             resp.read()
 
