@@ -17,12 +17,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from serving.batching import all_at, check_images, client_views, encode_batch, split_rows, windowed
-from serving.client_config import ClientConfig, check_spec, check_tta, check_url
+from serving.client_config import ClientConfig, check_spec, check_tta, check_url, info_tta_views
 from serving.preprocess import prepare_u8
 from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
 from serving.retry import Pending, RetryPolicy, is_retryable
-from serving.spec import SPEC_PARAMETER, TTA_VIEWS_PARAMETER, ModelSpec
+from serving.spec import SPEC_PARAMETER, ModelSpec
 from serving.views import combine_views
 
 @dataclass(frozen=True)
@@ -61,15 +61,6 @@ def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo
     inp = inputs[0]
     return ModelInfo(name, inp["name"], inp.get("data_type", "").removeprefix("TYPE_").replace("STRING", "BYTES"),
                      tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
-
-
-def info_tta_views(info: ModelInfo) -> str:
-    """The views a server-side TTA model averages (its config's ``tta_views`` parameter)."""
-    mode = info.parameters.get(TTA_VIEWS_PARAMETER, "")
-    if mode not in ("five", "ten"):
-        raise SpecMismatchError(f"--tta server: model {info.name!r} does not say which views it averages "
-                                f"(parameter {TTA_VIEWS_PARAMETER!r} is {mode!r})")
-    return mode
 
 
 class PatchClient:
