@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,6 @@ from serving.errors import ServerError
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
-
-# The header that unlocks the repository API for this process's own stub watchdog.
-ADMIN_HEADER = "patchserve-admin-key"
 
 def _pytriton_root() -> Path:
     spec = importlib.util.find_spec("pytriton")
@@ -112,7 +109,7 @@ class EmbeddedTriton:
         self.exit_on_error = exit_on_error
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
-        self._admin_key = secrets.token_hex(16)
+        self.recoveries: list[list[str]] = []  # models whose stub died, per restart
         self.log_path = self.workdir / "tritonserver.log"
 
     # -- life cycle ---------------------------------------------------------
@@ -128,13 +125,7 @@ class EmbeddedTriton:
             f"--grpc-address={self.host}", f"--grpc-port={self.urls.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.urls.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
-            # Explicit mode (every model loaded at start) lets the stub watchdog reload a model whose
-            # Python-backend process died; in mode "none" Triton would report it ready and fail every request.
-            "--model-control-mode=explicit", "--load-model=*",
-            # ... and only it: the repository API (load, unload, which can upload model files) needs a
-            # header whose value is a secret of this process, over HTTP and gRPC alike.
-            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self._admin_key}",
-            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self._admin_key}",
+            "--model-control-mode=none",
             "--strict-readiness=true",
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
@@ -164,8 +155,9 @@ class EmbeddedTriton:
         self.wait_ready()
         from serving.watchdog import StubWatchdog
 
-        self.watchdog = StubWatchdog(self.process.pid, self.urls.http,
-                                     headers={ADMIN_HEADER: self._admin_key}).start()
+        # Triton keeps a model "ready" after its stub process died; restarting the server is the recovery
+        # that needs no repository API (which stays closed): not ready while it restarts, then whole again.
+        self.watchdog = StubWatchdog(self.process.pid, on_lost=self._recover).start()
         return self
 
     def wait_ready(self) -> None:
@@ -195,6 +187,11 @@ class EmbeddedTriton:
         except OSError:
             return "(no log)"
         return "\n".join(text[-lines:])
+
+    def _recover(self, models: list[str]) -> None:
+        """A stub died: restart on the same ports, on a thread of its own (not the watchdog's)."""
+        self.recoveries.append(models)
+        threading.Thread(target=self.restart, name="patchserve-recover", daemon=True).start()
 
     def _stop_watchdog(self) -> None:
         # First: stubs leaving with a stopping server must not be "reloaded".
