@@ -15,6 +15,7 @@ from export.repository import (PARITY_FILE, PLAN_MANIFEST, ExportResult, copy_ba
                                remove_stale_configs, render_repository, resolve_spec, write_generated)
 from serving.spec import ModelSpec
 from serving.views import combine_views, make_views, num_views
+from serving.progress import bar_disable
 
 # PIL's BILINEAR and DALI's linear resize (both antialiased) round differently:
 # a few grey levels on smooth images; more than this means a different crop or resize.
@@ -97,7 +98,7 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
     served = ServedModel(classifier).eval()
     created = [repo / n / str(version) for n in names]
     steps = 2 + int(with_tta) * 2 + int(with_dali) + int("tensorrt" in formats)
-    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=bar_disable(progress))
     rows: list[ParityRow] = []
     notes: list[str] = []
     try:

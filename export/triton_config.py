@@ -18,9 +18,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
 from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
-from serving.spec import SPEC_PARAMETER, TTA_VIEWS_PARAMETER, ModelSpec
+from serving.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, ModelSpec
 
-FORMATS = ("python", "onnxruntime", "tensorrt")
+FORMATS = FLAVOURS
 TTA_PARAMETER = TTA_VIEWS_PARAMETER
 MAX_PIXELS_PARAMETER = "max_image_pixels"
 LABELS_FILE = "labels.txt"

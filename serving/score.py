@@ -28,6 +28,7 @@ from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfi
 from serving.sources import SPLITS, discover
 from serving.spec import ModelSpec
 from serving.views import num_views
+from serving.progress import bar_disable
 
 SEND_MODES = ("pixels", "encoded")
 
@@ -86,8 +87,11 @@ class ScoreConfig:
             raise InputError(f"--send: invalid mode {self.send!r}. Only pixels and encoded are supported.")
         if self.send == "encoded" and self.tta != "none":
             raise InputError(f"--send encoded: the ensemble scores the centre crop only; use --tta none, not {self.tta}")
-        if self.split is not None and self.split not in SPLITS:
-            raise InputError(f"--split: invalid split {self.split!r}. Only {', '.join(SPLITS)} are supported.")
+        # Any split folder of the tree (train, val, test, test_shifted...): a plain name, not a path.
+        if self.split is not None and (not self.split or Path(self.split).name != self.split
+                                       or self.split in (".", "..")):
+            raise InputError(f"--split: expected the name of a split folder such as {', '.join(SPLITS)}, "
+                             f"got {self.split!r}")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite: give one of them, not both")
         if self.read_threads < 1:
@@ -267,7 +271,7 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     done_now = 0
     stopped = False
     reader = OrderedReader(tasks, threads=cfg.read_threads, depth=depth)
-    bar = tqdm(total=total, unit="patch", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="patch", disable=bar_disable(cfg.progress), dynamic_ncols=True)
     try:
         groups = _groups(iter(reader), rows_per_group, encoded)
         for group, probs in stream_predictions(clients, groups, mode, on_error="record"):

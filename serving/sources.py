@@ -244,10 +244,12 @@ def discover(path: str | Path, split: str | None = None, classes: tuple[str, ...
         if not (p / split).is_dir():
             raise InputError(f"{p}: has split folders but no '{split}' folder")
         return read_class_folders(p / split, classes)
+    if has_splits(p):
+        # Scoring train/ silently when the user meant test/ gives plausible, wrong numbers.
+        names = ", ".join(d.name for d in _class_dirs(p))
+        raise InputError(f"{p}: holds the splits {names}; pass --split to pick one")
     subdirs = _class_dirs(p)
     if subdirs and not any(is_image_file(f) for f in p.iterdir() if f.is_file()):
-        if has_splits(p):
-            return read_class_folders(p / "train", classes)
         return read_class_folders(p, classes)
     files = _images_in(p)
     if not files:

@@ -39,6 +39,11 @@ TTA_MODES = ("none", "flip", "five", "ten")
 #   that image: from an input-size image every crop is the whole image.
 # New rules (random or other crops) are added here and in serving/preprocess.py.
 EVAL_GEOMETRIES = ("resize_crop",)
+# Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
+# Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
+# with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.
+FLAVOURS = ("python", "onnxruntime", "tensorrt")
+GPU_FLAVOURS = ("tensorrt", "onnxruntime")
 ARCHITECTURES = (
     "resnet18",
     "resnet34",

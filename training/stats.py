@@ -13,6 +13,7 @@ import numpy as np
 
 from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, equalize_grey_u8, load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.progress import bar_disable
 
 # The spec requires values in (0, 1]: a black or flat training set still gets a usable layer.
 _MIN_VALUE = 1e-3
@@ -53,7 +54,7 @@ def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int
     if len(samples) > max_images:
         idx = np.sort(rng.choice(len(samples), size=max_images, replace=False))
     hist = np.zeros((3, 256), np.int64)
-    for i in tqdm(idx, desc="mean/std", unit="img", disable=not progress, leave=False):
+    for i in tqdm(idx, desc="mean/std", unit="img", disable=bar_disable(progress), leave=False):
         image = _load(samples[int(i)], max_pixels)
         if grayscale_equalize:
             image = equalize_grey_u8(image)
