@@ -78,12 +78,6 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
 
     payload = _read_run(run)
     spec = resolve_spec(payload["spec"], name=name, version=version, max_batch_size=max_batch_size)
-    if spec.grayscale_equalize and (with_tta or with_dali):
-        # The client equalises before sending; the TTA graph and the DALI
-        # preprocessing would see unequalised pixels and score them wrong.
-        print(f"{spec.name}: trained with --grayscale-equalize, which the client applies: no server-side TTA "
-              "or DALI preprocessing models (they would skip the equalisation)")
-        with_tta = with_dali = False
     opts = tc.ExportOptions(version=version, formats=formats, tta_views=tta_views, with_tta=with_tta,
                             with_dali=with_dali, instances=instances, max_queue_delay_us=max_queue_delay_us,
                             fp16=fp16, trt_accelerator=trt_accelerator)

@@ -17,10 +17,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.spec import FLAVOURS, SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
 FORMATS = FLAVOURS
-TTA_PARAMETER = "tta_views"
+TTA_PARAMETER = TTA_VIEWS_PARAMETER
+MAX_PIXELS_PARAMETER = "max_image_pixels"
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
@@ -176,6 +178,8 @@ def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
         cfg.backend = "python"
         cfg.parameters["dali_file"].string_value = DALI_FILE
         cfg.parameters["dali_threads"].string_value = "1"
+        # Read from each image's header before DALI decodes it: a bomb fails its request, not the process.
+        cfg.parameters[MAX_PIXELS_PARAMETER].string_value = str(DEFAULT_MAX_IMAGE_PIXELS)
     elif flavour == "dali":
         cfg.backend = "dali"
         cfg.default_model_filename = DALI_FILE

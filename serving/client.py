@@ -14,10 +14,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from serving.batching import check_images, client_views, encode_batch, split_rows, to_source_size, windowed
-from serving.client_config import ClientConfig, check_spec, check_tta, check_url
+from serving.batching import all_at, check_images, client_views, encode_batch, split_rows, windowed
+from serving.client_config import ClientConfig, check_spec, check_tta, check_url, info_tta_views
 from serving.model_info import ModelInfo, grpc_channel_args, parse_config
-from serving.imageio import grey_equalize_u8
+from serving.preprocess import prepare_u8
 from serving.errors import (InferenceError, ModelNotFoundError, ServerMismatchError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
 from serving.fingerprint import ServedIdentity, spec_sha256
@@ -184,23 +184,11 @@ class PatchClient:
 
     def tta_info(self) -> ModelInfo:
         """The server-side TTA model (patches at the source size in, averaged probabilities out)."""
-        self._refuse_server_side("server")  # before asking for a model export never wrote
         return self.model_info(self.spec.tta_model_name, self.spec.output_name)
 
     def ensemble_info(self) -> ModelInfo:
         """The ensemble taking encoded image bytes."""
-        self._refuse_server_side("encoded")
         return self.model_info(self.spec.ensemble_model_name, self.spec.output_name)
-
-    def _refuse_server_side(self, tta: str) -> None:
-        """Equalised models get no server-side TTA or ensemble graph: say why and what works."""
-        if self.spec.grayscale_equalize:
-            what = "--send encoded" if tta == "encoded" else "--tta server"
-            raise SpecMismatchError(
-                f"{what}: model {self.model!r} was trained on grey-scale equalised images (--grayscale-equalize), "
-                "and only the client equalises: the server's TTA and ensemble graphs would score unequalised "
-                "pixels, so export did not write them. Use --send pixels with --tta none, flip, five or ten "
-                "(the same views, taken by the client after equalising)")
 
     # -- transport ----------------------------------------------------------
     def _setup_shared_memory(self) -> None:
@@ -274,38 +262,47 @@ class PatchClient:
         return Pending(self, info, array, slot)
 
     # -- prediction -----------------------------------------------------------
-    def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
-        """The requests for one group of patches: (model, array, views per patch) each."""
-        if tta in ("encoded", "server"):
-            self._refuse_server_side(tta)
+    def plan(self, images: np.ndarray | Sequence, tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
+        """The requests for one group of prepared patches (serving/preprocess.py): (model, array, views) each."""
         if tta == "encoded":
             info = self.ensemble_info()
             return [(info, encode_batch(images[sl], info), 1) for sl in split_rows(len(images), self.request_rows(info))]
         check_tta(tta)
         images = check_images(images, self.spec)
         if tta == "server":
-            info = self.tta_info()
-            src = to_source_size(images, self.spec)
-            return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
+            if all_at(images, self.spec.source_hw):
+                info = self.tta_info()
+                src = np.stack(images) if not isinstance(images, np.ndarray) else images
+                return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
+            # Input-size patches are never resized up: their views (every one the whole patch)
+            # are cut here and sent to the classifier, which is what the TTA model would compute.
+            tta = info_tta_views(self.tta_info())
         if tta not in self.spec.tta_views:
             raise SpecMismatchError(f"--tta {tta}: the model supports only {', '.join(self.spec.tta_views)}")
-        if self.spec.grayscale_equalize:
-            images = grey_equalize_u8(images)  # as training's pipeline did; the graph does not
         views, v = client_views(images, self.spec, tta)
         rows = self.request_rows()
         # Whole patches per request when they fit, so a patch's views travel together.
         per = max(1, rows // v) * v if v <= rows else rows
         return [(self.info, views[sl], v) for sl in split_rows(len(views), per)]
 
-    def predict(self, images_nhwc_u8: np.ndarray | Sequence[bytes], tta: str = "none") -> np.ndarray:
-        """Class probabilities (N x classes, float32) in input order."""
-        n = len(images_nhwc_u8)
+    def predict(self, images: np.ndarray | Sequence, tta: str = "none") -> np.ndarray:
+        """Class probabilities (N x classes, float32) in input order.
+
+        ``images``: decoded uint8 RGB images (an N x H x W x 3 array or a list
+        of H x W x 3 arrays of any size), which go through the reference
+        preprocessing (equalisation for grey-scale models, the geometry)
+        here; or encoded file bytes with ``tta="encoded"``.
+        """
+        n = len(images)
         if n == 0:
             return np.empty((0, self.spec.num_classes), np.float32)
-        return next(stream_predictions([self], [(None, images_nhwc_u8)], tta))[1]
+        if tta != "encoded":
+            prepared = [prepare_u8(np.asarray(im), self.spec) for im in images]
+            images = np.stack(prepared) if len({p.shape for p in prepared}) == 1 else prepared
+        return next(stream_predictions([self], [(None, images)], tta))[1]
 
     def stream(self, groups: Iterable[tuple[Any, np.ndarray]], tta: str = "none") -> Iterator[tuple[Any, np.ndarray]]:
-        """Predict groups of patches lazily, keeping requests in flight across groups."""
+        """Predict groups of prepared patches lazily (serving/readers.py prepares them), requests in flight."""
         return stream_predictions([self], groups, tta)
 
     def close(self) -> None:

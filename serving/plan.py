@@ -83,7 +83,7 @@ def plan_units(cfg, spec: ModelSpec, handles: SlideHandles, log: Callable[[str],
                 continue
             log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
                 f"(read from level {grid.read_level})")
-            units.append(SlideUnit("slide:" + key, grid, handles))
+            units.append(SlideUnit("slide:" + key, grid, handles, equalize=spec.grayscale_equalize))
             continue
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
             # A slide OpenSlide cannot read: record why and score the other inputs.
@@ -94,7 +94,8 @@ def plan_units(cfg, spec: ModelSpec, handles: SlideHandles, log: Callable[[str],
             units.append(FailedUnit("bad-rows:" + key, [(w, f"malformed manifest row: {why}") for w, why in ds.bad_rows]))
         if cfg.send == "encoded" and ds.kind == "hdf5":
             raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
-        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec.source_hw, encoded=cfg.send == "encoded"))
+        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec, encoded=cfg.send == "encoded",
+                                 max_pixels=cfg.max_image_pixels))
     return units
 
 

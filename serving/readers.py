@@ -21,13 +21,16 @@ import numpy as np
 
 from serving.errors import ImageReadError, PatchserveError
 from serving.fingerprint import file_entry
-from serving.imageio import load_rgb_u8, resize_u8
+from serving.imageio import DALI_SAFE_MODES, DEFAULT_MAX_IMAGE_PIXELS, load_rgb_u8, read_header
+from serving.preprocess import prepare_u8
 from serving.slides import SlideGrid, SlideHandles, read_tile
 from serving.sources import Dataset, parse_hdf5_source, read_hdf5_rows
+from serving.spec import ModelSpec
 
 Task = Callable[[], list["Item"]]
 _END = object()
 ENCODED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what the ensemble's decoder takes: PNG, JPEG
+ENCODED_MODES = DALI_SAFE_MODES  # modes DALI decodes as the reference does
 
 
 @dataclass
@@ -42,17 +45,23 @@ class Item:
     y: int | None = None
     col: int | None = None
     row: int | None = None
-    image: np.ndarray | None = None  # uint8 HWC
+    image: np.ndarray | None = None  # uint8 HWC, prepared (serving/preprocess.py): input or source size
     data: bytes | None = None  # encoded file bytes (--send encoded)
     error: str | None = None
 
 
 class DatasetUnit:
-    """Patches of a folder tree, image folder, manifest or HDF5 file."""
+    """Patches of a folder tree, image folder, manifest or HDF5 file, through the reference preprocessing.
 
-    def __init__(self, key: str, dataset: Dataset, patch_hw: tuple[int, int], encoded: bool = False,
-                 chunk: int = 16):
-        self.key, self.dataset, self.patch_hw, self.encoded, self.chunk = key, dataset, patch_hw, encoded, chunk
+    Pixels: decoded (header limits first), equalised for grey-scale models,
+    then the spec's geometry. Encoded: only the header is read (format and
+    pixel limit), the bytes go to the server undecoded.
+    """
+
+    def __init__(self, key: str, dataset: Dataset, spec: ModelSpec, encoded: bool = False, chunk: int = 16,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.key, self.dataset, self.spec, self.encoded, self.chunk = key, dataset, spec, encoded, chunk
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.dataset.samples)
@@ -67,14 +76,23 @@ class DatasetUnit:
             src = self.dataset.samples[i].source
             item = Item(self.key, i, src, self._label(i))
             try:
-                img = load_rgb_u8(src)  # decodes fully: corrupt files fail here, not on the server
                 if self.encoded:
+                    # The header only: the server decodes the pixels, the client must not do it twice.
+                    header = read_header(src, max_pixels=self.max_pixels)
+                    if header.format not in ("PNG", "JPEG"):
+                        raise ImageReadError(f"{src}: --send encoded takes PNG or JPEG files only, got "
+                                             f"{header.format}")
+                    if header.mode not in ENCODED_MODES:
+                        # The server's DALI decoder would not apply the decode rule (alpha over white,
+                        # palette, 16-bit, CMYK) the way serving/imageio.py does: refuse, never drift.
+                        raise ImageReadError(f"{src}: --send encoded takes RGB or grey images; this one is "
+                                             f"{header.mode} (use --send pixels)")
                     data = Path(src).read_bytes()
                     if not data.startswith(ENCODED_MAGIC):
                         raise ImageReadError(f"{src}: --send encoded takes PNG or JPEG files only")
                     item.data = data
                 else:
-                    item.image = resize_u8(img, self.patch_hw)
+                    item.image = prepare_u8(load_rgb_u8(src, max_pixels=self.max_pixels), self.spec)
             except (PatchserveError, OSError) as exc:
                 item.error = str(exc)
             out.append(item)
@@ -89,7 +107,7 @@ class DatasetUnit:
             return [Item(self.key, i, self.dataset.samples[i].source, self._label(i), error=f"{xpath}: {exc}")
                     for i in range(lo, hi)]
         return [Item(self.key, i, self.dataset.samples[i].source, self._label(i),
-                     image=resize_u8(rows[j], self.patch_hw)) for j, i in enumerate(range(lo, hi))]
+                     image=prepare_u8(rows[j], self.spec)) for j, i in enumerate(range(lo, hi))]
 
     def listing(self) -> list[str]:
         """Fingerprint lines: each file with size, mtime and label; an HDF5 file once, with its row count."""
@@ -108,10 +126,15 @@ class DatasetUnit:
 
 
 class SlideUnit:
-    """The tissue tiles of one slide, read with a per-thread OpenSlide handle."""
+    """The tissue tiles of one slide, read with a per-thread OpenSlide handle.
 
-    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 8):
-        self.key, self.grid, self.handles, self.chunk = key, grid, handles, chunk
+    Tiles come at the grid's patch size (the input size, or the source size
+    for TTA), where the geometry is the identity; grey-scale models get the
+    equalisation at the read resolution, before the resize, as every path.
+    """
+
+    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 8, equalize: bool = False):
+        self.key, self.grid, self.handles, self.chunk, self.equalize = key, grid, handles, chunk, equalize
 
     def __len__(self) -> int:
         return len(self.grid.tiles)
@@ -129,7 +152,7 @@ class SlideUnit:
             t = self.grid.tiles[i]
             item = Item(self.key, i, self.grid.path, None, t.x, t.y, t.col, t.row)
             try:
-                item.image = read_tile(self.handles.get(self.grid.path), self.grid, t.x, t.y)
+                item.image = read_tile(self.handles.get(self.grid.path), self.grid, t.x, t.y, equalize=self.equalize)
             except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged tile: record, go on
                 item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {exc}"
                 self.handles.reopen(self.grid.path)

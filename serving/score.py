@@ -23,6 +23,7 @@ from serving.errors import (FingerprintMismatchError, InferenceError, InputError
                             ServerMismatchError, ServerUnavailableError)
 from serving.fingerprint import JobFingerprint, check_resume, check_servers, job_path, read_job_record, write_job_record
 from serving.joblock import JobLock
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.options import option
 from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
 from serving.plan import job_listing, job_options, plan_units, write_tissue_masks
@@ -75,6 +76,8 @@ class ScoreConfig:
                                                 "--resume)", default_text="run to the end")
     tiling: TilingConfig = option(help="whole slides", default_factory=TilingConfig)
     heatmap_class: str | None = option(None, "class drawn in slide heatmaps", default_text="the last class")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "record an image whose header says width x height "
+                                   "is larger as an error, undecoded (decompression bombs)")
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
@@ -102,6 +105,9 @@ class ScoreConfig:
             raise InputError(f"--part-rows: expected a positive integer, got {self.part_rows}")
         if not self.wait_timeout_s > 0:
             raise InputError(f"--wait-timeout-s: expected a positive number of seconds, got {self.wait_timeout_s}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or \
+                self.max_image_pixels < 1:
+            raise InputError(f"--max-image-pixels: expected a positive integer, got {self.max_image_pixels!r}")
         if self.stop_after_parts is not None and self.stop_after_parts < 1:
             raise InputError(f"--stop-after-parts: expected a positive integer, got {self.stop_after_parts}")
 
@@ -143,7 +149,11 @@ def _payload(group: list[Item], encoded: bool):
     ok = [it for it in group if it.error is None]
     if encoded:
         return [it.data for it in ok]
-    return np.stack([it.image for it in ok]) if ok else np.empty((0, 1, 1, 3), np.uint8)
+    if not ok:
+        return np.empty((0, 1, 1, 3), np.uint8)
+    # Prepared images are at the input or the source size: one array when they agree, else a list.
+    shapes = {it.image.shape for it in ok}
+    return np.stack([it.image for it in ok]) if len(shapes) == 1 else [it.image for it in ok]
 
 
 def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ class EmbeddedTriton:
         self.exit_on_error = exit_on_error
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
+        self.recoveries: list[list[str]] = []  # models whose stub died, per restart
         self.log_path = self.workdir / "tritonserver.log"
 
     # -- life cycle ---------------------------------------------------------
@@ -192,6 +194,11 @@ class EmbeddedTriton:
                  "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
         (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
         self.wait_ready()
+        from serving.watchdog import StubWatchdog
+
+        # Triton keeps a model "ready" after its stub process died; restarting the server is the recovery
+        # that needs no repository API (which stays closed): not ready while it restarts, then whole again.
+        self.watchdog = StubWatchdog(self.process.pid, on_lost=self._recover).start()
         return self
 
     def wait_ready(self) -> None:
@@ -235,12 +242,24 @@ class EmbeddedTriton:
             return "(no log)"
         return "\n".join(text[-lines:])
 
+    def _recover(self, models: list[str]) -> None:
+        """A stub died: restart on the same ports, on a thread of its own (not the watchdog's)."""
+        self.recoveries.append(models)
+        threading.Thread(target=self.restart, name="patchserve-recover", daemon=True).start()
+
+    def _stop_watchdog(self) -> None:
+        # First: stubs leaving with a stopping server must not be "reloaded".
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL; then whatever is left
         of its process group (backend stubs), its shared memory and its state file."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -255,6 +274,7 @@ class EmbeddedTriton:
 
     def kill(self) -> None:
         """SIGKILL the server only, as a crash would (fault tests); its stubs are left to the next start."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()

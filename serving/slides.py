@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import SlideError
+from serving.imageio import equalize_grey_u8, resize_u8, to_rgb_u8
 from serving.options import option
-from serving.imageio import resize_u8, to_rgb_u8
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
@@ -285,8 +285,12 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
                      tiles, mask, mscale)
 
 
-def read_tile(slide, grid: SlideGrid, x: int, y: int) -> np.ndarray:
-    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y)."""
+def read_tile(slide, grid: SlideGrid, x: int, y: int, equalize: bool = False) -> np.ndarray:
+    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y).
+
+    ``equalize``: grey-scale equalisation at the read resolution, before the
+    resize, as the reference preprocessing orders it.
+    """
     w0, h0 = grid.dims0
     if not (0 <= x < w0 and 0 <= y < h0):
         raise SlideError(f"{grid.path}: tile at ({x}, {y}) starts outside the slide ({w0}x{h0} at level 0)")
@@ -305,6 +309,8 @@ def read_tile(slide, grid: SlideGrid, x: int, y: int) -> np.ndarray:
         canvas = np.full((full_h, full_w, 3), 255, np.uint8)
         canvas[:in_h, :in_w] = region
         region = canvas
+    if equalize:
+        region = equalize_grey_u8(region)
     return resize_u8(region, grid.patch_hw)
 
 

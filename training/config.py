@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
 from serving.options import option
 from training.errors import TrainingError
@@ -108,6 +109,8 @@ class TrainConfig:
     name: str | None = option(None, "model name", default_text="from the data folder's name")
     max_batch_size: int = option(64, "the served model's max batch size (recorded in the spec)")
     skip_bad: bool = option(False, "train without unreadable files instead of refusing")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "refuse images whose header says width x height is "
+                                   "larger (decompression bombs), or skip them with --skip-bad")
     progress: bool = option(True, "progress bars (on a terminal only; the per-epoch lines always print)")
     overwrite: bool = option(False, "replace a run already in --out (train's own files; other files stay)")
     undersample: bool = option(False, "each epoch, every class cut to the smallest class's count, drawn afresh")
@@ -126,7 +129,8 @@ class TrainConfig:
         for flag, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                         ("--image-size", self.image_size), ("--workers", self.workers),
                         ("--max-batch-size", self.max_batch_size), ("--lr-step-size", self.lr_step_size),
-                        ("--stats-max-images", self.stats_max_images)):
+                        ("--stats-max-images", self.stats_max_images),
+                        ("--max-image-pixels", self.max_image_pixels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")
         for flag, v in (("--lr-warmup-epochs", self.lr_warmup_epochs),
@@ -210,6 +214,8 @@ class EvalConfig:
                                  default_text="half the cores on CPU, where the model needs the rest; up to 8 on GPU")
     device: str = option("auto", "where the model runs", choices=DEVICES)
     dali_device: str = option("auto", "where DALI decodes", choices=DALI_DEVICES)
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "list images whose header says width x height is "
+                                   "larger as bad files (decompression bombs)")
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
@@ -222,6 +228,7 @@ class EvalConfig:
         _choice("--tta", self.tta, TTA_MODES, "TTA mode")
         _choice("--device", self.device, DEVICES, "device")
         _choice("--dali-device", self.dali_device, DALI_DEVICES, "DALI device")
-        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers)):
+        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers),
+                        ("--max-image-pixels", self.max_image_pixels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.spec import ModelSpec
 from serving.views import view_boxes
 from training.errors import DataError, TrainingError
 from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, check_stain_options, hed_jitter
@@ -145,22 +146,46 @@ def _source(samples, *, batch_size, shard_id, num_shards, pad_last_batch, device
     return images, labels
 
 
-def resize_like_serving(images, hw: tuple[int, int]):
+def resize_like_serving(images, hw):
     """Resize to ``hw`` the way serving does.
 
     Linear with antialiasing, the closest DALI gets to PIL's bilinear resize
-    that the client uses; training's plain resize, evaluation and export's
-    DALI preprocessing all call this, so their pixels agree with served ones
-    on downscaled images too.
+    that the client uses. ``hw`` is a pair of ints or of per-sample DataNodes.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
     sh, sw = hw
+    if not isinstance(sh, int):
+        sh, sw = fn.cast(sh, dtype=types.FLOAT), fn.cast(sw, dtype=types.FLOAT)
     return fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
 
 
-def _grey_equalize(images):
+def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int], crop: bool):
+    """The spec's ``eval_geometry`` in DALI operators, as serving/preprocess.py defines it.
+
+    ``resize_crop``: an image of the input size is kept, any other size is
+    resized to the source size; per sample, from the decoded shape. With
+    ``crop`` the "none" view of serving.views follows (every output at the
+    input size), without it the images come out at their geometry size.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    ih, iw = input_hw
+    sh, sw = source_hw
+    shape = images.shape(dtype=types.INT32)
+    keep = fn.cast((shape[0] == ih) & (shape[1] == iw), dtype=types.INT32)  # 1: already the input size
+    images = resize_like_serving(images, (keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw))
+    if not crop:
+        return images
+    (top, left, _), = view_boxes("none", source_hw, input_hw)
+    start = fn.stack((1 - keep) * top, (1 - keep) * left)
+    return fn.slice(images, start=start, shape=[ih, iw], axis_names="HW", out_of_bounds_policy="error")
+
+
+def grey_equalize(images):
+    """Grey-scale + histogram equalisation (serving.imageio.equalize_grey_u8 is the reference)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -169,10 +194,21 @@ def _grey_equalize(images):
     return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
 
 
+_grey_equalize = grey_equalize  # the name tests and older callers use
+
+
 def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], augment: AugmentConfig,
                          batch_size: int, num_threads: int, seed: int, device: str = "cpu",
-                         device_id: int | None = None, shard_id: int = 0, num_shards: int = 1):
-    """Augmenting pipeline over ``samples`` in the given order (the caller shuffles per epoch)."""
+                         device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
+                         source_hw: tuple[int, int] | None = None):
+    """Augmenting pipeline over ``samples`` in the given order (the caller shuffles per epoch).
+
+    Decoding and equalisation (at the decoded size, before any resize) follow
+    the reference preprocessing. With ``--scale-min 1`` the geometry is the
+    evaluation geometry for the spec's ``source_hw`` (training passes it), so
+    "no augmentation" is exactly what evaluation and serving feed the model;
+    without ``source_hw`` it is a plain resize to ``input_hw``.
+    """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -186,7 +222,7 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
         images, labels = _source(samples, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                  pad_last_batch=False, device=device)
         if a.grayscale_equalize:
-            images = _grey_equalize(images)
+            images = grey_equalize(images)
         if a.random_crop:
             # Smaller images are padded white (the background of slides), never stretched.
             images = fn.crop(images, crop=[h, w], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
@@ -196,8 +232,8 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
             images = fn.random_resized_crop(images, size=[h, w], random_area=[a.scale_min, 1.0],
                                             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], antialias=False)
         else:
-            images = resize_like_serving(images, (h, w))
-        # Ops with a zero range are left out, so "no augmentation" is exactly the resize.
+            images = eval_geometry(images, input_hw, source_hw or input_hw, crop=True)
+        # Ops with a zero range are left out, so "no augmentation" is exactly the evaluation input.
         if a.hflip_prob > 0 or a.vflip_prob > 0:
             images = fn.flip(images, horizontal=fn.random.coin_flip(probability=a.hflip_prob),
                              vertical=fn.random.coin_flip(probability=a.vflip_prob))
@@ -219,41 +255,50 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
     return pipe()
 
 
-def build_eval_pipeline(samples: list[Sample], *, source_hw: tuple[int, int], crop_hw: tuple[int, int] | None,
-                        batch_size: int, num_threads: int, device: str = "cpu", device_id: int | None = None,
-                        shard_id: int = 0, num_shards: int = 1, grayscale_equalize: bool = False):
-    """Resize to ``source_hw``, then (if ``crop_hw``) the centre crop of serving.views ``none``.
+def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool = False, batch_size: int,
+                        num_threads: int, device: str = "cpu", device_id: int | None = None,
+                        shard_id: int = 0, num_shards: int = 1):
+    """The reference preprocessing in DALI: decode, equalise (grey models), geometry.
 
-    Without ``crop_hw`` the whole resized image comes out, for TTA views taken
-    afterwards with serving.views. Each sample of the shard comes out once.
+    Without ``views`` the "none" view comes out (input size). With ``views``
+    the geometry's output comes out padded to the source size, with its true
+    shape as a third output; :func:`unpad` cuts each image back so TTA views
+    are taken with serving.views. Each sample of the shard comes out once.
     """
     import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
-
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=0,
                   device_id=device_id if device == "gpu" else None, prefetch_queue_depth=2)
     def pipe():
         images, labels = _source(samples, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                  pad_last_batch=True, device=device)
-        if grayscale_equalize:
-            images = _grey_equalize(images)
-        images = resize_like_serving(images, source_hw)
-        if crop_hw is not None:
-            (top, left, _), = view_boxes("none", source_hw, crop_hw)
-            images = fn.slice(images, start=[top, left], shape=list(crop_hw), axis_names="HW")
-        return images, labels
+        if spec.grayscale_equalize:
+            images = grey_equalize(images)
+        images = eval_geometry(images, spec.input_hw, spec.source_hw, crop=not views)
+        if not views:
+            return images, labels
+        # Images of the input size and of the source size can share a batch: pad to one shape.
+        shapes = images.shape(dtype=types.INT32)
+        return fn.pad(images, axis_names="HW", shape=list(spec.source_hw)), labels, shapes
 
     return pipe()
 
 
-def iterate(pipe, samples: list[Sample]):
-    """A DALIGenericIterator yielding (images_nhwc_u8, labels) torch tensors; partial last batch."""
+def unpad(padded_nhwc, shapes) -> list[np.ndarray]:
+    """The images of a ``views=True`` batch at their own sizes."""
+    return [padded_nhwc[i, :int(s[0]), :int(s[1])] for i, s in enumerate(shapes)]
+
+
+def iterate(pipe, samples: list[Sample], with_shapes: bool = False):
+    """A DALIGenericIterator yielding (images_nhwc_u8, labels[, shapes]) torch tensors; partial last batch."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     kwargs = {} if _is_hdf5(samples) else {"reader_name": READER}
-    it = DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
-                             auto_reset=False, **kwargs)
+    names = ["images", "labels"] + (["shapes"] if with_shapes else [])
+    it = DALIGenericIterator([pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False, **kwargs)
     for batch in it:
-        yield batch[0]["images"], batch[0]["labels"].reshape(-1).long()
+        out = (batch[0]["images"], batch[0]["labels"].reshape(-1).long())
+        yield out + (batch[0]["shapes"],) if with_shapes else out

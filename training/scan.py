@@ -1,11 +1,13 @@
 """Pre-flight scan: find unusable image files before a long job starts.
 
-Every file is decoded once with serving.imageio.inspect_image (the same check
-the client uses). Zero-byte, truncated, non-image and unreadable files are
-listed with their paths; training refuses to start unless --skip-bad. Files
-whose mode DALI would decode differently from serving (RGBA, palette, 16-bit,
-CMYK...) are converted once to RGB PNGs in a cache folder, so DALI and serving
-see the same pixels.
+Every file's header is checked first (format, and the --max-image-pixels
+limit, before any pixel is decoded), then it is decoded once with
+serving.imageio.inspect_image (the same checks the client uses). Zero-byte,
+truncated, over-limit, non-image and unreadable files are listed with their
+paths; training refuses to start unless --skip-bad. Files DALI would decode
+differently from the reference decode (RGBA, palette, 16-bit, CMYK..., or an
+EXIF orientation other than 1) are converted once to upright RGB PNGs in a
+cache folder, so DALI and serving see the same pixels.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.errors import ImageReadError
-from serving.imageio import DALI_SAFE_MODES, inspect_image, load_rgb_u8
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, dali_decodes_alike, inspect_image, load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source
 from training.errors import DataError
 from serving.progress import bar_disable
@@ -39,7 +41,7 @@ def _cache_name(path: Path) -> str:
     return hashlib.sha1(key).hexdigest()[:20] + ".png"
 
 
-def convert_to_cache(path: Path, cache_dir: Path) -> Path:
+def convert_to_cache(path: Path, cache_dir: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
     """Write ``path`` as an RGB PNG in ``cache_dir`` (once; reused while the file is unchanged)."""
     from PIL import Image
 
@@ -47,14 +49,14 @@ def convert_to_cache(path: Path, cache_dir: Path) -> Path:
 
     out = cache_dir / _cache_name(path)
     if not out.exists():
-        rgb = load_rgb_u8(path)
+        rgb = load_rgb_u8(path, max_pixels=max_pixels)
         with atomic_path(out) as tmp:
             Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
     return out
 
 
 def scan_samples(samples: list[Sample], cache_dir: Path | None, *, progress: bool = True,
-                 desc: str = "scan") -> ScanResult:
+                 desc: str = "scan", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ScanResult:
     """Decode every file once; list bad ones and convert odd modes into ``cache_dir``."""
     from tqdm import tqdm
 
@@ -66,14 +68,15 @@ def scan_samples(samples: list[Sample], cache_dir: Path | None, *, progress: boo
             continue
         path = Path(s.source)
         try:
-            mode = inspect_image(path)
-            if mode in DALI_SAFE_MODES:
+            header = inspect_image(path, max_pixels=max_pixels)
+            if dali_decodes_alike(header):
                 result.samples.append(s)
                 result.origins.append(s.source)
                 continue
             if cache_dir is None:
-                raise DataError(f"{path}: image mode {mode} needs conversion but no cache folder was given")
-            result.samples.append(Sample(str(convert_to_cache(path, cache_dir)), s.label))
+                raise DataError(f"{path}: image mode {header.mode} (orientation {header.orientation}) needs "
+                                "conversion but no cache folder was given")
+            result.samples.append(Sample(str(convert_to_cache(path, cache_dir, max_pixels)), s.label))
             result.origins.append(s.source)
             result.converted += 1
         except ImageReadError as exc:

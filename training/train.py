@@ -125,8 +125,9 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo, given: DataSp
     if info.is_main:
         split = given or resolve_training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         cache = run_dir / "cache" / "converted"
-        train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train")
-        val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val")
+        train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train",
+                             max_pixels=cfg.max_image_pixels)
+        val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val", max_pixels=cfg.max_image_pixels)
         train.bad += val.bad
         write_bad_list(train, run_dir / "bad_files.csv")
         try:
@@ -151,8 +152,10 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
     elif cfg.pretrained:
         mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
     else:
+        # What the model is fed: equalised images for grey-scale models.
         mean, std = compute_mean_std(data.train, max_images=cfg.stats_max_images, seed=cfg.seed,
-                                     progress=cfg.progress)
+                                     progress=cfg.progress, grayscale_equalize=cfg.grayscale_equalize,
+                                     max_pixels=cfg.max_image_pixels)
         mean, std = cfg.mean or mean, cfg.std or std
     extra = {"grayscale_equalize": True} if cfg.grayscale_equalize else {}
     return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
@@ -161,13 +164,12 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
 
 
 def evaluate_samples(model: nn.Module, samples, spec: ModelSpec, *, batch_size: int, num_threads: int,
-                     device: torch.device, dali_device: str, info: DistInfo, amp: bool = False,
-                     grayscale_equalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     device: torch.device, dali_device: str, info: DistInfo,
+                     amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels of ``samples`` (centre crop), each sample once across ranks."""
-    pipe = build_eval_pipeline(samples, source_hw=spec.source_hw, crop_hw=spec.input_hw, batch_size=batch_size,
-                               num_threads=num_threads, device=dali_device, device_id=info.local_rank,
-                               shard_id=info.rank, num_shards=info.world_size,
-                               grayscale_equalize=grayscale_equalize)
+    pipe = build_eval_pipeline(samples, spec=spec, batch_size=batch_size, num_threads=num_threads,
+                               device=dali_device, device_id=info.local_rank, shard_id=info.rank,
+                               num_shards=info.world_size)
     probs, labels = [], []
     model.eval()
     with torch.no_grad(), _autocast(device, amp):
@@ -301,7 +303,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         pipe = build_train_pipeline(epoch_samples, input_hw=spec.input_hw, augment=cfg.augment,
                                     batch_size=cfg.batch_size, num_threads=cfg.workers,
                                     seed=dali_seed(cfg.seed, epoch, info.rank), device=dali_device,
-                                    device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size)
+                                    device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size,
+                                    source_hw=spec.source_hw)
         net.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
         lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch
@@ -330,7 +333,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         eval_model = ema.module if ema is not None else model
         probs, labels = evaluate_samples(eval_model, data.val, spec, batch_size=cfg.batch_size,
                                          num_threads=cfg.workers, device=device, dali_device=dali_device,
-                                         info=info, amp=cfg.amp, grayscale_equalize=cfg.grayscale_equalize)
+                                         info=info, amp=cfg.amp)
         m = compute_metrics(labels, probs, spec.class_names)
         val_loss = _log_loss(probs, labels)
         row = {"epoch": epoch + 1, "lr": lr_used,

@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = from_args(EvalConfig, args)
     results = evaluate_splits(cfg.run, cfg.data, cfg.out, list(cfg.split), tta=cfg.tta, batch_size=cfg.batch_size,
                               workers=cfg.workers, device=cfg.device, dali_device=cfg.dali_device,
-                              progress=cfg.progress)
+                              progress=cfg.progress, max_image_pixels=cfg.max_image_pixels)
     for split, r in results.items():
         m = r.metrics
         auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"

@@ -39,7 +39,7 @@ def _odd_folder(root):
     bad = {"v_zero.png": (b"", "empty file (0 bytes)"),
            "w_cut.jpg": (jpeg_bytes()[:600], "cannot decode image"),
            "x_text.png": (b"patient notes, not pixels\n", "not an image file PIL can decode"),
-           "y_huge.png": (png_header_only(45_000, 45_000), "image too large (45000x45000 pixels")}
+           "y_huge.png": (png_header_only(45_000, 45_000), "image too large: 45000x45000 = 2025000000 pixels")}
     for name, (data, _) in bad.items():
         (root / name).write_bytes(data)
     return {name: why for name, (_, why) in bad.items()}

@@ -64,7 +64,11 @@ def test_scan_skips_broken_files_and_dali_decodes_the_rest_like_serving(odd_tree
     for p, why in scan.bad:
         assert why.startswith(BAD[p.rsplit("/", 1)[-1]]), (p, why)
     assert (len(scan.samples), scan.converted) == (GOOD, 3)  # RGBA, palette and 16-bit go through the cache
-    pipe = build_eval_pipeline(scan.samples, source_hw=(40, 40), crop_hw=None, batch_size=GOOD, num_threads=1)
+    from serving.spec import ModelSpec
+
+    spec = ModelSpec(name="odd", class_names=("a", "b"), input_height=40, input_width=40, mean=(0.5,) * 3,
+                     std=(0.25,) * 3)
+    pipe = build_eval_pipeline(scan.samples, spec=spec, batch_size=GOOD, num_threads=1)
     (images, _), = list(iterate(pipe, scan.samples))
     assert tuple(images.shape) == (GOOD, 40, 40, 3)
     at = {o.rsplit("/", 1)[-1]: i for i, o in enumerate(scan.origins)}

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from serving.sources import Sample, discover
-from training.pipeline import AugmentConfig, build_eval_pipeline, build_train_pipeline, iterate
+from serving.spec import ModelSpec
+from training.pipeline import AugmentConfig, build_eval_pipeline, build_train_pipeline, iterate, unpad
 
 NO_AUG = AugmentConfig(hflip_prob=0.0, vflip_prob=0.0, scale_min=1.0)
 
@@ -27,10 +28,25 @@ def _train(samples, augment, seed=1, **kw):
                                      seed=seed, **kw), samples)
 
 
-def _val(samples, **kw):
-    kw.setdefault("source_hw", (32, 32))
-    kw.setdefault("crop_hw", (32, 32))
-    return _all(build_eval_pipeline(samples, batch_size=8, num_threads=1, **kw), samples)
+def _spec(input_hw=(32, 32), source_hw=None, grey=False) -> ModelSpec:
+    sh, sw = source_hw or input_hw
+    return ModelSpec(name="t", class_names=("a", "b"), input_height=input_hw[0], input_width=input_hw[1],
+                     source_height=sh, source_width=sw, mean=(0.5,) * 3, std=(0.25,) * 3,
+                     extra={"grayscale_equalize": True} if grey else {})
+
+
+def _val(samples, input_hw=(32, 32), source_hw=None, grey=False, **kw):
+    spec = _spec(input_hw, source_hw, grey)
+    return _all(build_eval_pipeline(samples, spec=spec, batch_size=8, num_threads=1, **kw), samples)
+
+
+def _val_views(samples, spec):
+    """The geometry's output per sample (views=True), cut back to each image's own size."""
+    out = []
+    for x, _, shapes in iterate(build_eval_pipeline(samples, spec=spec, views=True, batch_size=8, num_threads=1),
+                                samples, with_shapes=True):
+        out += unpad(x.numpy(), shapes.numpy())
+    return out
 
 
 def test_train_pipeline_outputs_uint8_nhwc_batches_with_labels(train_samples):
@@ -88,9 +104,10 @@ def test_grayscale_equalize_outputs_equal_channels(train_samples):
 def test_validation_centre_crop_is_the_serving_view_box(train_samples):
     from serving.views import view_boxes
 
-    full, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=None)
-    crop, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=(32, 32))
+    full = np.stack(_val_views(train_samples[:5], _spec((32, 32), (37, 37))))
+    crop, _ = _val(train_samples[:5], source_hw=(37, 37))
     (top, left, _), = view_boxes("none", (37, 37), (32, 32))
+    assert full.shape == (5, 37, 37, 3)
     np.testing.assert_array_equal(crop, full[:, top:top + 32, left:left + 32])
 
 
@@ -103,7 +120,7 @@ def test_validation_shards_cover_every_sample_exactly_once_with_a_partial_last_b
         files.append(Sample(str(f), i))
     seen = []
     for shard in range(num_shards):
-        x, y = _val(files, source_hw=(8, 8), crop_hw=(8, 8), shard_id=shard, num_shards=num_shards)
+        x, y = _val(files, input_hw=(8, 8), shard_id=shard, num_shards=num_shards)
         assert x[:, 0, 0, 0].tolist() == y.tolist()  # pixel value encodes the sample
         seen += y.tolist()
     assert sorted(seen) == list(range(13))
@@ -115,7 +132,7 @@ def test_hdf5_rows_flow_through_external_source_sharded_once(synth_data):
     ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
     seen = []
     for shard in range(2):
-        x, y = _val(ds.samples, source_hw=(48, 48), crop_hw=(48, 48), shard_id=shard, num_shards=2)
+        x, y = _val(ds.samples, input_hw=(48, 48), shard_id=shard, num_shards=2)
         seen.append(x)
         assert y.tolist() == [s.label for s in ds.samples][shard * 8:(shard + 1) * 8]
     import h5py
@@ -140,7 +157,7 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
         path = tmp_path / f"tissue_{i}.png"
         Image.fromarray(make_patch(rng, i % 2, 150)).save(path)
         samples.append(Sample(str(path), 0))
-    got, _ = _val(samples, source_hw=(73, 73), crop_hw=(64, 64))
+    got, _ = _val(samples, input_hw=(64, 64), source_hw=(73, 73))
     (top, left, _), = view_boxes("none", (73, 73), (64, 64))
     want = np.stack([resize_u8(load_rgb_u8(s.source), (73, 73))[top:top + 64, left:left + 64] for s in samples])
     diff = np.abs(got.astype(int) - want.astype(int))

@@ -93,10 +93,13 @@ def test_tensorrt_without_gpu_is_skipped_with_a_note_and_real_patches_agree_then
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no work folder left beside the repository
 
 
-def test_run_trained_with_grayscale_equalisation_exports_the_classifier_only(tmp_path, tiny_spec):
+def test_run_trained_with_grayscale_equalisation_exports_every_model(tmp_path, tiny_spec):
     from training.checkpoint import write_random_run
 
     run = write_random_run(tmp_path / "run", tiny_spec.replace(extra={"grayscale_equalize": True}))
     result = export_run(run, tmp_path / "repo", formats=("python",))
-    assert sorted(result.models) == [tiny_spec.name]  # no TTA, preprocess or ensemble model
+    # The DALI preprocessing equalises before its geometry, and the client sends the TTA model equalised
+    # patches: grey-scale models get every flavour (parity: tests/integration/test_grayscale_serving.py).
+    assert sorted(result.models) == sorted([tiny_spec.name, tiny_spec.tta_model_name,
+                                            tiny_spec.preprocess_model_name, tiny_spec.ensemble_model_name])
     assert result.spec.grayscale_equalize

@@ -178,12 +178,35 @@ def test_hdf5_without_labels_is_unlabelled(tmp_path):
     ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.zeros((3, 1, 1, 1), np.uint8)},
      r"dataset 'y' has 3 labels for 2 images in 'x'"),
     ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([0, 5], np.uint8)},
-     r"labels in 'y' must be in 0\.\.1 for classes \['normal', 'tumour'\]"),
+     r"labels in dataset 'y' must be in 0\.\.1 for classes \['normal', 'tumour'\]; row 1 is 5"),
+    ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([1.0, 0.7], np.float32).reshape(2, 1, 1, 1)},
+     r"dataset 'y' must hold integer labels; row 1 is 0\.7"),
+    ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([b"a", b"b"])},
+     r"dataset 'y' must hold integer labels, got dtype \|S1"),
 ])
 def test_hdf5_with_wrong_shapes_gives_a_clear_error_naming_the_file(tmp_path, datasets, match):
     f = _h5(tmp_path / "bad.h5", **datasets)
     with pytest.raises(InputError, match=r"bad\.h5: " + match):
         discover(f)
+
+
+def test_hdf5_float_labels_that_are_whole_numbers_are_accepted(tmp_path):
+    f = _h5(tmp_path / "f.h5", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([1.0, 0.0], np.float32))
+    assert discover(f).labels().tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("group", ["x", "y"])
+def test_hdf5_group_where_a_dataset_belongs_is_named(tmp_path, group):
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        if group == "x":
+            f.create_group("x").create_dataset("inner", data=np.zeros((2, 4, 4, 3), np.uint8))
+        else:
+            f.create_dataset("x", data=np.zeros((2, 4, 4, 3), np.uint8))
+            f.create_group("y")
+    want = (r"g\.h5: 'x' is a Group, expected a dataset of N x H x W x 3 uint8 images" if group == "x"
+            else r"g\.h5: 'y' is a Group, expected a dataset of N labels")
+    with pytest.raises(InputError, match=want):
+        discover(tmp_path / "g.h5")
 
 
 def test_file_that_is_not_hdf5_is_named(tmp_path):
