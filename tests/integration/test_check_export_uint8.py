@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from export.check import check_repository
+from export.manifest import read_manifest, write_manifest
 from tests.fixtures_export import link_copy
 
 
@@ -28,6 +29,13 @@ def test_uint8_input_feeding_a_transpose_fails_the_uint8_cast_check_only(exporte
         (spec.name, "ok"), (spec.tta_model_name, "ok")]
     broken = link_copy(repo, tmp_path / "repo")
     _transpose_before_cast(broken / spec.name / "1" / "model.onnx", spec.input_name)
+    report = check_repository(broken, serve=False)
+    assert sorted((r.check, r.model) for r in report.failed()) == [("manifest", spec.name), ("uint8-cast", spec.name)]
+    # With the manifest rewritten to match (as someone who edits the graph on purpose would),
+    # the graph rule still catches it on its own.
+    folder = broken / spec.name
+    (folder / "1" / "manifest.json").unlink()  # a link into the shared fixture: replace, never write through
+    write_manifest(folder, 1, read_manifest(repo / spec.name, 1).weights_sha256)
     report = check_repository(broken, serve=False)
     assert [(r.check, r.model) for r in report.failed()] == [("uint8-cast", spec.name)]
     (row,) = report.failed("uint8-cast")
