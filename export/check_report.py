@@ -1,9 +1,11 @@
-"""The gate's result: one row per check and model, shown as a table."""
+"""The gate's options and its result: one row per check and model, shown as a table."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+
+from serving.options import option
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 
@@ -37,3 +39,16 @@ class CheckReport:
         """For CI systems: ``{"passed": bool, "failed": n, "rows": [{check, model, status, detail}, ...]}``."""
         return json.dumps({"passed": self.passed, "failed": len(self.failed()),
                            "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Options of ``patchserve check-export``."""
+
+    repo: str = option(help="model repository folder", positional=True, metavar="REPO")
+    models: tuple[str, ...] = option((), "model names to check, comma-separated", default_text="every model folder")
+    serve: bool = option(True, "load the python flavours into the embedded Triton server and infer")
+    run: str | None = option(None, "run folder or checkpoint: recompute the fixtures' logits with PyTorch from its "
+                                   "weights and require the repository to answer them (proof it serves this run)",
+                             metavar="RUN")
+    json: bool = option(False, "print the result as JSON (rows of check/model/status/detail) instead of a table")

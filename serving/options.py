@@ -91,9 +91,9 @@ def _help(meta: dict, default: Any, choices: tuple | None, required: bool) -> st
         text += ("; " if text else "") + "one of " + ", ".join(str(c) for c in choices)
     if required or meta["positional"]:
         return text
-    shown = meta["default_text"] if default is None and meta["default_text"] else _show(default)
-    if default is None and not meta["default_text"]:
-        shown = "none"
+    # default_text says what an empty default means ("every model folder", "the server's max").
+    empty = default is None or default == ()
+    shown = meta["default_text"] if empty and meta["default_text"] else ("none" if default is None else _show(default))
     # argparse formats help with %-style; a literal % must be doubled.
     return (f"{text} (default: {shown})" if text else f"default: {shown}").replace("%", "%%")
 

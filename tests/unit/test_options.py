@@ -15,7 +15,7 @@ from serving.score import ScoreConfig
 from serving.slides import TilingConfig
 from training.config import EvalConfig, TrainConfig
 
-GENERATED = ("train", "cv", "evaluate", "score", "serve", "synth")
+GENERATED = ("train", "cv", "evaluate", "score", "serve", "synth", "check-export")
 
 
 def _help(command: str) -> str:
