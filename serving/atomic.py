@@ -35,3 +35,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def publish_once(path: str | Path) -> Iterator[tuple[Path, list[bool]]]:
+    """Yield a temporary path beside ``path``; hard-link it to ``path`` unless ``path`` exists.
+
+    The link is the commit: of two writers racing to publish the same file
+    (a unit computed twice), exactly one wins and the file is never replaced.
+    ``won[0]`` says, after the block, whether this writer's file was published.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    won = [False]
+    try:
+        yield tmp_path, won
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp_path, path)
+            won[0] = True
+        except FileExistsError:
+            pass
+    finally:
+        tmp_path.unlink(missing_ok=True)

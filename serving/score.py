@@ -184,6 +184,23 @@ def _payload(group: list[Item], encoded: bool):
     return np.stack([it.image for it in ok]) if ok else np.empty((0, 1, 1, 3), np.uint8)
 
 
+def patches_per_request(cfg: ScoreConfig, client: PatchClient) -> int:
+    """Patches per request group: a full batch of the served model, divided among the client's TTA views."""
+    if cfg.send == "encoded":
+        return client.request_rows(client.ensemble_info())
+    if cfg.tta == "server":
+        return client.request_rows(client.tta_info())
+    return max(1, client.request_rows() // num_views(cfg.tta))
+
+
+def result_row(item: Item, probs: np.ndarray, spec: ModelSpec, cfg: ScoreConfig) -> dict:
+    """The output row of one scored patch (the in-process and the Dask path write the same rows)."""
+    return {"source": item.source, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
+            **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, probs)},
+            "predicted": spec.class_names[int(np.argmax(probs))], "label": item.label,
+            "tta": cfg.tta if cfg.send != "encoded" else "none", "model": cfg.model, "version": spec.version}
+
+
 def _fingerprint(cfg: ScoreConfig, spec: ModelSpec) -> dict:
     t = cfg.tiling
     return {"model": cfg.model, "spec_version": spec.version, "classes": list(spec.class_names), "tta": cfg.tta,
@@ -229,15 +246,9 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         log(f"--resume: {writer.rows_committed} rows already written, {total} items to go")
     encoded = cfg.send == "encoded"
     mode = "encoded" if encoded else cfg.tta
-    if encoded:
-        rows_per_group = clients[0].request_rows(clients[0].ensemble_info())
-    elif cfg.tta == "server":
-        rows_per_group = clients[0].request_rows(clients[0].tta_info())
-    else:
-        rows_per_group = max(1, clients[0].request_rows() // num_views(cfg.tta))
+    rows_per_group = patches_per_request(cfg, clients[0])
     tasks = itertools.chain.from_iterable(u.tasks(writer.done(u.key)) for u in units)
     depth = max(4, 2 * cfg.concurrency * len(clients))
-    version = spec.version
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -254,13 +265,8 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
                     # The server refused this request: its patches are listed, never dropped.
                     writer.add(item.unit, error=(item.source, item.error or f"server error: {probs}"))
                     continue
-                p = probs[j]
+                writer.add(item.unit, row=result_row(item, probs[j], spec, cfg))
                 j += 1
-                row = {"source": item.source, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
-                       **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, p)},
-                       "predicted": spec.class_names[int(np.argmax(p))], "label": item.label,
-                       "tta": cfg.tta if not encoded else "none", "model": cfg.model, "version": version}
-                writer.add(item.unit, row=row)
             done_now += len(group)
             bar.update(len(group))
         writer.commit()

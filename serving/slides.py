@@ -92,6 +92,7 @@ class TilingConfig:
     min_tissue: float = 0.5
     tissue_mask: str | None = None
     mpp: float | None = None
+    mpp_override: float | None = None  # a slide manifest's per-slide MPP: wins over what the slide records
 
     def __post_init__(self) -> None:
         if self.mpp_target is not None and self.level is not None:
@@ -198,7 +199,7 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     """Open a slide, build its tissue mask and the grid of tiles worth scoring."""
     slide = open_slide(path)
     try:
-        mpp0 = slide_mpp(slide, path, cfg.mpp)
+        mpp0 = cfg.mpp_override or slide_mpp(slide, path, cfg.mpp)
         if cfg.level is not None:
             if cfg.level >= slide.level_count:
                 raise SlideError(f"--level {cfg.level}: {path} has levels 0..{slide.level_count - 1}")

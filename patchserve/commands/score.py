@@ -12,11 +12,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Score patches against a Triton server and stream the rows to Parquet or CSV.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="class-folder tree, image folder, CSV manifest, PCam HDF5 file or whole-slide image")
+                   help="class-folder tree, image folder, CSV manifest, PCam HDF5 file, whole-slide image, "
+                        "folder of slides or slide manifest (CSV: slide[,roi][,mpp])")
     p.add_argument("--url", action="append", required=True, metavar="HOST:PORT",
                    help="server address (gRPC port unless --protocol http); repeat to spread work across servers")
     p.add_argument("--model", required=True, help="name of the served classifier")
-    p.add_argument("--out", required=True, help="output file, .parquet or .csv")
+    p.add_argument("--out", required=True,
+                   help="output file, .parquet or .csv (with --scheduler/--workers: a Parquet dataset folder)")
     p.add_argument("--protocol", default="grpc", choices=PROTOCOLS)
     p.add_argument("--tta", default="none", choices=CLIENT_TTA_MODES,
                    help="views averaged per patch on the client, or 'server' for the server-side TTA model")
@@ -44,6 +46,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-parts", type=int, default=None,
                    help="stop after writing this many parts (chunked runs; continue with --resume)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    d = p.add_argument_group("Dask (past one client machine; without these flags the job runs in this process)")
+    d.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="run the job on this existing Dask cluster (dask-jobqueue, dask-kubernetes, dask scheduler); "
+                        "every worker must see the inputs and OUT at the same paths")
+    d.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="start a local Dask cluster of N worker processes on this machine")
+    d.add_argument("--unit-patches", type=int, default=1024,
+                   help="patches per unit of work for folders, manifests and HDF5 (a slide is one unit)")
+    d.add_argument("--threads-per-worker", type=int, default=1, help="task threads per --workers process")
     s = p.add_argument_group("whole slides")
     s.add_argument("--mpp-target", type=float, default=None, help="microns per pixel to tile at (default: level 0)")
     s.add_argument("--level", type=int, default=None, help="tile at this pyramid level instead of --mpp-target")
@@ -70,7 +81,14 @@ def main(args: argparse.Namespace) -> int:
                       read_threads=args.read_threads, part_rows=args.part_rows,
                       stop_after_parts=args.stop_after_parts, tiling=tiling, heatmap_class=args.heatmap_class,
                       progress=args.progress)
-    result = run_score(cfg)
+    if args.scheduler is not None or args.workers is not None:
+        from serving.dask_score import DistributedConfig, run_dask_score
+
+        dcfg = DistributedConfig(scheduler=args.scheduler, workers=args.workers, unit_patches=args.unit_patches,
+                                 threads_per_worker=args.threads_per_worker)
+        result = run_dask_score(cfg, dcfg)
+    else:
+        result = run_score(cfg)
     if result.stopped:
         return 3
     for path in (*result.heatmaps, *result.geojsons):

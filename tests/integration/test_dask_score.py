@@ -1,0 +1,210 @@
+"""``patchserve score --workers/--scheduler``: real Dask processes against the real server.
+
+The distributed result must equal the in-process one row for row, even when
+a worker process is SIGKILLed mid-job or the submitting client is killed and
+the job is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from patchserve.cli import main as cli
+from serving.dask_score import JOB_FILE
+from serving.output import read_results
+
+ATOL = 1e-5
+POLL_S = 0.05
+WAIT_S = 300.0
+
+
+def _args(server, inputs, out, *extra):
+    return ["score", *map(str, inputs), "--url", server.grpc, "--model", server.spec.name, "--out", str(out),
+            "--no-progress", "--stride", "96", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def job_inputs(synth_data, synth_slide):
+    return [synth_data / "test", synth_data / "pcam" / "val_x.h5", synth_slide / "slides" / "slide_0.tiff"]
+
+
+@pytest.fixture(scope="module")
+def in_process(triton_server, job_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inproc") / "results.parquet"
+    assert cli(_args(triton_server, job_inputs, out)) == 0
+    return out, read_results(out)
+
+
+def _assert_same_rows(got_table, want_rows, class_names):
+    got = got_table.to_pylist()
+    key = ("source", "x", "y", "col", "row", "label", "predicted", "tta", "model", "version")
+    assert [tuple(r[k] for k in key) for r in got] == [tuple(r[k] for k in key) for r in want_rows]
+    for c in class_names:
+        np.testing.assert_allclose([r[f"prob_{c}"] for r in got], [r[f"prob_{c}"] for r in want_rows], atol=ATOL)
+
+
+def test_local_cluster_of_two_workers_equals_in_process_result(triton_server, job_inputs, in_process, tmp_path):
+    want_file, want = in_process
+    out = tmp_path / "results.parquet"
+    assert cli(_args(triton_server, job_inputs, out, "--workers", "2", "--unit-patches", "5")) == 0
+    assert out.is_dir()
+    _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
+    n_units = 4 + 4 + 1  # test/ (16 images in units of 5), val_x.h5 (16 rows), one slide
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{i:06d}.parquet" for i in range(n_units)]
+    assert json.loads((out / JOB_FILE).read_text())["fingerprint"]["units"] == n_units
+    metrics = json.loads((tmp_path / "results.metrics.json").read_text())
+    want_metrics = json.loads(want_file.with_name("results.metrics.json").read_text())
+    assert metrics["num_samples"] == want_metrics["num_samples"] == 16 + 16
+    assert metrics["confusion_matrix"] == want_metrics["confusion_matrix"]
+    assert (tmp_path / "results.errors.csv").read_text() == "source,reason\n"
+    for name in ("slide_0.heatmap.png", "slide_0.geojson", "slide_0.tissue.png"):
+        assert (tmp_path / f"results.{name}").stat().st_size > 0
+    features = json.loads((tmp_path / "results.slide_0.geojson").read_text())["features"]
+    assert len(features) == sum(r["x"] is not None for r in want)
+
+
+# -- a cluster started with the `dask scheduler` and `dask worker` commands -----------------------------
+
+
+def _gone(proc: subprocess.Popen) -> bool:
+    return proc.poll() is not None
+
+
+class DaskCommandCluster:
+    """``dask scheduler`` and ``dask worker`` subprocesses on 127.0.0.1, one task thread per worker."""
+
+    def __init__(self, folder: Path, workers: int):
+        self.folder = folder
+        sched_file = folder / "scheduler.json"
+        self.procs: list[subprocess.Popen] = []
+        self.logs = []
+        self.procs.append(self._start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                                    "--no-dashboard", "--scheduler-file", str(sched_file)]))
+        deadline = time.monotonic() + WAIT_S
+        while not sched_file.is_file():
+            assert not _gone(self.procs[0]) and time.monotonic() < deadline, self.log("scheduler")
+            time.sleep(POLL_S)
+        self.address = json.loads(sched_file.read_text())["address"]
+        self.workers = {f"w{i}": self._start(f"w{i}", ["worker", self.address, "--name", f"w{i}", "--nthreads", "1",
+                                                        "--no-nanny", "--host", "127.0.0.1", "--no-dashboard"])
+                        for i in range(workers)}
+        from distributed import Client
+
+        self.client = Client(self.address, timeout=WAIT_S)
+        self.client.wait_for_workers(workers, timeout=WAIT_S)
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        self.logs.append(log)
+        return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def processing(self) -> dict[str, int]:
+        """Tasks running or queued, by worker name."""
+        names = {a: w["name"] for a, w in self.client.scheduler_info()["workers"].items()}
+        return {names.get(a, a): len(keys) for a, keys in self.client.processing().items()}
+
+    def close(self) -> None:
+        self.client.close()
+        for p in reversed(self.procs + list(self.workers.values())):
+            if not _gone(p):
+                p.terminate()
+        for p in self.procs + list(self.workers.values()):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            log.close()
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    cluster = DaskCommandCluster(folder, workers=2)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _submit(server, inputs, out, scheduler, *extra) -> subprocess.Popen:
+    args = _args(server, inputs, out, "--scheduler", scheduler, *extra)
+    log = open(out.with_name(out.name + ".client.log"), "w")
+    return subprocess.Popen([sys.executable, "-m", "patchserve", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(cond, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"the client exited ({proc.returncode}) before {what}"
+        time.sleep(POLL_S)
+
+
+def _parts(out: Path) -> int:
+    return len(list(out.glob("part-*.parquet")))
+
+
+def test_sigkilled_worker_leaves_an_exact_result(triton_server, job_inputs, in_process, dask_cluster, tmp_path):
+    _, want = in_process
+    out = tmp_path / "results.parquet"
+    n_units = 16 + 16 + 1  # --unit-patches 1: one unit per patch, one slide
+    client = _submit(triton_server, job_inputs, out, dask_cluster.address, "--unit-patches", "1")
+    try:
+        # Kill w1 while it holds work and the job is under way: its units must be rerun by w0, once each.
+        _wait_for(lambda: _parts(out) >= 1 and dask_cluster.processing().get("w1", 0) > 0, "w1 to hold work",
+                  client)
+        victim = dask_cluster.workers["w1"]
+        committed_at_kill = _parts(out)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        assert client.wait(timeout=WAIT_S) == 0, out.with_name(out.name + ".client.log").read_text()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert committed_at_kill < n_units
+    assert victim.returncode == -signal.SIGKILL
+    _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
+    assert _parts(out) == n_units
+
+
+def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, in_process, dask_cluster, tmp_path,
+                                                    capsys):
+    _, want = in_process
+    out = tmp_path / "results.parquet"
+    opts = ("--unit-patches", "1")
+    client = _submit(triton_server, job_inputs, out, dask_cluster.address, *opts)
+    try:
+        _wait_for(lambda: _parts(out) >= 2, "two committed units", client)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == -signal.SIGKILL
+    assert 2 <= _parts(out) < 16 + 16 + 1
+    assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts)) == 2
+    assert re.search(r"--out: .*results.parquet exists; pass --resume", capsys.readouterr().err)
+    assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, "--unit-patches", "2",
+                     "--resume")) == 2
+    assert re.search(r"--resume: .* different settings \(listing_sha256, unit_patches, units\)", capsys.readouterr().err)
+    assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts, "--resume")) == 0
+    _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
