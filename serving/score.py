@@ -21,8 +21,9 @@ from serving.client_config import check_tta, check_url
 from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
 from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
-from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
-                            thumbnail)
+from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, plan_slide, read_slide_manifest, \
+    slides_in_folder
+from serving.slides import SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, thumbnail
 from serving.sources import SPLITS, discover
 from serving.spec import ModelSpec
 from serving.views import num_views
@@ -123,24 +124,37 @@ def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Ca
     """One work unit per input (a data set, a slide), plus units for rows a manifest could not parse."""
     units: list = []
     slide_hw = spec.input_hw if cfg.tta == "none" else spec.source_hw
+
+    def add_slide(p: Path, key: str, entry: SlideEntry) -> None:
+        if cfg.send == "encoded":
+            raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
+        if entry.error is not None:
+            units.append(FailedUnit("slide:" + key, [(entry.path, entry.error)]))
+            return
+        try:
+            grid = plan_slide(entry, slide_hw, cfg.tiling)
+        except SlideError as exc:
+            if exc.args and str(exc).startswith("--"):
+                raise  # a flag is wrong for every slide: stop now
+            units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
+            return
+        log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
+            f"(read from level {grid.read_level})")
+        units.append(SlideUnit("slide:" + key, grid, handles))
+
     for inp in cfg.inputs:
         p = Path(inp)
         if not p.exists():
             raise InputError(f"INPUT {p}: no such file or folder")
         key = str(p.resolve())
         if p.is_file() and is_slide(p):
-            if cfg.send == "encoded":
-                raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
-            try:
-                grid = plan_tiles(p, slide_hw, cfg.tiling)
-            except SlideError as exc:
-                if exc.args and str(exc).startswith("--"):
-                    raise  # a flag is wrong for every slide: stop now
-                units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
-                continue
-            log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
-                f"(read from level {grid.read_level})")
-            units.append(SlideUnit("slide:" + key, grid, handles))
+            add_slide(p, key, SlideEntry(str(p)))
+            continue
+        if is_slide_manifest(p) or is_slide_folder(p):
+            for entry in read_slide_manifest(p) if p.is_file() else slides_in_folder(p):
+                if entry.error is None and not is_slide(entry.path):
+                    entry = SlideEntry(entry.path, error=_slide_open_error(Path(entry.path)))
+                add_slide(Path(entry.path), entry.path, entry)
             continue
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
             # A slide OpenSlide cannot read: record why and score the other inputs.

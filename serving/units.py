@@ -89,7 +89,7 @@ def derive_units(inputs: tuple[str, ...], *, unit_patches: int, split: str | Non
             raise InputError(f"INPUT {p}: no such file or folder")
         key = str(p.resolve())
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
-            add_slide(SlideEntry(key))
+            add_slide(SlideEntry(str(p)))  # the path as given, like the in-process rows
             continue
         if is_slide_manifest(p):
             for entry in read_slide_manifest(p):

@@ -208,3 +208,44 @@ def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, i
     assert re.search(r"--resume: .* different settings \(listing_sha256, unit_patches, units\)", capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts, "--resume")) == 0
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
+
+
+def test_slide_manifest_with_roi_scores_only_tiles_inside_in_process_and_on_dask(triton_server, synth_slide,
+                                                                                 tmp_path):
+    slide = synth_slide / "slides" / "slide_0.tiff"
+    roi = tmp_path / "left.geojson"
+    left = {"type": "Polygon", "coordinates": [[[0, 0], [1024, 0], [1024, 1536], [0, 1536], [0, 0]]]}
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": left}]}))
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"slide,roi,mpp\n{slide},left.geojson,\n{tmp_path / 'gone.tiff'},,\n")
+    full, inproc, dask = (tmp_path / f"{n}.parquet" for n in ("full", "inproc", "dask"))
+    assert cli(_args(triton_server, [slide], full)) == 0
+    assert cli(_args(triton_server, [manifest], inproc)) == 0
+    assert cli(_args(triton_server, [manifest], dask, "--workers", "1")) == 0
+    half = triton_server.spec.input_width // 2
+    want = [r for r in read_results(full) if r["x"] + half < 1024]
+    assert 0 < len(want) < len(read_results(full))
+    _assert_same_rows(pq.read_table(inproc), want, triton_server.spec.class_names)
+    _assert_same_rows(pq.read_table(dask), want, triton_server.spec.class_names)
+    missing = f"{tmp_path / 'gone.tiff'},{manifest}:3: no such slide {tmp_path / 'gone.tiff'}\n"
+    assert (tmp_path / "inproc.errors.csv").read_text() == (tmp_path / "dask.errors.csv").read_text() == \
+        "source,reason\n" + missing
+
+
+def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data, tmp_path):
+    from serving.score import ScoreConfig
+    from serving.unit_worker import UnitJob, score_unit
+    from serving.units import derive_units
+
+    out = tmp_path / "results.parquet"
+    cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
+                      out=str(out))
+    unit = derive_units(cfg.inputs, unit_patches=6, classes=triton_server.spec.class_names)[1]
+    job = UnitJob(cfg, str(out), "tumour")
+    first = score_unit(job, unit)
+    part = out / "part-000001.parquet"
+    inode = part.stat().st_ino
+    again = score_unit(job, unit)
+    assert (first.rows, first.skipped, again.rows, again.skipped) == (6, False, 6, True)
+    assert part.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == ["part-000001.parquet"]
+    assert pq.read_table(out).column("source").to_pylist() == [s.source for s in unit.samples]
