@@ -149,7 +149,7 @@ def score_unit(job: UnitJob, unit: WorkUnit) -> UnitReport:
         out = Path(job.dataset)
         result = ScoreResult(out, out, 0, 0, 0, 0.0)
         _write_slide_outputs(result, {grid.path: rows}, [work], spec, job.heat_class, print)
-        mask = _write_mask(grid, out.with_name(f"{out.stem}.{Path(grid.path).stem}.tissue.png"))
+        mask = _write_mask(grid, out.with_name(f"{out.stem}.{Path(grid.path).stem}.tissue_mask.png"))
         slide_outputs = [str(p) for p in (*result.heatmaps, *result.geojsons, mask)]
     info = {"unit": unit.index, "key": unit.key, "rows": len(rows), "errors": errors, "slide_outputs": slide_outputs}
     schema = _schema(result_columns(spec.class_names)).with_metadata({PART_METADATA_KEY: json.dumps(info)})

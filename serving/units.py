@@ -101,7 +101,8 @@ def derive_units(inputs: tuple[str, ...], *, unit_patches: int, split: str | Non
             continue
         ds = discover(p, split=split, classes=classes, strict=False)
         if ds.bad_rows:
-            add("failed", "bad-rows:" + key, errors=tuple((w, f"malformed manifest row: {why}") for w, why in ds.bad_rows))
+            add("failed", "bad-rows:" + key,
+                errors=tuple((w, f"malformed manifest row: {why}") for w, why in ds.bad_rows))
         if send == "encoded" and ds.kind == "hdf5":
             raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
         for lo in range(0, len(ds.samples), unit_patches):

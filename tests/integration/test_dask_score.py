@@ -68,7 +68,7 @@ def test_local_cluster_of_two_workers_equals_in_process_result(triton_server, jo
     assert metrics["num_samples"] == want_metrics["num_samples"] == 16 + 16
     assert metrics["confusion_matrix"] == want_metrics["confusion_matrix"]
     assert (tmp_path / "results.errors.csv").read_text() == "source,reason\n"
-    for name in ("slide_0.heatmap.png", "slide_0.geojson", "slide_0.tissue.png"):
+    for name in ("slide_0.heatmap.png", "slide_0.geojson", "slide_0.tissue_mask.png"):
         assert (tmp_path / f"results.{name}").stat().st_size > 0
     features = json.loads((tmp_path / "results.slide_0.geojson").read_text())["features"]
     assert len(features) == sum(r["x"] is not None for r in want)
@@ -205,7 +205,8 @@ def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, i
     assert re.search(r"--out: .*results.parquet exists; pass --resume", capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, "--unit-patches", "2",
                      "--resume")) == 2
-    assert re.search(r"--resume: .* different settings \(listing_sha256, unit_patches, units\)", capsys.readouterr().err)
+    assert re.search(r"--resume: .* different settings \(listing_sha256, unit_patches, units\)",
+                     capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts, "--resume")) == 0
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
 
@@ -249,3 +250,21 @@ def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data,
     assert (first.rows, first.skipped, again.rows, again.skipped) == (6, False, 6, True)
     assert part.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == ["part-000001.parquet"]
     assert pq.read_table(out).column("source").to_pylist() == [s.source for s in unit.samples]
+
+
+def test_the_dataset_reads_with_pandas_one_row_per_patch(triton_server, synth_data, tmp_path):
+    pandas = pytest.importorskip("pandas")  # not a dependency of patchserve; users read OUT with it
+    from serving.score import ScoreConfig
+    from serving.unit_worker import UnitJob, score_unit
+    from serving.units import derive_units
+
+    out = tmp_path / "results.parquet"
+    cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
+                      out=str(out))
+    units = derive_units(cfg.inputs, unit_patches=7, classes=triton_server.spec.class_names)
+    for unit in units:
+        score_unit(UnitJob(cfg, str(out), "tumour"), unit)
+    (out / "_patchserve_job.json").write_text("{}")  # metadata beside the parts is not data
+    frame = pandas.read_parquet(out)
+    assert frame["source"].tolist() == [s.source for u in units for s in u.samples]
+    assert frame.columns.tolist() == pq.read_table(out).column_names
