@@ -44,7 +44,8 @@ class DistributedConfig:
     scheduler: str | None = None
     workers: int | None = None
     unit_patches: int = 1024
-    threads_per_worker: int = 1
+    # Two task threads per process: when one unit drains its last requests, the next one is already reading.
+    threads_per_worker: int = 2
 
     def __post_init__(self) -> None:
         if (self.scheduler is None) == (self.workers is None):
@@ -111,9 +112,9 @@ def _start_cluster(dcfg: DistributedConfig, stack: ExitStack, log):
         client = stack.enter_context(Client(dcfg.scheduler))
     else:
         # Processes, not threads: reading and cutting tiles is Python and PIL work that wants its own cores.
-        cluster = stack.enter_context(LocalCluster(n_workers=dcfg.workers, threads_per_worker=dcfg.threads_per_worker,
-                                                   processes=True, host="127.0.0.1", dashboard_address=":0",
-                                                   silence_logs=logging.ERROR))
+        cluster = stack.enter_context(LocalCluster(
+            n_workers=dcfg.workers, threads_per_worker=dcfg.threads_per_worker, processes=True, host="127.0.0.1",
+            dashboard_address=":0", silence_logs=logging.ERROR))
         client = stack.enter_context(Client(cluster))
     if "dashboard" in client.scheduler_info().get("services", {}):
         log(f"Dask dashboard: {client.dashboard_link}")

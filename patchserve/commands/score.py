@@ -54,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start a local Dask cluster of N worker processes on this machine")
     d.add_argument("--unit-patches", type=int, default=1024,
                    help="patches per unit of work for folders, manifests and HDF5 (a slide is one unit)")
-    d.add_argument("--threads-per-worker", type=int, default=1, help="task threads per --workers process")
+    d.add_argument("--threads-per-worker", type=int, default=2,
+                   help="units scored at once by each --workers process (each thread keeps its own connections)")
     s = p.add_argument_group("whole slides")
     s.add_argument("--mpp-target", type=float, default=None, help="microns per pixel to tile at (default: level 0)")
     s.add_argument("--level", type=int, default=None, help="tile at this pyramid level instead of --mpp-target")
