@@ -28,7 +28,8 @@ THREADS_PER_WORKER = 2  # patchserve score's default: one unit's reading overlap
 def run(quick: bool, command: str) -> dict:
     from distributed import LocalCluster
 
-    from serving.dask_score import DistributedConfig, run_dask_score
+    from serving.dask_config import DaskConfig
+    from serving.dask_score import run_dask_score
     from serving.score import ScoreConfig, run_score
     from serving.server import EmbeddedTriton
     from serving.synth.dataset import synthesize
@@ -51,13 +52,13 @@ def run(quick: bool, command: str) -> dict:
                         for w in (1, 2)}
             try:
                 def job(name: str, i: int):
+                    dask = DaskConfig() if name == "in-process" else DaskConfig(
+                        scheduler=clusters[int(name[0])].scheduler_address, unit_patches=unit_patches)
                     cfg = ScoreConfig(inputs=folders, urls=(server.urls.grpc,), model=spec.name,
-                                      out=str(tmp / f"{name}-{i}.parquet"), progress=False)
+                                      out=str(tmp / f"{name}-{i}.parquet"), progress=False, dask=dask)
                     if name == "in-process":
                         return lambda: run_score(cfg, log=lambda _m: None)
-                    dcfg = DistributedConfig(scheduler=clusters[int(name[0])].scheduler_address,
-                                             unit_patches=unit_patches)
-                    return lambda: run_dask_score(cfg, dcfg, log=lambda _m: None)
+                    return lambda: run_dask_score(cfg, log=lambda _m: None)
 
                 arms = ("in-process", "1 worker", "2 workers")
                 seconds: dict[str, list[float]] = {a: [] for a in arms}

@@ -19,7 +19,6 @@ import shutil
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from serving.atomic import atomic_path, atomic_write_text
 from serving.client import PatchClient
+from serving.dask_config import DaskConfig
 from serving.errors import InputError, PatchserveError
 from serving.output import errors_path
 from serving.score import ScoreConfig, ScoreResult, _fingerprint, _write_metrics
@@ -34,30 +34,6 @@ from serving.unit_worker import UnitJob, UnitReport, read_part_report, score_uni
 from serving.units import WorkUnit, derive_units, listing_digest
 
 JOB_FILE = "_patchserve_job.json"
-SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    """Where the tasks run: an existing scheduler, or a local cluster of ``workers`` processes."""
-
-    scheduler: str | None = None
-    workers: int | None = None
-    unit_patches: int = 1024
-    # Two task threads per process: when one unit drains its last requests, the next one is already reading.
-    threads_per_worker: int = 2
-
-    def __post_init__(self) -> None:
-        if (self.scheduler is None) == (self.workers is None):
-            raise InputError("--scheduler and --workers: give exactly one of them for a Dask run")
-        if self.scheduler is not None and not self.scheduler.startswith(SCHEDULER_SCHEMES):
-            raise InputError(f"--scheduler: expected an address like tcp://HOST:PORT, got {self.scheduler!r}")
-        if self.workers is not None and self.workers < 1:
-            raise InputError(f"--workers: expected a positive number of worker processes, got {self.workers}")
-        if self.unit_patches < 1:
-            raise InputError(f"--unit-patches: expected a positive integer, got {self.unit_patches}")
-        if self.threads_per_worker < 1:
-            raise InputError(f"--threads-per-worker: expected a positive integer, got {self.threads_per_worker}")
 
 
 def _check_config(cfg: ScoreConfig) -> Path:
@@ -105,7 +81,7 @@ def _prepare_output(out: Path, cfg: ScoreConfig, fingerprint: dict, log) -> None
     atomic_write_text(job_file, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
 
 
-def _start_cluster(dcfg: DistributedConfig, stack: ExitStack, log):
+def _start_cluster(dcfg: DaskConfig, stack: ExitStack, log):
     from distributed import Client, LocalCluster
 
     if dcfg.scheduler is not None:
@@ -127,9 +103,13 @@ def _progress(cfg: ScoreConfig, total: int, done: int):
     return tqdm(total=total, initial=done, unit="unit", disable=not cfg.progress, dynamic_ncols=True)
 
 
-def run_dask_score(cfg: ScoreConfig, dcfg: DistributedConfig, log: Callable[[str], None] = print) -> ScoreResult:
-    """Score every input on a Dask cluster into the Parquet dataset ``cfg.out``; errors and metrics at the end."""
+def run_dask_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:
+    """Score every input on the Dask cluster ``cfg.dask`` names into the Parquet dataset ``cfg.out``."""
     from distributed import as_completed
+
+    dcfg = cfg.dask
+    if not dcfg.enabled:
+        raise InputError("--scheduler or --workers: give one of them for a Dask run (or call run_score)")
 
     out = _check_config(cfg)
     spec = _probe(cfg)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.atomic import publish_once
-from serving.dask_score import DistributedConfig
+from serving.dask_config import DaskConfig
 from serving.errors import InputError
 from serving.roi import load_roi, points_in_roi, restrict_grid
 from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, plan_slide, read_slide_manifest
@@ -127,9 +127,10 @@ def test_roi_keeps_only_tiles_centred_inside_and_mpp_override_rescales(synth_sli
 
 
 def test_distributed_config_names_the_flag_that_is_wrong():
-    with pytest.raises(InputError, match="--scheduler and --workers: give exactly one of them"):
-        DistributedConfig(scheduler="tcp://127.0.0.1:8786", workers=2)
+    assert not DaskConfig().enabled and DaskConfig(workers=2).enabled
+    with pytest.raises(InputError, match="--scheduler and --workers: give one of them, not both"):
+        DaskConfig(scheduler="tcp://127.0.0.1:8786", workers=2)
     with pytest.raises(InputError, match=r"--scheduler: expected an address like tcp://HOST:PORT, got '127.0.0.1'"):
-        DistributedConfig(scheduler="127.0.0.1")
+        DaskConfig(scheduler="127.0.0.1")
     with pytest.raises(InputError, match="--workers: expected a positive number of worker processes, got 0"):
-        DistributedConfig(workers=0)
+        DaskConfig(workers=0)
