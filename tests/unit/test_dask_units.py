@@ -134,3 +134,16 @@ def test_distributed_config_names_the_flag_that_is_wrong():
         DaskConfig(scheduler="127.0.0.1")
     with pytest.raises(InputError, match="--workers: expected a positive number of worker processes, got 0"):
         DaskConfig(workers=0)
+
+
+def test_a_dask_run_refuses_csv_output_and_chunked_stops_before_connecting(tmp_path):
+    from serving.dask_score import run_dask_score
+    from serving.score import ScoreConfig
+
+    base = dict(inputs=(str(tmp_path),), urls=("127.0.0.1:1",), model="m", dask=DaskConfig(workers=1))
+    with pytest.raises(InputError, match=r"--out: .*r.csv: a Dask run writes a Parquet dataset folder"):
+        run_dask_score(ScoreConfig(out=str(tmp_path / "r.csv"), **base))
+    with pytest.raises(InputError, match="--stop-after-parts: in-process runs only"):
+        run_dask_score(ScoreConfig(out=str(tmp_path / "r.parquet"), stop_after_parts=2, **base))
+    with pytest.raises(InputError, match="--scheduler or --workers: give one of them for a Dask run"):
+        run_dask_score(ScoreConfig(out=str(tmp_path / "r.parquet"), **{**base, "dask": DaskConfig()}))
