@@ -12,6 +12,17 @@ from serving.spec import ModelSpec
 from serving.views import view_boxes
 
 
+def encode(image_hwc_u8: np.ndarray, fmt: str) -> bytes:
+    """PNG or JPEG (quality 95) bytes of a uint8 HWC image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_hwc_u8).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def centre_crop(image_hwc_u8: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Resize to the spec's source size, then take the "none" view: what the classifier sees."""
     src = resize_u8(image_hwc_u8, spec.source_hw)

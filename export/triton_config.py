@@ -17,9 +17,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.spec import SPEC_PARAMETER, ModelSpec
+from serving.spec import FLAVOURS, SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
-FORMATS = ("python", "onnxruntime", "tensorrt")
+FORMATS = FLAVOURS
 TTA_PARAMETER = "tta_views"
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
@@ -37,9 +37,11 @@ def config_file(flavour: str) -> str:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Export settings that shape the configs (stored as export.json beside them)."""
+    """Export settings that shape the configs (stored as export.json beside them).
 
-    max_batch_size: int
+    The maximum batch size is not one of them: it lives in the spec only.
+    """
+
     version: int = 1
     formats: tuple[str, ...] = ("python", "onnxruntime")
     tta_views: str = "five"
@@ -61,7 +63,7 @@ class ExportOptions:
         object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
         if self.tta_views not in TTA_EXPORT_MODES:
             raise ExportInputError(f"--tta-views: invalid value {self.tta_views!r}. Only {', '.join(TTA_EXPORT_MODES)} are supported.")
-        for flag, v, low in (("--max-batch-size", self.max_batch_size, 1), ("--version", self.version, 1),
+        for flag, v, low in (("--version", self.version, 1),
                              ("--instances", self.instances, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ExportInputError(f"{flag}: expected an integer >= {low}, got {v!r}")
@@ -74,6 +76,10 @@ class ExportOptions:
     @classmethod
     def from_json(cls, text: str) -> "ExportOptions":
         d = json.loads(text)
+        if "max_batch_size" in d:
+            # One source for each value: a second copy here could drift from the spec's.
+            raise ExportInputError("export.json: holds max_batch_size, which lives in spec.json only; "
+                                   "re-export the model")
         d["formats"] = tuple(d.get("formats", ()))
         return cls(**d)
 
@@ -89,16 +95,16 @@ def _tensor(cls, name: str, dtype: int, dims, **kw):
 
 
 def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
+    cfg = mc.ModelConfig(name=name, max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = opts.max_queue_delay_us
-    db.preferred_batch_size.extend(sorted({max(1, opts.max_batch_size // 2), opts.max_batch_size}))
+    db.preferred_batch_size.extend(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size}))
     if warmup_input is not None:
         # Warm up at the largest batch so the first real request does not pay for allocation.
         tensor_name, dims = warmup_input
-        w = cfg.model_warmup.add(name=f"zeros_batch_{opts.max_batch_size}", batch_size=opts.max_batch_size)
+        w = cfg.model_warmup.add(name=f"zeros_batch_{spec.max_batch_size}", batch_size=spec.max_batch_size)
         wi = w.inputs[tensor_name]
         wi.data_type = mc.TYPE_UINT8
         wi.dims.extend(dims)
@@ -182,7 +188,7 @@ def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
 
 def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     """Encoded bytes -> preprocess -> classifier, scheduled by Triton's ensemble scheduler."""
-    cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
     cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1]))
@@ -197,6 +203,17 @@ def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     cls.output_map[spec.output_name] = spec.output_name
     cls.output_map[spec.logits_name] = spec.logits_name
     return cfg
+
+
+def set_weights(cfg: mc.ModelConfig, weights_sha256: str | None) -> mc.ModelConfig:
+    """Record which weights a model serves, so a client can read it from a live server."""
+    if weights_sha256:
+        cfg.parameters[WEIGHTS_PARAMETER].string_value = weights_sha256
+    return cfg
+
+
+def config_weights(cfg: mc.ModelConfig) -> str | None:
+    return cfg.parameters[WEIGHTS_PARAMETER].string_value if WEIGHTS_PARAMETER in cfg.parameters else None
 
 
 def to_text(cfg: mc.ModelConfig) -> str:

@@ -8,7 +8,9 @@ Each subcommand is a module of ``patchserve.commands`` with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from types import ModuleType
 
 # name -> one-line help. The modules themselves are imported only when their
@@ -23,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "serve": "start the embedded Triton server on a model repository",
     "score": "score folders, manifests, HDF5 files and whole slides against Triton",
     "bench": "throughput benchmarks of every stage",
+    "doctor": "what is installed, its CUDA build, and what really runs on the GPU here",
     "demo": "the main job: synth, train, evaluate, export, check, serve, score",
 }
 
@@ -47,6 +50,8 @@ def _command(name: str) -> ModuleType:
         from patchserve.commands import score as module
     elif name == "bench":
         from patchserve.commands import bench as module
+    elif name == "doctor":
+        from patchserve.commands import doctor as module
     elif name == "demo":
         from patchserve import demo as module
     else:
@@ -120,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     from serving.errors import PatchserveError
 
+    # SIGTERM (kill, docker stop, a batch scheduler) unwinds like Ctrl-C: finally blocks run, so
+    # temporary .part files, shared memory and locks go; what was committed stays.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         rc = module.main(args)
     except ModuleNotFoundError as exc:
@@ -134,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"patchserve {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 
+def _new_temporary(path: Path) -> Path:
+    """An empty, new file beside ``path``, mode 0666 less the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp_path = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    os.close(fd)
+    return tmp_path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    The file is created with mode 0666 less the user's umask, like any other
+    file the user writes (``tempfile.mkstemp`` would make it 0600 and the
+    rename would keep that, so colleagues could not read a shared run).
+    """
+    tmp_path = _new_temporary(Path(path))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
@@ -46,10 +61,7 @@ def publish_once(path: str | Path) -> Iterator[tuple[Path, list[bool]]]:
     ``won[0]`` says, after the block, whether this writer's file was published.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path)  # umask-respecting like atomic_path: parts are shared with colleagues
     won = [False]
     try:
         yield tmp_path, won

@@ -1,7 +1,11 @@
 """Bulk scoring on a Dask cluster: one task per unit, each committing its own Parquet part.
 
-The client derives the units from the input listing, records the job's
-fingerprint in ``OUT/_patchserve_job.json``, submits every uncommitted unit
+The submitting process holds the output's lock (``serving.joblock``) for the
+whole job, checks that every ``--url`` server serves the same model, derives
+the units from the input listing and records the job's fingerprint
+(``serving.fingerprint``, ``OUT.job.json`` beside the dataset) exactly as the
+in-process scorer does: ``--resume`` against other weights, options or inputs
+is refused before anything is touched. It then submits every uncommitted unit
 with ``client.map`` and consumes them with ``distributed.as_completed``,
 holding counts only. Workers read, score and commit (``serving.unit_worker``);
 a lost worker's tasks are rerun by the scheduler and land once. At the end
@@ -13,7 +17,6 @@ names start with ``_`` or ``.`` are not data, as pyarrow and pandas expect.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shutil
 import time
@@ -24,16 +27,19 @@ from typing import Callable
 
 import numpy as np
 
-from serving.atomic import atomic_path, atomic_write_text
+from serving.atomic import atomic_path
 from serving.client import PatchClient
 from serving.dask_config import DaskConfig
-from serving.errors import InputError, PatchserveError
+from serving.errors import FingerprintMismatchError, InputError, PatchserveError
+from serving.fingerprint import JobFingerprint, ServedIdentity, check_resume, check_servers, job_path, \
+    read_job_record, write_job_record
+from serving.joblock import JobLock
 from serving.output import errors_path
-from serving.score import ScoreConfig, ScoreResult, _fingerprint, _write_metrics
+from serving.plan import job_options
+from serving.progress import bar_disable
+from serving.score import ScoreConfig, ScoreResult, _write_metrics
 from serving.unit_worker import UnitJob, UnitReport, read_part_report, score_unit
-from serving.units import WorkUnit, derive_units, listing_digest
-
-JOB_FILE = "_patchserve_job.json"
+from serving.units import WorkUnit, derive_units, units_listing
 
 
 def _check_config(cfg: ScoreConfig) -> Path:
@@ -46,39 +52,56 @@ def _check_config(cfg: ScoreConfig) -> Path:
     return out
 
 
-def _probe(cfg: ScoreConfig):
-    """The served model's spec, read once by the client so a wrong --url or --model fails here."""
-    c = PatchClient(cfg.urls[0], cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s, retries=cfg.retries,
-                    backoff_s=cfg.backoff_s, wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0)
+def _served(cfg: ScoreConfig, log):
+    """The served model's spec and identity, read from every --url server by the client: a wrong --url or
+    --model, or servers that disagree, fail here, before anything is written."""
+    clients = [PatchClient(u, cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                           backoff_s=cfg.backoff_s, wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0)
+               for u in cfg.urls]
     try:
-        return c.spec
+        served = check_servers({c.url: c.served_identity() for c in clients})
+        spec = clients[0].spec
     finally:
-        c.close()
+        for c in clients:
+            c.close()
+    if not served.weights_sha256:
+        log(f"warning: model {cfg.model!r} has no weights' hash in its config (exported by an older patchserve?); "
+            "a resume cannot tell whether its weights changed")
+    return spec, served
 
 
-def _prepare_output(out: Path, cfg: ScoreConfig, fingerprint: dict, log) -> None:
-    """Refuse, resume or start over, as the in-process scorer does; write the fingerprint."""
-    job_file = out / JOB_FILE
-    if out.exists() and cfg.resume:
-        if not job_file.is_file():
-            raise InputError(f"--resume: {out} is not a Dask scoring job's output (no {JOB_FILE})")
-        recorded = json.loads(job_file.read_text()).get("fingerprint", {})
-        diff = sorted(k for k in set(fingerprint) | set(recorded) if fingerprint.get(k) != recorded.get(k))
-        if diff:
-            raise InputError(f"--resume: {out} was written with different settings ({', '.join(diff)}); "
-                             "run again with the same inputs and options, or without --resume to start over")
-        return
-    if out.exists():
-        if not cfg.overwrite:
-            raise InputError(f"--out: {out} exists; pass --resume to continue that job or --overwrite to start over")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+def job_fingerprint(cfg: ScoreConfig, served: ServedIdentity, units: list[WorkUnit]) -> tuple[JobFingerprint, list]:
+    """The in-process scorer's fingerprint, plus the unit size: units are what a Dask job commits."""
+    listing = units_listing(units)
+    options = {**job_options(cfg), "unit_patches": cfg.dask.unit_patches}
+    return JobFingerprint.build(served, options, listing), listing
+
+
+def _prepare_output(out: Path, cfg: ScoreConfig, fp: JobFingerprint, listing: list[str], log) -> None:
+    """Refuse, resume or start over, as the in-process scorer does; write the job record."""
     parts_dir = out.with_name(out.name + ".parts")  # an in-process job's unfinished parts
+    if cfg.resume and out.exists():
+        if not out.is_dir():
+            raise FingerprintMismatchError(f"--resume: {out} is a file, not a Dask job's Parquet dataset folder; "
+                                           "resume it without --workers/--scheduler, or start over with --overwrite")
+        record = read_job_record(out)
+        if record is None:
+            raise FingerprintMismatchError(
+                f"--resume: {out} has no job record ({job_path(out)}), so nothing can tell which model, options "
+                "and inputs its rows came from; start over with --overwrite")
+        check_resume(out, record[0], record[1], fp, listing)  # raises, touching nothing, when anything differs
+        return
+    if not cfg.overwrite:
+        for existing in (out, parts_dir):
+            if existing.exists():
+                raise InputError(f"--out: {existing} exists; pass --resume to continue that job or --overwrite "
+                                 "to start over")
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     if parts_dir.exists():
-        if not cfg.overwrite:
-            raise InputError(f"--out: {parts_dir} exists; pass --overwrite to start over")
         shutil.rmtree(parts_dir)
+    write_job_record(out, fp, listing)  # before the first part: a killed job can always be resumed or refused
     out.mkdir(parents=True)
-    atomic_write_text(job_file, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
 
 
 def _start_cluster(dcfg: DaskConfig, stack: ExitStack, log):
@@ -100,31 +123,36 @@ def _start_cluster(dcfg: DaskConfig, stack: ExitStack, log):
 def _progress(cfg: ScoreConfig, total: int, done: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="unit", disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, unit="unit", disable=bar_disable(cfg.progress), dynamic_ncols=True)
 
 
 def run_dask_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:
     """Score every input on the Dask cluster ``cfg.dask`` names into the Parquet dataset ``cfg.out``."""
+    if not cfg.dask.enabled:
+        raise InputError("--scheduler or --workers: give one of them for a Dask run (or call run_score)")
+    out = _check_config(cfg)
+    # First of all: a second job on this output stops here, before it connects or touches a file. Workers
+    # never take it: this process plans and records the job, and parts are committed once by hard link.
+    with JobLock(out):
+        return _run_locked(cfg, out, log)
+
+
+def _run_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
     from distributed import as_completed
 
     dcfg = cfg.dask
-    if not dcfg.enabled:
-        raise InputError("--scheduler or --workers: give one of them for a Dask run (or call run_score)")
-
-    out = _check_config(cfg)
-    spec = _probe(cfg)
+    spec, served = _served(cfg, log)
     heat_class = cfg.heatmap_class or spec.class_names[-1]
     if heat_class not in spec.class_names:
         raise InputError(f"--heatmap-class: {heat_class!r} is not one of the model's classes {list(spec.class_names)}")
     units = derive_units(cfg.inputs, unit_patches=dcfg.unit_patches, split=cfg.split, classes=spec.class_names,
                          send=cfg.send)
-    fingerprint = {**_fingerprint(cfg, spec), "unit_patches": dcfg.unit_patches,
-                   "listing_sha256": listing_digest(units), "units": len(units)}
-    _prepare_output(out, cfg, fingerprint, log)
+    fp, listing = job_fingerprint(cfg, served, units)
+    _prepare_output(out, cfg, fp, listing, log)
     todo = [u for u in units if not (out / u.part_name).exists()]
     if cfg.resume:
         log(f"--resume: {len(units) - len(todo)} of {len(units)} units already committed, {len(todo)} to go")
-    job = UnitJob(cfg, str(out), heat_class)
+    job = UnitJob(cfg, str(out), heat_class, served)
     patches = errors = 0
     failed: list[str] = []
     with ExitStack() as stack:
@@ -188,5 +216,7 @@ def _finish(out: Path, units: list[WorkUnit], spec, cfg: ScoreConfig, patches: i
         probs = np.concatenate(ps) if ps else np.empty((0, len(prob_cols)), np.float32)
         _write_metrics(result, np.array(ys, np.int64), probs, spec, log)
     log(f"scored {patches} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); {result.rows} rows "
-        f"in {out}; {n_errors} unreadable inputs listed in {result.errors_file}")
+        f"in {out}")
+    # The last line, as in-process, so a user scrolling a long log sees it.
+    log(f"{n_errors} inputs recorded as errors, listed in {result.errors_file}")
     return result

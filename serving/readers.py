@@ -9,6 +9,7 @@ with an ``error``; the job goes on.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from serving.errors import ImageReadError, PatchserveError
+from serving.fingerprint import file_entry
 from serving.imageio import load_rgb_u8, resize_u8
 from serving.slides import SlideGrid, SlideHandles, read_tile
 from serving.sources import Dataset, parse_hdf5_source, read_hdf5_rows
@@ -89,6 +91,15 @@ class DatasetUnit:
         return [Item(self.key, i, self.dataset.samples[i].source, self._label(i),
                      image=resize_u8(rows[j], self.patch_hw)) for j, i in enumerate(range(lo, hi))]
 
+    def listing(self) -> list[str]:
+        """Fingerprint lines: each file with size, mtime and label; an HDF5 file once, with its row count."""
+        if self.dataset.kind == "hdf5":
+            n = len(self)
+            files = dict.fromkeys(parse_hdf5_source(s.source)[0] for s in self.dataset.samples)
+            labels = hashlib.sha256(self.dataset.labels().tobytes()).hexdigest() if self.dataset.labelled else "-"
+            return [file_entry(f, n, labels) for f in files] if files else [f"{self.key}\tempty"]
+        return [file_entry(s.source, "-" if s.label is None else s.label) for s in self.dataset.samples]
+
     def tasks(self, start: int) -> Iterator[Task]:
         read = self._read_hdf5 if self.dataset.kind == "hdf5" else self._read_files
         n = len(self)
@@ -105,6 +116,13 @@ class SlideUnit:
     def __len__(self) -> int:
         return len(self.grid.tiles)
 
+    def listing(self) -> list[str]:
+        """Fingerprint line: the slide file and its tile grid (geometry and the kept tiles)."""
+        g = self.grid
+        tiles = hashlib.sha256(np.array([(t.x, t.y) for t in g.tiles], np.int64).tobytes()).hexdigest()
+        return [file_entry(g.path, f"{g.cols}x{g.rows}", len(g.tiles), f"{g.target_mpp:.6g}", g.read_level,
+                           f"{g.patch_hw[0]}x{g.patch_hw[1]}", tiles)]
+
     def _read(self, lo: int, hi: int) -> list[Item]:
         out = []
         for i in range(lo, hi):
@@ -114,6 +132,7 @@ class SlideUnit:
                 item.image = read_tile(self.handles.get(self.grid.path), self.grid, t.x, t.y)
             except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged tile: record, go on
                 item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {exc}"
+                self.handles.reopen(self.grid.path)
             out.append(item)
         return out
 

@@ -12,7 +12,9 @@ none``), no shell involved in starting it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,8 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import ServerError
+from serving.server_state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
+from serving.spec import GPU_FLAVOURS
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# Triton's restricted APIs: changing log settings, traces or the repository needs this header.
+API_KEY_HEADER = "patchserve-api-key"
+RESTRICTED_APIS = ("logging", "trace", "model-repository")
+KEY_FILE = "api_key"
+TEMP_PREFIX = "patchserve-triton-"
 
 
 def _pytriton_root() -> Path:
@@ -34,6 +43,12 @@ def _pytriton_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("the embedded Triton server needs the 'nvidia-pytriton' package; install it with 'make install'")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def triton_backends() -> tuple[str, ...]:
+    """Backends the embedded distribution carries (the nvidia-pytriton wheel: python only)."""
+    folder = _pytriton_root() / "tritonserver" / "backends"
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -102,7 +117,11 @@ class EmbeddedTriton:
             "127.0.0.1" if host in ("0.0.0.0", "localhost") else host,
             http_port or free_port(bind), grpc_port or free_port(bind), metrics_port or free_port(bind))
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="patchserve-triton-"))
+        if workdir is None:
+            # Work folders of SIGKILLed servers (whose owner is gone) go before a new one is made.
+            remove_stale_temp_workdirs(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        self.api_key = ""
         self.startup_timeout_s = startup_timeout_s
         self.log_verbose = log_verbose
         self.exit_on_error = exit_on_error
@@ -113,7 +132,7 @@ class EmbeddedTriton:
     # -- life cycle ---------------------------------------------------------
     def command(self) -> list[str]:
         dist = self.workdir / "tritonserver"
-        shm_prefix = f"patchserve{os.getpid()}-{self.urls.grpc_port}"
+        restricted = f"{','.join(RESTRICTED_APIS)}:{API_KEY_HEADER}={self.api_key}"
         return [
             str(dist / "bin" / "tritonserver"),
             f"--model-repository={self.repo}",
@@ -127,7 +146,9 @@ class EmbeddedTriton:
             "--strict-readiness=true",
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             *self.extra_args,
         ]
 
@@ -144,12 +165,32 @@ class EmbeddedTriton:
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
+    @property
+    def shm_prefix(self) -> str:
+        return f"patchserve{os.getpid()}-{self.urls.grpc_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers that unlock the restricted APIs (logging, trace, repository) for patchserve's own calls."""
+        return {API_KEY_HEADER: self.api_key}
+
     def start(self) -> "EmbeddedTriton":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # What a SIGKILLed server of this work folder left: its process group, stubs, shared memory.
+        clean_stale(self.workdir)
         prepare_distribution(self.workdir)
+        self.api_key = secrets.token_urlsafe(24)
+        write_key_file(self.workdir / KEY_FILE, self.api_key)
         self._log = open(self.log_path, "ab")
-        # A new session so Ctrl-C in a terminal reaches us, and we stop the server in order.
+        # A new session: the server and its Python-backend stubs form one process group that stop()
+        # ends as a whole, and Ctrl-C in a terminal reaches us first so we stop them in order. umask
+        # 077: the server's shared-memory regions (patients' pixels) and files are owner-only.
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=self.environment(), cwd=self.workdir, start_new_session=True)
+                                        env=self.environment(), cwd=self.workdir, start_new_session=True,
+                                        umask=0o077)
+        state = {"owner_pid": os.getpid(), "server_pid": self.process.pid, "pgid": self.process.pid,
+                 "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
+        (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
         self.wait_ready()
         return self
 
@@ -165,6 +206,7 @@ class EmbeddedTriton:
                                       f"{self.log_tail()}")
                 try:
                     if client.is_server_ready():
+                        self.protect_shared_memory()
                         return
                 except Exception:  # noqa: BLE001 - not listening yet
                     pass
@@ -173,6 +215,18 @@ class EmbeddedTriton:
             client.close()
         self.stop()
         raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def protect_shared_memory(self) -> list[Path]:
+        """Make the Python backend's shared-memory regions (they carry the pixels of every request)
+        owner-only: the backend creates them 0644 whatever the umask. Returns the regions seen."""
+        regions = sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
+        for r in regions:
+            try:
+                if r.stat().st_mode & 0o077:
+                    r.chmod(0o600)
+            except OSError:
+                pass  # removed meanwhile
+        return regions
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -185,7 +239,8 @@ class EmbeddedTriton:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL."""
+        """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL; then whatever is left
+        of its process group (backend stubs), its shared memory and its state file."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -193,14 +248,22 @@ class EmbeddedTriton:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            clean_stale(self.workdir)
         if getattr(self, "_log", None):
             self._log.close()
 
     def kill(self) -> None:
-        """SIGKILL the server, as a crash would (fault tests)."""
+        """SIGKILL the server only, as a crash would (fault tests); its stubs are left to the next start."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def group_members(self) -> list[int]:
+        """PIDs of the server's process group still running (the server and its backend stubs)."""
+        from serving.server_state import members
+
+        return members(self.process.pid, self.workdir) if self.process is not None else []
 
     def restart(self) -> None:
         """Start again on the same ports (fault tests: the server comes back)."""
@@ -218,8 +281,28 @@ class EmbeddedTriton:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def ngc_command(self) -> str:
+    def ngc_command(self, model_config_name: str | None = None) -> str:
         """How to serve the same repository from NGC's container on a GPU machine."""
-        return (f"docker run --gpus all --rm -p {self.urls.http_port}:8000 -p {self.urls.grpc_port}:8001 "
-                f"-p {self.urls.metrics_port}:8002 -v {self.repo}:/models {NGC_IMAGE} "
-                "tritonserver --model-repository=/models --model-control-mode=none")
+        return ngc_command(self.repo, model_config_name=model_config_name or gpu_flavour(self.repo),
+                           http_port=self.urls.http_port, grpc_port=self.urls.grpc_port,
+                           metrics_port=self.urls.metrics_port)
+
+
+def gpu_flavour(repo: str | Path) -> str:
+    """The flavour a GPU server should load: tensorrt when a model of ``repo`` has a plan config, else onnxruntime."""
+    for flavour in GPU_FLAVOURS:
+        if any(Path(repo).glob(f"*/configs/{flavour}.pbtxt")):
+            return flavour
+    return GPU_FLAVOURS[-1]
+
+
+def ngc_command(repo: str | Path, *, model_config_name: str, http_port: int = 8000, grpc_port: int = 8001,
+                metrics_port: int = 8002) -> str:
+    """``docker run`` of NGC's tritonserver on ``repo``, loading configs/MODEL_CONFIG_NAME.pbtxt of every model.
+
+    Without --model-config-name the container would load config.pbtxt, the CPU
+    python flavour; models without that flavour (the ensemble) fall back to it.
+    """
+    return (f"docker run --gpus all --rm -p {http_port}:8000 -p {grpc_port}:8001 -p {metrics_port}:8002 "
+            f"-v {Path(repo).resolve()}:/models {NGC_IMAGE} tritonserver --model-repository=/models "
+            f"--model-control-mode=none --model-config-name={model_config_name}")

@@ -124,6 +124,12 @@ def read_manifest(path: Path, split: str | None = None, classes: tuple[str, ...]
         names = classes or tuple(sorted({r["label"] for _, r in rows if r.get("label")}))
     else:
         names = None
+    _refuse_duplicates(path, rows)
+    if labelled and classes is not None:
+        given = sorted({r.get("label", "") for _, r in rows} - {""})
+        if given and not set(given) & set(classes):
+            raise InputError(f"{path}: no label of the manifest is one of the model's classes {list(classes)}; "
+                             f"it has {given[:10]}{' ...' if len(given) > 10 else ''} (wrong manifest or model?)")
     samples = []
     for lineno, row in rows:
         p = Path(row["path"])
@@ -142,6 +148,21 @@ def read_manifest(path: Path, split: str | None = None, classes: tuple[str, ...]
     if not samples:
         raise InputError(f"{path}: manifest lists no samples" + (f" for split {split!r}" if split else ""))
     return Dataset("manifest", path, names, samples, bad)
+
+
+def _refuse_duplicates(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """A path listed twice would be scored twice and counted twice in the metrics: refuse, listing them."""
+    seen: dict[str, list[int]] = {}
+    for lineno, row in rows:
+        p = Path(row["path"])
+        key = str((p if p.is_absolute() else path.parent / p).resolve())
+        seen.setdefault(key, []).append(lineno)
+    dupes = [(k, lines) for k, lines in seen.items() if len(lines) > 1]
+    if dupes:
+        shown = "; ".join(f"{k} (lines {', '.join(map(str, lines))})" for k, lines in dupes[:10])
+        more = f"; and {len(dupes) - 10} more" if len(dupes) > 10 else ""
+        raise InputError(f"{path}: {len(dupes)} paths are listed more than once: {shown}{more}. "
+                         "List each patch once")
 
 
 def _pcam_pair(path: Path) -> tuple[Path, Path | None]:
@@ -207,10 +228,12 @@ def discover(path: str | Path, split: str | None = None, classes: tuple[str, ...
         if not (p / split).is_dir():
             raise InputError(f"{p}: has split folders but no '{split}' folder")
         return read_class_folders(p / split, classes)
+    if has_splits(p):
+        # Scoring train/ silently when the user meant test/ gives plausible, wrong numbers.
+        names = ", ".join(d.name for d in _class_dirs(p))
+        raise InputError(f"{p}: holds the splits {names}; pass --split to pick one")
     subdirs = _class_dirs(p)
     if subdirs and not any(is_image_file(f) for f in p.iterdir() if f.is_file()):
-        if has_splits(p):
-            return read_class_folders(p / "train", classes)
         return read_class_folders(p, classes)
     files = _images_in(p)
     if not files:

@@ -27,8 +27,13 @@ SPEC_PARAMETER = "patchserve_spec"
 WEIGHTS_PARAMETER = "weights_sha256"
 # Triton uses the model name as a folder name and in URLs: keep it to a
 # conservative character set, no path separators and no "..".
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TTA_MODES = ("none", "flip", "five", "ten")
+# Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
+# Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
+# with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.
+FLAVOURS = ("python", "onnxruntime", "tensorrt")
+GPU_FLAVOURS = ("tensorrt", "onnxruntime")
 ARCHITECTURES = (
     "resnet18",
     "resnet34",
@@ -134,7 +139,7 @@ class ModelSpec:
         tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name")
         tensor_names = tuple(getattr(self, f) for f in tensor_fields)
         for f, v in zip(tensor_fields, tensor_names):
-            if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
                 raise SpecError(f"{f}: {v!r} is not a valid tensor name (letters, digits, '_')")
         if len(set(tensor_names)) != len(tensor_names):
             raise SpecError(f"{'/'.join(tensor_fields)} must all differ, got {tensor_names}")

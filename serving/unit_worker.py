@@ -17,15 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.atomic import atomic_path, publish_once
+from serving.atomic import publish_once
 from serving.client import PatchClient, stream_predictions
 from serving.errors import InferenceError, SlideError
 from serving.output import _schema, result_columns
 from serving.readers import DatasetUnit, OrderedReader, SlideUnit
-from serving.score import FailedUnit, ScoreConfig, ScoreResult, _groups, _write_slide_outputs, patches_per_request, \
-    result_row
+from serving.fingerprint import ServedIdentity, check_servers
+from serving.plan import FailedUnit, no_tissue_reason, tissue_mask_path
+from serving.score import ScoreConfig, ScoreResult, _groups, _write_slide_outputs, patches_per_request, result_row
 from serving.slide_manifest import plan_slide
-from serving.slides import SlideHandles
+from serving.slides import SlideHandles, write_mask_png
 from serving.sources import Dataset
 from serving.units import WorkUnit
 
@@ -40,6 +41,7 @@ class UnitJob:
     cfg: ScoreConfig
     dataset: str  # the output folder (OUT)
     heat_class: str
+    served: ServedIdentity  # what the job's fingerprint recorded: every worker's servers must serve it
 
 
 @dataclass
@@ -58,9 +60,13 @@ class UnitReport:
         return self.rows + len(self.errors)
 
 
-def _clients(cfg: ScoreConfig) -> list[PatchClient]:
-    """This thread's connections to the job's servers, opened once and kept across tasks."""
-    key = (cfg.urls, cfg.model, cfg.protocol, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.concurrency,
+def _clients(cfg: ScoreConfig, served: ServedIdentity) -> list[PatchClient]:
+    """This thread's connections to the job's servers, opened once and kept across tasks.
+
+    Each connection is checked against the identity the job's fingerprint recorded before it gets work: a
+    server swapped between the client's check and this worker's first request must not add its rows (the
+    clients' own re-check covers a server that restarts later)."""
+    key = (served, cfg.urls, cfg.model, cfg.protocol, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.concurrency,
            cfg.batch_size, cfg.shared_memory, cfg.wait, cfg.wait_timeout_s)
     cached = getattr(_local, "clients", None)
     if cached is not None and cached[0] == key:
@@ -72,6 +78,12 @@ def _clients(cfg: ScoreConfig) -> list[PatchClient]:
                            backoff_s=cfg.backoff_s, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
                            shared_memory=cfg.shared_memory, wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0)
                for u in cfg.urls]
+    try:
+        check_servers({"the job's fingerprint": served, **{c.url: c.served_identity() for c in clients}})
+    except Exception:
+        for c in clients:
+            c.close()
+        raise
     _local.clients = (key, clients)
     return clients
 
@@ -86,14 +98,6 @@ def read_part_report(part: Path, index: int) -> UnitReport:
                       slide_outputs=info.get("slide_outputs", []))
 
 
-def _write_mask(grid, path: Path) -> Path:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid.mask.astype("uint8") * 255).save(tmp, format="PNG")
-    return path
-
-
 def score_unit(job: UnitJob, unit: WorkUnit) -> UnitReport:
     """Score ``unit`` and commit its part, unless a part for it is committed already."""
     import pyarrow as pa
@@ -104,7 +108,7 @@ def score_unit(job: UnitJob, unit: WorkUnit) -> UnitReport:
     if part.exists():
         return read_part_report(part, unit.index)
     start = time.perf_counter()
-    clients = _clients(cfg)
+    clients = _clients(cfg, job.served)
     spec = clients[0].spec
     encoded = cfg.send == "encoded"
     handles = SlideHandles()
@@ -116,11 +120,14 @@ def score_unit(job: UnitJob, unit: WorkUnit) -> UnitReport:
             slide_hw = spec.input_hw if cfg.tta == "none" else spec.source_hw
             try:
                 grid = plan_slide(unit.slide, slide_hw, cfg.tiling)
-                work = SlideUnit(unit.key, grid, handles)
             except SlideError as exc:
                 if str(exc).startswith("--"):
                     raise  # a flag is wrong for every slide: stop the job
                 work = FailedUnit(unit.key, [(unit.slide.path, str(exc))])
+            else:
+                # No tissue tile is an error, recorded as the in-process scorer records it; its mask is still written.
+                work = (SlideUnit(unit.key, grid, handles) if grid.tiles else
+                        FailedUnit(unit.key, [(grid.path, no_tissue_reason(cfg, grid, Path(job.dataset)))]))
         else:
             ds = Dataset(unit.kind, Path(unit.key.partition(":")[2]), unit.classes, list(unit.samples))
             work = DatasetUnit(unit.key, ds, spec.source_hw, encoded=encoded)
@@ -145,11 +152,13 @@ def score_unit(job: UnitJob, unit: WorkUnit) -> UnitReport:
         handles.close()
     slide_outputs: list[str] = []
     if grid is not None:
-        # Written before the part: a committed slide always has its heatmap, GeoJSON and tissue mask.
+        # Written before the part: a committed slide always has its tissue mask and, when tiles were scored,
+        # its heatmap and GeoJSON.
         out = Path(job.dataset)
         result = ScoreResult(out, out, 0, 0, 0, 0.0)
-        _write_slide_outputs(result, {grid.path: rows}, [work], spec, job.heat_class, print)
-        mask = _write_mask(grid, out.with_name(f"{out.stem}.{Path(grid.path).stem}.tissue_mask.png"))
+        if grid.tiles:
+            _write_slide_outputs(result, {grid.path: rows}, [work], spec, job.heat_class, print)
+        mask = write_mask_png(grid, tissue_mask_path(out, grid.path))
         slide_outputs = [str(p) for p in (*result.heatmaps, *result.geojsons, mask)]
     info = {"unit": unit.index, "key": unit.key, "rows": len(rows), "errors": errors, "slide_outputs": slide_outputs}
     schema = _schema(result_columns(spec.class_names)).with_metadata({PART_METADATA_KEY: json.dumps(info)})

@@ -4,20 +4,22 @@ A slide is one unit; folders, patch manifests and HDF5 files are cut into
 units of a fixed number of patches, in listing order. The same inputs and
 options always give the same units with the same indices, so a unit's part
 name (``part-000042.parquet``) identifies the same patches in every run:
-that is what lets ``--resume`` and a rerun task skip committed work.
+that is what lets ``--resume`` and a rerun task skip committed work. The
+units' listing lines feed the job fingerprint (``serving.fingerprint``), so a
+resume against a changed listing is refused before a unit is submitted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import InputError, SlideError
+from serving.fingerprint import file_entry
 from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, read_slide_manifest, slides_in_folder
 from serving.slides import SLIDE_SUFFIXES, is_slide, open_slide
-from serving.sources import Sample, discover
+from serving.sources import Sample, discover, parse_hdf5_source
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,39 @@ class WorkUnit:
     def labelled(self) -> bool:
         return self.classes is not None and bool(self.samples) and all(s.label is not None for s in self.samples)
 
-    def describe(self) -> list:
-        """What the unit covers, as plain JSON (the listing digest hashes it)."""
-        slide = None if self.slide is None else [self.slide.path, self.slide.roi, self.slide.mpp, self.slide.error]
-        return [self.index, self.kind, self.key, [[s.source, s.label] for s in self.samples],
-                None if self.classes is None else list(self.classes), slide, [list(e) for e in self.errors]]
+    def listing(self) -> list[str]:
+        """The unit's lines of the job's input listing (the fingerprint digests them in unit order): each file
+        with its size and modification time, so a changed, added or removed input changes the fingerprint."""
+        if self.kind == "failed":
+            return [file_entry(s, "failed") for s, _ in self.errors]
+        if self.kind == "slide":
+            s = self.slide
+            roi = "-" if s.roi is None else file_entry(s.roi).replace("\t", " ")
+            return [file_entry(s.path, f"roi {roi}", f"mpp {s.mpp}")]
+        if self.kind == "hdf5":
+            raise ValueError("an HDF5 unit is listed with its file by units_listing, not alone")
+        return [file_entry(s.source, "-" if s.label is None else s.label) for s in self.samples]
 
 
-def listing_digest(units: list[WorkUnit]) -> str:
-    """sha256 of every unit's description: what was listed, cut the same way."""
-    h = hashlib.sha256()
+def units_listing(units: list[WorkUnit]) -> list[str]:
+    """The job's input listing, in unit order, whatever the unit size (that is a separate fingerprint option):
+    an HDF5 file is one line, with its row count and a digest of its labels, like the in-process listing."""
+    lines: list[str | None] = []
+    hdf5: dict[str, list] = {}  # key -> [its line's position, file, rows, labels' hash]
     for u in units:
-        h.update(json.dumps(u.describe(), sort_keys=True).encode() + b"\n")
-    return h.hexdigest()
+        if u.kind != "hdf5":
+            lines += u.listing()
+            continue
+        acc = hdf5.get(u.key)
+        if acc is None:
+            acc = hdf5[u.key] = [len(lines), parse_hdf5_source(u.samples[0].source)[0], 0, hashlib.sha256()]
+            lines.append(None)
+        acc[2] += len(u.samples)
+        for s in u.samples:  # label by label: the digest does not depend on where units are cut
+            acc[3].update(f"{s.label}\n".encode())
+    for pos, file, rows, labels in hdf5.values():
+        lines[pos] = file_entry(file, rows, labels.hexdigest())
+    return lines
 
 
 def _slide_open_error(path: Path) -> str:

@@ -22,6 +22,7 @@ from training.errors import DataError
 from training.pipeline import build_eval_pipeline, iterate, resolve_dali_device
 from training.scan import scan_samples, write_bad_list
 from training.train import HISTORY_CSV, pick_device
+from serving.progress import bar_disable
 
 MAX_MISCLASSIFIED = 25
 
@@ -72,7 +73,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     probs, labels, wrong = [], [], []
     (ct, cl, _), = view_boxes("none", spec.source_hw, spec.input_hw)
     ih, iw = spec.input_hw
-    with tqdm(total=len(scan.samples), desc=f"evaluate ({tta})", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(scan.samples), desc=f"evaluate ({tta})", unit="img", disable=bar_disable(progress), leave=False) as bar:
         for images, y in iterate(pipe, scan.samples):
             batch = images.cpu().numpy()
             p = predict_tta(model, batch, tta, spec.input_hw, dev)
@@ -111,4 +112,25 @@ def _plots(out: Path, metrics: dict, y_true, probs, class_names, wrong, history_
             plots.plot_training_curves(rows, out / "training_curves.png")
 
 
-__all__ = ["evaluate_run", "predict_tta", "EvalResult"]
+def evaluate_splits(run: str | Path, data: str | Path, out: str | Path, splits: list[str],
+                    **kwargs) -> dict[str, EvalResult]:
+    """Evaluate several splits of DATA into ``out/<split>/`` and compare them in ``out/report.md``.
+
+    One split writes straight into ``out`` as :func:`evaluate_run` does.
+    """
+    from serving.atomic import atomic_write_text
+    from training.report import render_comparison
+
+    if len(set(splits)) != len(splits):
+        raise DataError(f"--split: each split once, got {', '.join(splits)}")
+    out = Path(out)
+    if len(splits) == 1:
+        return {splits[0]: evaluate_run(run, data, out, split=splits[0], **kwargs)}
+    results = {s: evaluate_run(run, data, out / s, split=s, **kwargs) for s in splits}
+    _, spec, _ = load_for_inference(run)
+    atomic_write_text(out / "report.md", render_comparison({s: r.metrics for s, r in results.items()},
+                                                           model=spec.name, tta=kwargs.get("tta", "none")))
+    return results
+
+
+__all__ = ["evaluate_run", "evaluate_splits", "predict_tta", "EvalResult"]

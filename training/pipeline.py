@@ -19,6 +19,7 @@ import numpy as np
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
 from serving.views import view_boxes
 from training.errors import DataError, TrainingError
+from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, check_stain_options, hed_jitter
 
 READER = "Reader"
 DALI_DEVICES = ("auto", "cpu", "gpu")
@@ -37,8 +38,13 @@ class AugmentConfig:
     hue: float = 0.0
     scale_min: float = 0.08
     grayscale_equalize: bool = False
+    random_crop: bool = False  # a window of the model's size, no resize (larger images, e.g. 150 -> 128 px)
+    stain_augment: bool = False
+    stain_scale: float = DEFAULT_STAIN_SCALE
+    stain_shift: float = DEFAULT_STAIN_SHIFT
 
     def __post_init__(self) -> None:
+        check_stain_options(self.stain_scale, self.stain_shift)
         for flag, v in (("--hflip-prob", self.hflip_prob), ("--vflip-prob", self.vflip_prob)):
             if not 0.0 <= v <= 1.0:
                 raise TrainingError(f"{flag}: expected a probability in [0, 1], got {v}")
@@ -181,7 +187,12 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
                                  pad_last_batch=False, device=device)
         if a.grayscale_equalize:
             images = _grey_equalize(images)
-        if a.scale_min < 1.0:
+        if a.random_crop:
+            # Smaller images are padded white (the background of slides), never stretched.
+            images = fn.crop(images, crop=[h, w], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                             crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), out_of_bounds_policy="pad",
+                             fill_values=255)
+        elif a.scale_min < 1.0:
             images = fn.random_resized_crop(images, size=[h, w], random_area=[a.scale_min, 1.0],
                                             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], antialias=False)
         else:
@@ -201,6 +212,8 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
             images = fn.color_twist(images, brightness=around(1.0, a.brightness), contrast=around(1.0, a.contrast),
                                     saturation=around(1.0, a.saturation), hue=around(0.0, a.hue * 360.0),
                                     dtype=types.UINT8)
+        if a.stain_augment:
+            images = hed_jitter(images, scale=a.stain_scale, shift=a.stain_shift)
         return images, labels
 
     return pipe()

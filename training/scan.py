@@ -20,6 +20,7 @@ from serving.errors import ImageReadError
 from serving.imageio import DALI_SAFE_MODES, inspect_image, load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source
 from training.errors import DataError
+from serving.progress import bar_disable
 
 MAX_LISTED = 20  # bad files named in the error message; the rest are counted
 
@@ -58,7 +59,7 @@ def scan_samples(samples: list[Sample], cache_dir: Path | None, *, progress: boo
     from tqdm import tqdm
 
     result = ScanResult(samples=[])
-    for s in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+    for s in tqdm(samples, desc=desc, unit="img", disable=bar_disable(progress), leave=False):
         if parse_hdf5_source(s.source) is not None:
             result.samples.append(s)  # HDF5 rows are validated by their reader
             result.origins.append(s.source)
@@ -93,6 +94,18 @@ def refuse_bad(result: ScanResult, skip_bad: bool) -> None:
         lines.append(f"  ... and {more} more")
     raise DataError(f"{len(result.bad)} unusable image file(s); fix or remove them, or pass --skip-bad "
                     "to train without them:\n" + "\n".join(lines))
+
+
+def describe_skipped(result: ScanResult, listing: Path) -> str | None:
+    """What --skip-bad left out, and where the full list is (None when nothing was)."""
+    if not result.bad:
+        return None
+    lines = [f"  {p}: {why}" for p, why in result.bad[:MAX_LISTED]]
+    more = len(result.bad) - MAX_LISTED
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    return (f"--skip-bad: left out {len(result.bad)} unusable image file(s), all listed in {listing}:\n"
+            + "\n".join(lines))
 
 
 def write_bad_list(result: ScanResult, path: Path) -> Path | None:

@@ -6,6 +6,7 @@ import numpy as np
 
 from serving.imageio import load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.progress import bar_disable
 
 # The spec requires values in (0, 1]: a black or flat training set still gets a usable layer.
 _MIN_VALUE = 1e-3
@@ -32,7 +33,7 @@ def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int
     total = np.zeros(3)
     total_sq = np.zeros(3)
     count = 0
-    for i in tqdm(idx, desc="mean/std", unit="img", disable=not progress, leave=False):
+    for i in tqdm(idx, desc="mean/std", unit="img", disable=bar_disable(progress), leave=False):
         px = _load(samples[int(i)]).reshape(-1, 3).astype(np.float64) / 255.0
         total += px.sum(axis=0)
         total_sq += (px * px).sum(axis=0)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from patchserve.cli import main as cli
-from serving.dask_score import JOB_FILE
+from serving.fingerprint import read_job_record
 from serving.output import read_results
 
 ATOL = 1e-5
@@ -62,12 +62,13 @@ def test_local_cluster_of_two_workers_equals_in_process_result(triton_server, jo
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
     n_units = 4 + 4 + 1  # test/ (16 images in units of 5), val_x.h5 (16 rows), one slide
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{i:06d}.parquet" for i in range(n_units)]
-    assert json.loads((out / JOB_FILE).read_text())["fingerprint"]["units"] == n_units
+    fp, listing = read_job_record(out)  # the in-process scorer's record, beside the dataset folder
+    assert json.loads(fp.options)["unit_patches"] == 5 and fp.inputs_count == len(listing) == 16 + 1 + 1
     metrics = json.loads((tmp_path / "results.metrics.json").read_text())
     want_metrics = json.loads(want_file.with_name("results.metrics.json").read_text())
     assert metrics["num_samples"] == want_metrics["num_samples"] == 16 + 16
     assert metrics["confusion_matrix"] == want_metrics["confusion_matrix"]
-    assert (tmp_path / "results.errors.csv").read_text() == "source,reason\n"
+    assert (tmp_path / "results.parquet.errors.csv").read_text() == "source,reason\n"
     for name in ("slide_0.heatmap.png", "slide_0.geojson", "slide_0.tissue_mask.png"):
         assert (tmp_path / f"results.{name}").stat().st_size > 0
     features = json.loads((tmp_path / "results.slide_0.geojson").read_text())["features"]
@@ -205,8 +206,8 @@ def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, i
     assert re.search(r"--out: .*results.parquet exists; pass --resume", capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, "--unit-patches", "2",
                      "--resume")) == 2
-    assert re.search(r"--resume: .* different settings \(listing_sha256, unit_patches, units\)",
-                     capsys.readouterr().err)
+    assert re.search(r"--resume: .*results.parquet was started with something else, so its rows cannot be "
+                     r"continued: option unit_patches: 1 then, 2 now\. Nothing was changed", capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts, "--resume")) == 0
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
 
@@ -229,8 +230,15 @@ def test_slide_manifest_with_roi_scores_only_tiles_inside_in_process_and_on_dask
     _assert_same_rows(pq.read_table(inproc), want, triton_server.spec.class_names)
     _assert_same_rows(pq.read_table(dask), want, triton_server.spec.class_names)
     missing = f"{tmp_path / 'gone.tiff'},{manifest}:3: no such slide {tmp_path / 'gone.tiff'}\n"
-    assert (tmp_path / "inproc.errors.csv").read_text() == (tmp_path / "dask.errors.csv").read_text() == \
-        "source,reason\n" + missing
+    errors = [(tmp_path / f"{name}.parquet.errors.csv").read_text() for name in ("inproc", "dask")]
+    assert errors == ["source,reason\n" + missing] * 2
+
+
+def _served(server):
+    from serving.client import PatchClient
+
+    with PatchClient(server.grpc, server.spec.name) as c:
+        return c.served_identity()
 
 
 def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data, tmp_path):
@@ -242,7 +250,7 @@ def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data,
     cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
                       out=str(out))
     unit = derive_units(cfg.inputs, unit_patches=6, classes=triton_server.spec.class_names)[1]
-    job = UnitJob(cfg, str(out), "tumour")
+    job = UnitJob(cfg, str(out), "tumour", _served(triton_server))
     first = score_unit(job, unit)
     part = out / "part-000001.parquet"
     inode = part.stat().st_ino
@@ -253,7 +261,8 @@ def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data,
 
 
 def test_the_dataset_reads_with_pandas_one_row_per_patch(triton_server, synth_data, tmp_path):
-    pandas = pytest.importorskip("pandas")  # not a dependency of patchserve; users read OUT with it
+    import pandas  # in the test extra, not a dependency of patchserve: users read OUT with it
+
     from serving.score import ScoreConfig
     from serving.unit_worker import UnitJob, score_unit
     from serving.units import derive_units
@@ -263,8 +272,33 @@ def test_the_dataset_reads_with_pandas_one_row_per_patch(triton_server, synth_da
                       out=str(out))
     units = derive_units(cfg.inputs, unit_patches=7, classes=triton_server.spec.class_names)
     for unit in units:
-        score_unit(UnitJob(cfg, str(out), "tumour"), unit)
-    (out / "_patchserve_job.json").write_text("{}")  # metadata beside the parts is not data
+        score_unit(UnitJob(cfg, str(out), "tumour", _served(triton_server)), unit)
+    (out / "_SUCCESS").write_text("")  # files named with "_" beside the parts are not data (Spark's marker)
     frame = pandas.read_parquet(out)
     assert frame["source"].tolist() == [s.source for u in units for s in u.samples]
     assert frame.columns.tolist() == pq.read_table(out).column_names
+
+
+def test_a_slide_without_tissue_is_an_error_with_its_mask_as_in_process(triton_server, tmp_path, capsys):
+    from PIL import Image
+
+    from serving.synth.slide import write_pyramid_tiff
+
+    blank = tmp_path / "blank.tiff"
+    write_pyramid_tiff(blank, [np.full((512, 512, 3), 240, np.uint8), np.full((128, 128, 3), 240, np.uint8)], 0.5)
+    reasons = {}
+    for name, extra in (("inproc", ()), ("dask", ("--workers", "1"))):
+        out = tmp_path / f"{name}.parquet"
+        capsys.readouterr()
+        assert cli(_args(triton_server, [blank], out, *extra)) == 0
+        errors_file = tmp_path / f"{name}.parquet.errors.csv"
+        assert capsys.readouterr().out.strip().splitlines()[-1] == \
+            f"1 inputs recorded as errors, listed in {errors_file}"
+        assert pq.read_table(out).num_rows == 0
+        mask_png = tmp_path / f"{name}.blank.tissue_mask.png"
+        assert not np.asarray(Image.open(mask_png)).any()
+        (line,) = errors_file.read_text().splitlines()[1:]
+        reasons[name] = line.replace(str(mask_png), "MASK")
+    assert reasons["dask"] == reasons["inproc"]
+    assert reasons["dask"].startswith(f"{blank},no tissue found: no tile of the ")
+    assert reasons["dask"].endswith("nothing scored; see the mask MASK")

@@ -72,6 +72,10 @@ def test_served_scores_are_the_model_on_equalised_pixels(grey_server):
         got = client.predict(images)
         with pytest.raises(SpecMismatchError, match="--tta server: model 'grey' was trained on grey-scale"):
             client.predict(images, tta="server")
+        # score asks for the TTA model's batch size first: the same reason, not "model not found".
+        with pytest.raises(SpecMismatchError, match=r"--tta server: .*so export did not write them\. Use --send "
+                                                    r"pixels with --tta none, flip, five or ten"):
+            client.tta_info()
     session = ort_session(onnx_path)
     want = session.run([spec.output_name], {spec.input_name: grey_equalize_u8(images)})[0]
     raw = session.run([spec.output_name], {spec.input_name: images})[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ from serving.errors import InputError
 from serving.roi import load_roi, points_in_roi, restrict_grid
 from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, plan_slide, read_slide_manifest
 from serving.slides import TilingConfig, plan_tiles
-from serving.units import derive_units, listing_digest
+from serving.units import derive_units, units_listing
 
 SQUARE_WITH_HOLE = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]],
                                                       [[40, 40], [60, 40], [60, 60], [40, 60], [40, 40]]]}
@@ -34,6 +35,9 @@ def test_publish_once_keeps_the_first_of_two_racing_writers(tmp_path):
         first_tmp.write_bytes(b"first")
     assert (second_won, first_won) == ([True], [False])
     assert part.read_bytes() == b"second"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert part.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by colleagues as the user's files are
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-000000.parquet"]  # no temporary left behind
 
 
@@ -49,9 +53,15 @@ def test_units_cut_datasets_in_fixed_runs_and_slides_one_each(synth_data, synth_
     assert units[3].part_name == "part-000003.parquet"
     again = derive_units((str(synth_data / "test"), str(synth_data / "pcam" / "val_x.h5"), str(slide)),
                          unit_patches=5, classes=("normal", "tumour"))
-    assert again == units and listing_digest(again) == listing_digest(units)
-    other = derive_units((str(synth_data / "test"),), unit_patches=4, classes=("normal", "tumour"))
-    assert listing_digest(other) != listing_digest(units[:4])
+    assert again == units
+    # The fingerprint's lines: each file once (the HDF5 file with its row count), the slide; the unit size is
+    # an option of the fingerprint, not part of the listing.
+    lines = units_listing(units)
+    assert len(lines) == 16 + 1 + 1 and lines[-1].startswith(f"{slide}\t{slide.stat().st_size}\t")
+    assert lines[0].split("\t")[0] == units[0].samples[0].source
+    assert lines[16].split("\t")[0] == str(synth_data / "pcam" / "val_x.h5") and lines[16].split("\t")[3] == "16"
+    inputs = (str(synth_data / "test"), str(synth_data / "pcam" / "val_x.h5"), str(slide))
+    assert units_listing(derive_units(inputs, unit_patches=3, classes=("normal", "tumour"))) == lines
     with pytest.raises(InputError, match="--unit-patches: expected a positive integer, got 0"):
         derive_units((str(slide),), unit_patches=0)
     with pytest.raises(InputError, match="--send encoded: only for image files; .*slide_0.tiff is a whole-slide"):

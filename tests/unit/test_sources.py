@@ -48,7 +48,7 @@ def test_given_class_order_wins_and_foreign_class_folders_are_refused(tmp_path):
         discover(tmp_path, classes=("tumour", "x"))
 
 
-def test_split_folders_pick_the_split_and_default_to_train(tmp_path):
+def test_split_folders_pick_the_split_and_without_one_are_refused_naming_the_splits(tmp_path):
     for split, n in (("train", 2), ("val", 1), ("test", 3)):
         for i in range(n):
             _png(tmp_path / split / "normal" / f"{i}.png")
@@ -56,7 +56,8 @@ def test_split_folders_pick_the_split_and_default_to_train(tmp_path):
     assert has_splits(tmp_path) and split_root(tmp_path, "val") == tmp_path / "val"
     assert len(discover(tmp_path, split="test").samples) == 6
     assert len(discover(tmp_path, split="val").samples) == 2
-    assert len(discover(tmp_path).samples) == 4
+    with pytest.raises(InputError, match=r"holds the splits test, train, val; pass --split to pick one"):
+        discover(tmp_path)  # not silently train/: scores of the wrong split look plausible
     assert split_root(tmp_path / "train", "val") == tmp_path / "train"
 
 
@@ -190,3 +191,23 @@ def test_file_that_is_not_hdf5_is_named(tmp_path):
     f.write_bytes(b"not hdf5 at all")
     with pytest.raises(InputError, match=r"fake\.h5: not a readable HDF5 file"):
         discover(f)
+
+
+def test_official_patchcamelyon_file_names_are_read_as_train_val_and_test(tmp_path):
+    import h5py
+
+    from training.data import resolve_eval_samples, resolve_training_data
+
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        stem = tmp_path / f"camelyonpatch_level_2_split_{split}"
+        with h5py.File(f"{stem}_x.h5", "w") as fx:
+            fx.create_dataset("x", data=np.zeros((n, 8, 8, 3), np.uint8))
+        with h5py.File(f"{stem}_y.h5", "w") as fy:
+            fy.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(-1, 1, 1, 1))
+    for data in (tmp_path, tmp_path / "camelyonpatch_level_2_split_train_x.h5"):
+        split = resolve_training_data(data)
+        assert (len(split.train), len(split.val)) == (6, 2)
+        assert split.val[0].source.startswith(str(tmp_path / "camelyonpatch_level_2_split_valid_x.h5"))
+    test = resolve_eval_samples(tmp_path, "test", ("normal", "tumour"))
+    assert [s.label for s in test] == [0, 1, 0]
+    assert test[0].source == f"{tmp_path / 'camelyonpatch_level_2_split_test_x.h5'}#0"
