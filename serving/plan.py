@@ -12,7 +12,9 @@ from typing import Callable
 
 from serving.errors import InputError, SlideError
 from serving.readers import DatasetUnit, Item, SlideUnit
-from serving.slides import SLIDE_SUFFIXES, SlideHandles, is_slide, open_slide, plan_tiles, write_mask_png
+from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, plan_slide, read_slide_manifest, \
+    slides_in_folder
+from serving.slides import SLIDE_SUFFIXES, SlideHandles, is_slide, open_slide, write_mask_png
 from serving.sources import discover
 from serving.spec import ModelSpec
 
@@ -53,37 +55,56 @@ def tissue_mask_path(out: Path, slide_path: str) -> Path:
     return out.with_name(f"{out.stem}.{Path(slide_path).stem}.tissue_mask.png")
 
 
+def no_tissue_reason(cfg, grid, out: Path) -> str:
+    """Why a slide with no tissue tile is an error (both scoring paths record this same line)."""
+    how = f"--tissue-mask {cfg.tiling.tissue_mask}" if cfg.tiling.tissue_mask else "Otsu's threshold"
+    return (f"no tissue found: no tile of the {grid.cols}x{grid.rows} grid at {grid.target_mpp:.3g} um/px "
+            f"reaches --min-tissue {cfg.tiling.min_tissue} ({how}); nothing scored; see the mask "
+            f"{tissue_mask_path(out, grid.path)}")
+
+
 def plan_units(cfg, spec: ModelSpec, handles: SlideHandles, log: Callable[[str], None]) -> list:
-    """One work unit per input (a data set, a slide), plus units for rows a manifest could not parse."""
+    """One work unit per input (a data set, a slide of a path, a manifest or a folder of slides), plus units
+    for rows a manifest could not parse."""
     units: list = []
     slide_hw = spec.input_hw if cfg.tta == "none" else spec.source_hw
     out = Path(cfg.out)
+
+    def add_slide(p: Path, key: str, entry: SlideEntry) -> None:
+        if cfg.send == "encoded":
+            raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
+        if entry.error is not None:
+            units.append(FailedUnit("slide:" + key, [(entry.path, entry.error)]))
+            return
+        try:
+            grid = plan_slide(entry, slide_hw, cfg.tiling)
+        except SlideError as exc:
+            if exc.args and str(exc).startswith("--"):
+                raise  # a flag is wrong for every slide: stop now
+            units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
+            return
+        if not grid.tiles:
+            why = no_tissue_reason(cfg, grid, out)
+            log(f"{p}: {why}")
+            units.append(NoTissueUnit("slide:" + key, grid, why))
+            return
+        log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
+            f"(read from level {grid.read_level})")
+        units.append(SlideUnit("slide:" + key, grid, handles, equalize=spec.grayscale_equalize))
+
     for inp in cfg.inputs:
         p = Path(inp)
         if not p.exists():
             raise InputError(f"INPUT {p}: no such file or folder")
         key = str(p.resolve())
         if p.is_file() and is_slide(p):
-            if cfg.send == "encoded":
-                raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
-            try:
-                grid = plan_tiles(p, slide_hw, cfg.tiling)
-            except SlideError as exc:
-                if exc.args and str(exc).startswith("--"):
-                    raise  # a flag is wrong for every slide: stop now
-                units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
-                continue
-            if not grid.tiles:
-                how = f"--tissue-mask {cfg.tiling.tissue_mask}" if cfg.tiling.tissue_mask else "Otsu's threshold"
-                why = (f"no tissue found: no tile of the {grid.cols}x{grid.rows} grid at {grid.target_mpp:.3g} um/px "
-                       f"reaches --min-tissue {cfg.tiling.min_tissue} ({how}); nothing scored; see the mask "
-                       f"{tissue_mask_path(out, grid.path)}")
-                log(f"{p}: {why}")
-                units.append(NoTissueUnit("slide:" + key, grid, why))
-                continue
-            log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
-                f"(read from level {grid.read_level})")
-            units.append(SlideUnit("slide:" + key, grid, handles, equalize=spec.grayscale_equalize))
+            add_slide(p, key, SlideEntry(str(p)))
+            continue
+        if is_slide_manifest(p) or is_slide_folder(p):
+            for entry in read_slide_manifest(p) if p.is_file() else slides_in_folder(p):
+                if entry.error is None and not is_slide(entry.path):
+                    entry = SlideEntry(entry.path, error=_slide_open_error(Path(entry.path)))
+                add_slide(Path(entry.path), entry.path, entry)
             continue
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
             # A slide OpenSlide cannot read: record why and score the other inputs.

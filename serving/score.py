@@ -19,6 +19,7 @@ import numpy as np
 
 from serving.client import PatchClient, stream_predictions
 from serving.client_config import CLIENT_TTA_MODES, PROTOCOLS, check_tta, check_url
+from serving.dask_config import DaskConfig
 from serving.errors import (FingerprintMismatchError, InferenceError, InputError, PatchserveError,
                             ServerMismatchError, ServerUnavailableError)
 from serving.fingerprint import JobFingerprint, check_resume, check_servers, job_path, read_job_record, write_job_record
@@ -42,13 +43,14 @@ class ScoreConfig:
     """Everything ``patchserve score`` was asked to do; flags map one to one."""
 
     inputs: tuple[str, ...] = option(
-        help="class-folder tree, image folder, CSV manifest, PCam HDF5 file or whole-slide image",
+        help="class-folder tree, image folder, CSV manifest, PCam HDF5 file, whole-slide image, folder of slides "
+             "or slide manifest (CSV: slide[,roi][,mpp])",
         positional=True, metavar="INPUT")
     urls: tuple[str, ...] = option(
         help="server address (gRPC port unless --protocol http); repeat to spread work across servers",
         flag="--url", repeat=True, metavar="HOST:PORT")
     model: str = option(help="name of the served classifier")
-    out: str = option(help="output file, .parquet or .csv")
+    out: str = option(help="output file, .parquet or .csv (on Dask: a Parquet dataset folder, .parquet)")
     protocol: str = option("grpc", "protocol to the servers", choices=PROTOCOLS)
     tta: str = option("none", "views averaged per patch on the client, or 'server' for the server-side TTA model",
                       choices=CLIENT_TTA_MODES)
@@ -79,6 +81,8 @@ class ScoreConfig:
     max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "record an image whose header says width x height "
                                    "is larger as an error, undecoded (decompression bombs)")
     progress: bool = option(True, "progress bar")
+    dask: DaskConfig = option(help="Dask, past one client machine (without --scheduler or --workers the job runs "
+                                   "in this process)", default_factory=DaskConfig)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -156,6 +160,23 @@ def _payload(group: list[Item], encoded: bool):
     return np.stack([it.image for it in ok]) if len(shapes) == 1 else [it.image for it in ok]
 
 
+def patches_per_request(cfg: ScoreConfig, client: PatchClient) -> int:
+    """Patches per request group: a full batch of the served model, divided among the client's TTA views."""
+    if cfg.send == "encoded":
+        return client.request_rows(client.ensemble_info())
+    if cfg.tta == "server":
+        return client.request_rows(client.tta_info())
+    return max(1, client.request_rows() // num_views(cfg.tta))
+
+
+def result_row(item: Item, probs: np.ndarray, spec: ModelSpec, cfg: ScoreConfig) -> dict:
+    """The output row of one scored patch (the in-process and the Dask path write the same rows)."""
+    return {"source": item.source, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
+            **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, probs)},
+            "predicted": spec.class_names[int(np.argmax(probs))], "label": item.label,
+            "tta": cfg.tta if cfg.send != "encoded" else "none", "model": cfg.model, "version": spec.version}
+
+
 def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:
     """Score every input against the server(s); write rows, errors, metrics, heatmaps."""
     out = Path(cfg.out)
@@ -228,15 +249,9 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         log(f"--resume: {writer.rows_committed} rows already written, {total} items to go")
     encoded = cfg.send == "encoded"
     mode = "encoded" if encoded else cfg.tta
-    if encoded:
-        rows_per_group = clients[0].request_rows(clients[0].ensemble_info())
-    elif cfg.tta == "server":
-        rows_per_group = clients[0].request_rows(clients[0].tta_info())
-    else:
-        rows_per_group = max(1, clients[0].request_rows() // num_views(cfg.tta))
+    rows_per_group = patches_per_request(cfg, clients[0])
     tasks = itertools.chain.from_iterable(u.tasks(writer.done(u.key)) for u in units)
     depth = max(4, 2 * cfg.concurrency * len(clients))
-    version = spec.version
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -253,13 +268,8 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
                     # The server refused this request: its patches are listed, never dropped.
                     writer.add(item.unit, error=(item.source, item.error or f"server error: {probs}"))
                     continue
-                p = probs[j]
+                writer.add(item.unit, row=result_row(item, probs[j], spec, cfg))
                 j += 1
-                row = {"source": item.source, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
-                       **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, p)},
-                       "predicted": spec.class_names[int(np.argmax(p))], "label": item.label,
-                       "tta": cfg.tta if not encoded else "none", "model": cfg.model, "version": version}
-                writer.add(item.unit, row=row)
             done_now += len(group)
             bar.update(len(group))
         writer.commit()

@@ -96,6 +96,8 @@ class TilingConfig:
                                      metavar="PNG")
     mpp: float | None = option(None, "level-0 microns per pixel when the slide records none",
                                default_text="the slide's own")
+    # A slide manifest's per-slide MPP: wins over what the slide records (not a flag: one value per slide).
+    mpp_override: float | None = option(None, cli=False)
 
     def __post_init__(self) -> None:
         if self.mpp_target is not None and self.level is not None:
@@ -235,7 +237,7 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     """Open a slide, build its tissue mask and the grid of tiles worth scoring."""
     slide = open_slide(path)
     try:
-        mpp0 = slide_mpp(slide, path, cfg.mpp)
+        mpp0 = cfg.mpp_override or slide_mpp(slide, path, cfg.mpp)
         if cfg.level is not None:
             if cfg.level >= slide.level_count:
                 raise SlideError(f"--level {cfg.level}: {path} has levels 0..{slide.level_count - 1}")

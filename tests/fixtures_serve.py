@@ -4,6 +4,10 @@
 export area's ``exported_repo`` once per session; yields a ``Served`` with
 the server, the repository and the spec. ``ort_reference``: an in-process
 ONNX Runtime session on the same ``model.onnx``, for parity checks.
+``other_weights_server``: the same model name, version and spec exported from
+another random run (only the weights differ), for the job-fingerprint tests of
+both scoring paths. ``many_patches``: an HDF5 file of ``N_MANY`` patches, so
+a job is still running when a test acts on it.
 """
 
 from __future__ import annotations
@@ -63,3 +67,33 @@ def find_onnx(repo: Path, spec) -> Path:
 @pytest.fixture(scope="session")
 def ort_reference(triton_server):
     return OrtReference(find_onnx(triton_server.repo, triton_server.spec), triton_server.spec)
+
+
+N_MANY = 1500  # patches: enough that a job is still running when a test acts on it, on a fast machine too
+
+
+@pytest.fixture(scope="session")
+def other_weights_server(exported_repo, tmp_path_factory):
+    """The same model name, version and spec, exported from another random run: only the weights differ."""
+    from export.build import export_run
+    from serving.server import EmbeddedTriton
+    from training.checkpoint import write_random_run
+
+    _, spec = exported_repo
+    run = write_random_run(tmp_path_factory.mktemp("other_run") / "run", spec.replace(version=1), seed=1)
+    repo = tmp_path_factory.mktemp("other_repo") / "repo"
+    export_run(run, repo, formats=("python",), with_tta=False, with_dali=False, max_batch_size=spec.max_batch_size)
+    with EmbeddedTriton(repo) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def many_patches(exported_repo, tmp_path_factory):
+    import h5py
+
+    _, spec = exported_repo
+    path = tmp_path_factory.mktemp("lock_data") / "many_x.h5"
+    x = np.random.default_rng(5).integers(0, 256, (N_MANY, *spec.source_hw, 3), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x)
+    return path

@@ -12,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-STAGES = ("data", "train", "infer", "serve", "slide")
+STAGES = ("data", "train", "infer", "serve", "slide", "dask")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,8 @@ def _stage(name: str) -> ModuleType:
         from benchmarks import bench_serve as module
     elif name == "slide":
         from benchmarks import bench_slide as module
+    elif name == "dask":
+        from benchmarks import bench_dask as module
     else:
         raise KeyError(name)
     return module

@@ -1,7 +1,9 @@
 """``patchserve score``: score folders, manifests, HDF5 files and whole slides against Triton.
 
 Every flag is a field of :class:`serving.score.ScoreConfig` (slide flags: of
-its :class:`serving.slides.TilingConfig`); the parser is generated from them.
+its :class:`serving.slides.TilingConfig`, Dask flags: of its
+:class:`serving.dask_config.DaskConfig`); the parser is generated from them.
+With ``--scheduler`` or ``--workers`` the job runs on Dask, else in this process.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from serving.score import run_score
+    cfg = from_args(ScoreConfig, args)
+    if cfg.dask.enabled:
+        from serving.dask_score import run_dask_score
 
-    result = run_score(from_args(ScoreConfig, args))
+        result = run_dask_score(cfg)
+    else:
+        from serving.score import run_score
+
+        result = run_score(cfg)
     if result.stopped:
         return 3
     for path in (*result.heatmaps, *result.geojsons):

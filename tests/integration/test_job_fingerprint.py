@@ -1,8 +1,8 @@
 """Exactly-once scoring across runs and servers: the job's fingerprint, resume, mixed servers, one job per output.
 
-A second repository holds another random run exported under the same model
-name and version (other weights, same spec): what a user gets when a model is
-re-exported in place. Jobs run as ``patchserve score`` in-process or as real
+``other_weights_server`` (tests/fixtures_serve.py) serves another random run
+exported under the same model name and version (other weights, same spec):
+what a user gets when a model is re-exported in place. Jobs run as ``patchserve score`` in-process or as real
 subprocesses.
 """
 
@@ -22,24 +22,9 @@ from PIL import Image
 
 from patchserve.cli import main as cli
 from serving.output import read_results
+from tests.fixtures_serve import N_MANY
 
 POLL_TIMEOUT_S = 120.0
-N_MANY = 1500  # patches: enough that a job is still running when a test acts on it, on a fast machine too
-
-
-@pytest.fixture(scope="module")
-def other_weights_server(exported_repo, tmp_path_factory):
-    """The same model name, version and spec, exported from another random run: only the weights differ."""
-    from export.build import export_run
-    from serving.server import EmbeddedTriton
-    from training.checkpoint import write_random_run
-
-    _, spec = exported_repo
-    run = write_random_run(tmp_path_factory.mktemp("other_run") / "run", spec.replace(version=1), seed=1)
-    repo = tmp_path_factory.mktemp("other_repo") / "repo"
-    export_run(run, repo, formats=("python",), with_tta=False, with_dali=False, max_batch_size=spec.max_batch_size)
-    with EmbeddedTriton(repo) as server:
-        yield server
 
 
 @pytest.fixture
@@ -149,18 +134,6 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
         assert proc.poll() is None, f"score exited early:\n{proc.communicate()[1]}"
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def many_patches(exported_repo, tmp_path_factory):
-    import h5py
-
-    _, spec = exported_repo
-    path = tmp_path_factory.mktemp("lock_data") / "many_x.h5"
-    x = np.random.default_rng(5).integers(0, 256, (N_MANY, *spec.source_hw, 3), dtype=np.uint8)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("x", data=x)
-    return path
 
 
 def _committed(out: Path) -> int:

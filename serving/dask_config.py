@@ -1,0 +1,47 @@
+"""Where a scoring job's tasks run: in this process, a local Dask cluster, or an existing one.
+
+Standard library only, so ``ScoreConfig`` (and ``--help``) carry these flags
+without importing Dask; ``serving.dask_score`` runs the job when either
+``--scheduler`` or ``--workers`` is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.errors import InputError
+from serving.options import option
+
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """Dask: past one client machine (without --scheduler or --workers the job runs in this process)."""
+
+    scheduler: str | None = option(None, "run the job on this existing Dask cluster (dask-jobqueue, "
+                                         "dask-kubernetes, dask scheduler); every worker must see the inputs and "
+                                         "OUT at the same paths", metavar="tcp://HOST:PORT", default_text="none")
+    workers: int | None = option(None, "start a local Dask cluster of N worker processes on this machine",
+                                 metavar="N", default_text="none")
+    unit_patches: int = option(1024, "patches per unit of work for folders, manifests and HDF5 (a slide is one "
+                                     "unit)")
+    # Two task threads per process: when one unit drains its last requests, the next one is already reading.
+    threads_per_worker: int = option(2, "units scored at once by each --workers process (each thread keeps its "
+                                        "own connections)")
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.workers is not None:
+            raise InputError("--scheduler and --workers: give one of them, not both")
+        if self.scheduler is not None and not self.scheduler.startswith(SCHEDULER_SCHEMES):
+            raise InputError(f"--scheduler: expected an address like tcp://HOST:PORT, got {self.scheduler!r}")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers: expected a positive number of worker processes, got {self.workers}")
+        if self.unit_patches < 1:
+            raise InputError(f"--unit-patches: expected a positive integer, got {self.unit_patches}")
+        if self.threads_per_worker < 1:
+            raise InputError(f"--threads-per-worker: expected a positive integer, got {self.threads_per_worker}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheduler is not None or self.workers is not None
