@@ -76,6 +76,7 @@ class TrainConfig:
     hue: float = AugmentConfig.hue
     scale_min: float = AugmentConfig.scale_min
     grayscale_equalize: bool = AugmentConfig.grayscale_equalize
+    interpolation: str = AugmentConfig.interpolation
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     stats_max_images: int = 1000
@@ -133,7 +134,7 @@ class TrainConfig:
         return AugmentConfig(hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob,
                              rotation_deg=self.rotation_deg, brightness=self.brightness, contrast=self.contrast,
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
-                             grayscale_equalize=self.grayscale_equalize)
+                             grayscale_equalize=self.grayscale_equalize, interpolation=self.interpolation)
 
     def model_config(self, num_classes: int) -> ModelConfig:
         if self.pool_size not in POOL_SIZES:

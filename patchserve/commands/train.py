@@ -81,6 +81,8 @@ def add_training_args(p: argparse.ArgumentParser, *, with_out: bool = True) -> a
     p.add_argument("--hue", type=float, default=0.0, help="fraction of the colour circle, at most 0.5")
     p.add_argument("--scale-min", type=float, default=0.08, help="random resized crop area range [min, 1]; 1: plain resize")
     p.add_argument("--grayscale-equalize", action=B, default=False, help="grey-scale + histogram equalisation")
+    p.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                   help="interpolation of the random crop's resize and of the rotation (default: linear)")
     p.add_argument("--mean", type=_floats3("--mean"), default=None, help="R,G,B in [0,1]; default: from the data")
     p.add_argument("--std", type=_floats3("--std"), default=None, help="R,G,B in [0,1]; default: from the data")
     p.add_argument("--stats-max-images", type=int, default=1000, help="images sampled for mean/std")
@@ -103,7 +105,7 @@ TRAIN_KEYS = ("arch", "epochs", "batch_size", "lr", "momentum", "nesterov", "opt
               "dropout", "pool_size", "pretrained", "freeze_backbone", "class_weights", "balanced_sampling",
               "val_fraction", "early_stopping_patience", "best_metric", "seed", "workers", "device", "dali_device",
               "hflip_prob", "vflip_prob", "rotation_deg", "brightness", "contrast", "saturation", "hue",
-              "scale_min", "grayscale_equalize", "mean", "std", "stats_max_images", "name", "max_batch_size",
+              "scale_min", "grayscale_equalize", "interpolation", "mean", "std", "stats_max_images", "name", "max_batch_size",
               "skip_bad", "progress")
 
 
