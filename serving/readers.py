@@ -20,7 +20,8 @@ import numpy as np
 
 from serving.errors import ImageReadError, PatchserveError
 from serving.imageio import load_rgb_u8, resize_u8
-from serving.slides import SlideGrid, SlideHandles, read_tile
+from serving.slide_reader import read_tiles
+from serving.slides import SlideGrid, SlideHandles
 from serving.sources import Dataset, parse_hdf5_source, read_hdf5_rows
 
 Task = Callable[[], list["Item"]]
@@ -99,21 +100,26 @@ class DatasetUnit:
 class SlideUnit:
     """The tissue tiles of one slide, read with a per-thread OpenSlide handle."""
 
-    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 8):
+    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 32):
         self.key, self.grid, self.handles, self.chunk = key, grid, handles, chunk
 
     def __len__(self) -> int:
         return len(self.grid.tiles)
 
     def _read(self, lo: int, hi: int) -> list[Item]:
+        tiles = self.grid.tiles[lo:hi]
+        try:
+            # One read_region per run of adjacent tiles (serving/slide_reader.py).
+            got = read_tiles(self.handles.get(self.grid.path), self.grid, tiles)
+        except Exception as exc:  # noqa: BLE001 - the slide cannot be opened in this thread: every tile fails
+            got = [exc] * len(tiles)
         out = []
-        for i in range(lo, hi):
-            t = self.grid.tiles[i]
+        for i, t, image in zip(range(lo, hi), tiles, got):
             item = Item(self.key, i, self.grid.path, None, t.x, t.y, t.col, t.row)
-            try:
-                item.image = read_tile(self.handles.get(self.grid.path), self.grid, t.x, t.y)
-            except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged tile: record, go on
-                item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {exc}"
+            if isinstance(image, Exception):  # OpenSlideError on a damaged tile: record, go on
+                item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {image}"
+            else:
+                item.image = image
             out.append(item)
         return out
 
