@@ -71,7 +71,7 @@ def op_lists(augment: dict, interpolation: str, size: int) -> tuple[list[str], l
     tv = ["PIL Image.open + convert('RGB')", f"RandomResizedCrop ({crop})",
           f"RandomHorizontalFlip {a['hflip_prob']} + RandomVerticalFlip {a['vflip_prob']}",
           f"RandomRotation (+-{a['rotation_deg']} deg, {interpolation}, fill 255)",
-          f"ColorTwist: fn.color_twist's matrix in torch (same factors)"]
+          "ColorTwist: fn.color_twist's matrix in torch (same factors)"]
     return dali, tv
 
 

@@ -74,3 +74,25 @@ def test_out_inside_the_project_packages_is_refused(tmp_path):
     with pytest.raises(BenchOutError, match=r"--out .*inside the project's package benchmarks/"):
         common.resolve_out(common.BENCH_DIR / "results")
     assert common.resolve_out(tmp_path / "r") == (tmp_path / "r").resolve()
+
+
+def test_queue_delay_variants_differ_from_the_model_only_in_name_and_delay(tmp_path, tiny_spec):
+    from benchmarks.queue_delay import add_delay_variants, choose
+    from export import triton_config as tc
+    from export.repository import render_repository, write_generated
+
+    write_generated(tmp_path, render_repository(tiny_spec, tc.ExportOptions(max_batch_size=8, with_dali=False)))
+    version = tmp_path / tiny_spec.name / "1"
+    version.mkdir()
+    (version / "model.onnx").write_bytes(b"weights")
+    original = (tmp_path / tiny_spec.name / "config.pbtxt").read_text()
+    names = add_delay_variants(tmp_path, tiny_spec.name, delays=(0, 500))
+    assert names == {0: f"{tiny_spec.name}_d0", 500: f"{tiny_spec.name}_d500"}
+    for delay, name in names.items():
+        cfg = tc.read_config(tmp_path / name / "config.pbtxt")
+        assert cfg.name == name and cfg.dynamic_batching.max_queue_delay_microseconds == delay
+        assert (tmp_path / name / "1" / "model.onnx").read_bytes() == b"weights"
+    assert (tmp_path / tiny_spec.name / "config.pbtxt").read_text() == original  # hard links never written through
+    rows = [{"delay_us": 0, "p50 / p50 at 0 us": 1.0}, {"delay_us": 200, "p50 / p50 at 0 us": 1.04},
+            {"delay_us": 500, "p50 / p50 at 0 us": 1.08}]
+    assert choose(rows)["delay_us"] == 200  # the largest delay within +5% of the p50
