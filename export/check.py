@@ -155,9 +155,22 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         diff = float(np.abs(got - fixture["probabilities"]).max())
         add("parity", [f"max |p - p_export| {diff:.3g} > {PROB_ATOL}"] if diff > PROB_ATOL else [],
             f"stored fixture re-run: max |diff| {diff:.2g} <= {PROB_ATOL}")
+    if session is not None and role in ("classifier", "tta"):
+        rows += _int8_rows(folder, version_dir, spec)
     need = {"name": name, "role": role, "spec": spec, "config": cfg, "version_dir": version_dir,
             "onnx": onnx_path if session is not None else None}
     return rows, need
+
+
+def _int8_rows(folder: Path, version_dir: Path, spec: ModelSpec) -> list[CheckRow]:
+    """Precision int8: the recorded parity against fp32, recomputed and held to the stated tolerance."""
+    from export.quantize import INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity, model_precision
+
+    if model_precision(folder.parent, spec) != "int8":
+        return []
+    problems = check_int8_parity(version_dir, input_name=spec.input_name, output_name=spec.output_name)
+    return [CheckRow("int8-parity", folder.name, FAIL if problems else OK, "; ".join(problems) or
+                     f"top-1 agreement >= {INT8_TOP1_MIN}, max |p_int8 - p_fp32| <= {INT8_PROB_ATOL}")]
 
 
 def _plan_rows(folder: Path, version_dir: Path | None, cfg, spec: ModelSpec) -> list[CheckRow]:
