@@ -194,3 +194,23 @@ def test_unknown_interpolation_is_refused_naming_the_flag():
 
     with pytest.raises(TrainingError, match=r"--interpolation 'cubic'.*linear, nearest"):
         AugmentConfig(interpolation="cubic")
+
+
+def test_hdf5_loaders_reset_per_pass_give_every_row_each_time(synth_data):
+    import h5py
+
+    from serving.sources import read_hdf5
+
+    ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
+    with h5py.File(synth_data / "pcam" / "val_x.h5") as f:
+        rows = f["x"][:]
+    evals = EvalLoader(ds.samples, source_hw=(48, 48), crop_hw=(48, 48), batch_size=6, num_threads=1)
+    for _ in range(2):
+        np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in evals]), rows)
+    train = TrainLoader(ds.samples, input_hw=(48, 48), augment=NO_AUG, batch_size=6, num_threads=1)
+    order = ds.samples[::-1]
+    for seed in (1, 2):
+        got = [(x.numpy(), y.numpy()) for x, y in train.epoch(order, seed)]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), rows[::-1])
+        assert np.concatenate([g[1] for g in got]).tolist() == [s.label for s in order]
+    assert evals.builds == train.builds == 1
