@@ -30,7 +30,7 @@ def test_bench_writes_json_and_png_only_into_out_and_leaves_the_source_tree_unto
     out = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "patchserve", "bench", "infer", "--quick", "--out", str(out)],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+                          cwd=work, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["infer.json", "infer.png"]
     assert list(work.iterdir()) == []  # nothing in the current directory either
