@@ -77,6 +77,27 @@ def _version() -> str:
         return "patchserve (not installed)"
 
 
+# Top-level module -> the extra of pyproject.toml that installs it.
+EXTRA_OF_MODULE = {
+    "tritonclient": "client", "pyarrow": "client", "openslide": "client", "h5py": "client", "tifffile": "client",
+    "matplotlib": "client", "sklearn": "client", "skimage": "client", "distributed": "client", "dask": "client",
+    "pytriton": "serve", "onnxruntime": "serve",
+    "torch": "train", "torchvision": "train", "nvidia": "train",
+    "onnx": "export", "onnxscript": "export",
+    "tensorrt": "gpu",
+}
+
+
+def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
+    """What to install when a command needs a package this install lacks; None for other import errors."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"patchserve {command} needs the '{extra}' extra (missing module {exc.name!r}): "
+            f"pip install 'patchserve[{extra}]'")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -86,14 +107,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 0
     name, rest = argv[0], argv[1:]
-    module = _command(name)
-    parser = module.get_args_parser()
+    try:
+        module = _command(name)
+        parser = module.get_args_parser()
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(name, exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     parser.prog = f"patchserve {name}"
     args = parser.parse_args(rest)
     from serving.errors import PatchserveError
 
     try:
         rc = module.main(args)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(name, exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except PatchserveError as exc:
         print(f"patchserve {name}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,8 +17,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from serving.client import PatchClient, stream_predictions
-from serving.client_config import check_tta, check_url
+from serving.client_config import CLIENT_TTA_MODES, PROTOCOLS, check_tta, check_url
 from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
+from serving.options import option
 from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
 from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
@@ -34,30 +35,41 @@ SEND_MODES = ("pixels", "encoded")
 class ScoreConfig:
     """Everything ``patchserve score`` was asked to do; flags map one to one."""
 
-    inputs: tuple[str, ...]
-    urls: tuple[str, ...]
-    model: str
-    out: str
-    protocol: str = "grpc"
-    tta: str = "none"
-    send: str = "pixels"
-    batch_size: int | None = None
-    concurrency: int = 4
-    split: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    timeout_s: float = 60.0
-    retries: int = 3
-    backoff_s: float = 0.5
-    wait: bool = False
-    wait_timeout_s: float = 600.0
-    shared_memory: bool = False
-    read_threads: int = 2
-    part_rows: int = 4096
-    stop_after_parts: int | None = None
-    tiling: TilingConfig = field(default_factory=TilingConfig)
-    heatmap_class: str | None = None
-    progress: bool = True
+    inputs: tuple[str, ...] = option(
+        help="class-folder tree, image folder, CSV manifest, PCam HDF5 file or whole-slide image",
+        positional=True, metavar="INPUT")
+    urls: tuple[str, ...] = option(
+        help="server address (gRPC port unless --protocol http); repeat to spread work across servers",
+        flag="--url", repeat=True, metavar="HOST:PORT")
+    model: str = option(help="name of the served classifier")
+    out: str = option(help="output file, .parquet or .csv")
+    protocol: str = option("grpc", "protocol to the servers", choices=PROTOCOLS)
+    tta: str = option("none", "views averaged per patch on the client, or 'server' for the server-side TTA model",
+                      choices=CLIENT_TTA_MODES)
+    send: str = option("pixels", "'encoded' ships the files' bytes to the ensemble (image files only)",
+                       choices=SEND_MODES)
+    batch_size: int | None = option(None, "rows per request", default_text="the server's max batch size")
+    concurrency: int = option(4, "requests in flight per server")
+    split: str | None = option(None, "split to score, for inputs with split folders or a split column",
+                               choices=SPLITS, default_text="every row, when the input has no splits")
+    resume: bool = option(False, "continue an interrupted job from OUT.parts")
+    overwrite: bool = option(False, "start over when OUT (or its unfinished OUT.parts) exists; without it and "
+                                    "without --resume such a job is refused, so finished work is never deleted by "
+                                    "accident")
+    timeout_s: float = option(60.0, "seconds to wait for one request")
+    retries: int = option(3, "retries of a failed request, with capped backoff")
+    backoff_s: float = option(0.5, "first retry delay in seconds, doubled per retry")
+    wait: bool = option(False, "when the server goes away mid-job, keep retrying until it is back (restarts) "
+                               "instead of stopping with the finished parts kept for --resume")
+    wait_timeout_s: float = option(600.0, "how long --wait waits for the server")
+    shared_memory: bool = option(False, "pass tensors through system shared memory (client and server on one host)")
+    read_threads: int = option(2, "threads reading and decoding inputs")
+    part_rows: int = option(4096, "rows per output part")
+    stop_after_parts: int | None = option(None, "stop after writing this many parts (chunked runs; continue with "
+                                                "--resume)", default_text="run to the end")
+    tiling: TilingConfig = option(help="whole slides", default_factory=TilingConfig)
+    heatmap_class: str | None = option(None, "class drawn in slide heatmaps", default_text="the last class")
+    progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
         if not self.inputs:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import SlideError
+from serving.options import option
 from serving.imageio import resize_u8, to_rgb_u8
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -85,13 +86,16 @@ def slide_mpp(slide, path: str | Path, fallback_mpp: float | None = None) -> flo
 class TilingConfig:
     """How to cut a slide into patches; validated like the flags it comes from."""
 
-    mpp_target: float | None = None
-    level: int | None = None
-    stride: int | None = None  # in target pixels; default: the patch size
-    overlap: int = 0
-    min_tissue: float = 0.5
-    tissue_mask: str | None = None
-    mpp: float | None = None
+    mpp_target: float | None = option(None, "microns per pixel to tile at", default_text="the slide's level 0")
+    level: int | None = option(None, "tile at this pyramid level instead of --mpp-target",
+                               default_text="from --mpp-target")
+    stride: int | None = option(None, "tile stride in target pixels", default_text="the patch size")
+    overlap: int = option(0, "tile overlap in target pixels (instead of --stride)")
+    min_tissue: float = option(0.5, "minimum tissue fraction of a tile")
+    tissue_mask: str | None = option(None, "PNG tissue mask (non-zero = tissue) instead of Otsu on saturation",
+                                     metavar="PNG")
+    mpp: float | None = option(None, "level-0 microns per pixel when the slide records none",
+                               default_text="the slide's own")
 
     def __post_init__(self) -> None:
         if self.mpp_target is not None and self.level is not None:

@@ -38,6 +38,8 @@ ARCHITECTURES = (
     "wide_resnet50_2",
     "resnext50_32x4d",
 )
+HEADS = ("linear", "mlp")  # the classification head after the pooled features
+POOL_SIZES = (1, 2, 4, 8)  # adaptive average pooling output side before the head
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

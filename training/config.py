@@ -1,22 +1,35 @@
-"""TrainConfig (validated on construction) and the optimiser/scheduler factories."""
+"""The options of ``train`` (TrainConfig) and ``evaluate`` (EvalConfig), validated on construction.
+
+Torch-free at import: the command line is generated from these classes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from serving.spec import ARCHITECTURES
+from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
+from serving.options import option
 from training.errors import TrainingError
-from training.model import POOL_SIZES, ModelConfig
-from training.pipeline import DALI_DEVICES, AugmentConfig
+from training.pipeline import DALI_DEVICES, INTERPOLATIONS, AugmentConfig, default_dali_threads
+
+if TYPE_CHECKING:
+    from training.model import ModelConfig
 
 OPTIMIZERS = ("adam", "adamw", "adamax", "sgd")
 SCHEDULERS = ("none", "step", "exponential", "cosine")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "loss")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _auto_dali_threads() -> int:
+    """DALI threads when --workers is not given (see :func:`default_dali_threads`)."""
+    import torch  # here, not at the top: building the command line must not import torch
+
+    return default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...], what: str) -> None:
@@ -27,65 +40,73 @@ def _choice(flag: str, value: str, choices: tuple[str, ...], what: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training flag; stored in each checkpoint."""
+    """Every training option: the flags of ``patchserve train`` and ``cv``; stored in each checkpoint."""
 
-    data: str
-    out: str
-    arch: str = "resnet18"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "cosine"
-    lr_warmup_epochs: int = 0
-    lr_step_size: int = 30
-    lr_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    amp: bool = False
-    channels_last: bool = True
-    compile: bool = False
-    model_ema: bool = False
-    model_ema_decay: float = 0.999
-    resume: str | None = None
-    image_size: int = 96
-    head: str = "linear"
-    hidden: tuple[int, ...] = (256, 100)
-    dropout: float = 0.4
-    pool_size: int = 1
-    pretrained: str | None = None
-    freeze_backbone: bool = False
-    class_weights: bool = False
-    balanced_sampling: bool = False
-    val_fraction: float = 0.2
-    early_stopping_patience: int = 0  # 0: never stop early
-    best_metric: str = "accuracy"
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    dali_device: str = "auto"
+    data: str = option(help="split folders, a class-folder tree, a CSV manifest or a PCam .h5",
+                       positional=True, metavar="DATA")
+    out: str = option(help="run folder to write", metavar="RUN")
+    arch: str = option("resnet18", "torchvision architecture", choices=ARCHITECTURES)
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(32, "images per batch per process", aliases=("-b",))
+    lr: float = option(1e-3, "learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum (SGD only)")
+    optimizer: str = option("adamw", "optimiser", choices=OPTIMIZERS)
+    weight_decay: float = option(1e-4, "weight decay", aliases=("--wd",))
+    lr_scheduler: str = option("cosine", "learning-rate schedule over the run", choices=SCHEDULERS)
+    lr_warmup_epochs: int = option(0, "epochs of linear warm-up before the schedule")
+    lr_step_size: int = option(30, "epochs between decays of the step schedule")
+    lr_gamma: float = option(0.1, "decay factor of the step and exponential schedules")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    amp: bool = option(False, "mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    channels_last: bool = option(True, "channels-last memory format for the network")
+    compile: bool = option(False, "torch.compile the model")
+    model_ema: bool = option(False, "evaluate and save an exponential moving average of the weights")
+    model_ema_decay: float = option(0.999, "decay of the weights' moving average")
+    resume: str | None = option(None, "checkpoint or run folder to continue", metavar="CKPT")
+    image_size: int = option(96, "model input height and width in pixels")
+    head: str = option("linear", "classification head", choices=HEADS)
+    hidden: tuple[int, ...] = option((256, 100), "layer sizes of the mlp head, e.g. 256,100")
+    dropout: float = option(0.4, "dropout of the mlp head")
+    pool_size: int = option(1, "adaptive average pooling output side before the head", choices=POOL_SIZES)
+    pretrained: str | None = option(None, "local torchvision state-dict file (ImageNet weights)", metavar="FILE")
+    freeze_backbone: bool = option(False, "train the head only")
+    class_weights: bool = option(False, "weight the loss by inverse class frequency")
+    balanced_sampling: bool = option(False, "oversample so classes are equally likely")
+    val_fraction: float = option(0.2, "stratified validation share when DATA has no val split")
+    early_stopping_patience: int = option(0, "epochs without improvement before stopping; 0: never")
+    best_metric: str = option("accuracy", "validation metric that picks the best epoch", choices=BEST_METRICS)
+    seed: int = option(0, "seed of sampling, augmentation and initialisation")
+    workers: int | None = option(None, "DALI threads", aliases=("-j",),
+                                 default_text="half the cores on CPU, where the model needs the rest; up to 8 on GPU")
+    device: str = option("auto", "where the model runs", choices=DEVICES)
+    dali_device: str = option("auto", "where DALI decodes and augments", choices=DALI_DEVICES)
     # Flat, one field per flag; the defaults are AugmentConfig's own so the two cannot drift.
-    hflip_prob: float = AugmentConfig.hflip_prob
-    vflip_prob: float = AugmentConfig.vflip_prob
-    rotation_deg: float = AugmentConfig.rotation_deg
-    brightness: float = AugmentConfig.brightness
-    contrast: float = AugmentConfig.contrast
-    saturation: float = AugmentConfig.saturation
-    hue: float = AugmentConfig.hue
-    scale_min: float = AugmentConfig.scale_min
-    grayscale_equalize: bool = AugmentConfig.grayscale_equalize
-    interpolation: str = AugmentConfig.interpolation
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    stats_max_images: int = 1000
-    name: str | None = None
-    max_batch_size: int = 64
-    skip_bad: bool = False
-    progress: bool = True
+    hflip_prob: float = option(AugmentConfig.hflip_prob, "probability of a horizontal flip")
+    vflip_prob: float = option(AugmentConfig.vflip_prob, "probability of a vertical flip")
+    rotation_deg: float = option(AugmentConfig.rotation_deg, "random rotation in [-deg, deg], white fill")
+    brightness: float = option(AugmentConfig.brightness, "brightness jitter strength")
+    contrast: float = option(AugmentConfig.contrast, "contrast jitter strength")
+    saturation: float = option(AugmentConfig.saturation, "saturation jitter strength")
+    hue: float = option(AugmentConfig.hue, "hue jitter, a fraction of the colour circle, at most 0.5")
+    scale_min: float = option(AugmentConfig.scale_min, "random resized crop area range [min, 1]; 1: plain resize")
+    grayscale_equalize: bool = option(AugmentConfig.grayscale_equalize,
+                                      "grey-scale + histogram equalisation (chest X-rays)")
+    interpolation: str = option(AugmentConfig.interpolation, "interpolation of the random crop and the rotation",
+                                choices=INTERPOLATIONS)
+    mean: tuple[float, float, float] | None = option(None, "per-channel mean R,G,B in [0,1]",
+                                                     default_text="computed from the training data")
+    std: tuple[float, float, float] | None = option(None, "per-channel std R,G,B in [0,1]",
+                                                    default_text="computed from the training data")
+    stats_max_images: int = option(1000, "images sampled for the mean and std")
+    name: str | None = option(None, "model name", default_text="from the data folder's name")
+    max_batch_size: int = option(64, "the served model's max batch size (recorded in the spec)")
+    skip_bad: bool = option(False, "train without unreadable files instead of refusing")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
+        if self.workers is None:
+            object.__setattr__(self, "workers", _auto_dali_threads())
         _choice("--arch", self.arch, ARCHITECTURES, "architecture")
         _choice("--optimizer", self.optimizer, OPTIMIZERS, "optimizer")
         _choice("--lr-scheduler", self.lr_scheduler, SCHEDULERS, "lr scheduler")
@@ -136,7 +157,9 @@ class TrainConfig:
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
                              grayscale_equalize=self.grayscale_equalize, interpolation=self.interpolation)
 
-    def model_config(self, num_classes: int) -> ModelConfig:
+    def model_config(self, num_classes: int) -> "ModelConfig":
+        from training.model import ModelConfig  # torch: imported when a model is built, not for --help
+
         if self.pool_size not in POOL_SIZES:
             raise TrainingError(f"--pool-size: {self.pool_size} is not one of {POOL_SIZES}")
         return ModelConfig(arch=self.arch, num_classes=num_classes, head=self.head, hidden=self.hidden,
@@ -156,29 +179,29 @@ class TrainConfig:
         return cls(**kw)
 
 
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of ``patchserve evaluate``: a run's best checkpoint on one split of a data set."""
 
+    run: str = option(help="run folder or checkpoint file", positional=True, metavar="RUN")
+    data: str = option(help="split folders, class folders, a CSV manifest or a PCam .h5", positional=True,
+                       metavar="DATA")
+    out: str = option(help="folder for metrics, predictions, report and plots", metavar="DIR")
+    split: str = option("test", "which split of DATA (when it has splits)")
+    tta: str = option("none", "test-time augmentation views, averaged", choices=TTA_MODES)
+    batch_size: int = option(64, "images per batch", aliases=("-b",))
+    workers: int | None = option(None, "DALI threads", aliases=("-j",),
+                                 default_text="half the cores on CPU, where the model needs the rest; up to 8 on GPU")
+    device: str = option("auto", "where the model runs", choices=DEVICES)
+    dali_device: str = option("auto", "where DALI decodes", choices=DALI_DEVICES)
+    progress: bool = option(True, "progress bar")
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    """An epoch-stepped scheduler, with torchvision's linear warm-up in front when asked."""
-    from torch.optim import lr_scheduler as sch
-
-    main_epochs = cfg.epochs - cfg.lr_warmup_epochs
-    if cfg.lr_scheduler == "step":
-        main = sch.StepLR(optimizer, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
-    elif cfg.lr_scheduler == "exponential":
-        main = sch.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
-    elif cfg.lr_scheduler == "cosine":
-        main = sch.CosineAnnealingLR(optimizer, T_max=max(1, main_epochs))
-    else:
-        main = sch.LambdaLR(optimizer, lambda _: 1.0)
-    if not cfg.lr_warmup_epochs:
-        return main
-    warm = sch.LinearLR(optimizer, start_factor=0.01, total_iters=cfg.lr_warmup_epochs)
-    return sch.SequentialLR(optimizer, [warm, main], milestones=[cfg.lr_warmup_epochs])
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            object.__setattr__(self, "workers", _auto_dali_threads())
+        _choice("--tta", self.tta, TTA_MODES, "TTA mode")
+        _choice("--device", self.device, DEVICES, "device")
+        _choice("--dali-device", self.dali_device, DALI_DEVICES, "DALI device")
+        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.atomic import atomic_write_text
+from serving.options import option
 from training.config import BEST_METRICS, TrainConfig
 from training.data import DataSplit, resolve_training_data
 from training.errors import TrainingError
@@ -24,6 +25,24 @@ from training.errors import TrainingError
 _HISTORY_KEY = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "f1_macro": "f1_macro",
                 "auc": "auc", "loss": "val_loss"}
 _NOT_GRIDDABLE = ("data", "out", "resume", "progress")
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """The search itself; every training option comes from the TrainConfig beside it."""
+
+    grid: tuple[str, ...] = option((), "a training flag and its values, NAME=V1,V2; repeat for more flags",
+                                   repeat=True, metavar="NAME=V1,V2")
+    folds: int = option(5, "stratified folds")
+    metric: str = option("accuracy", "fold score that ranks the combinations", choices=BEST_METRICS)
+    refit: bool = option(True, "train the best combination on DATA into DIR/best_run")
+    keep_fold_checkpoints: bool = option(False, "keep each fold's checkpoints (large) under DIR/folds")
+
+    def __post_init__(self) -> None:
+        if self.metric not in BEST_METRICS:
+            raise TrainingError(f"Invalid --metric {self.metric}. Only {', '.join(BEST_METRICS)} are supported.")
+        if self.folds < 2:
+            raise TrainingError(f"--folds: expected at least 2 folds, got {self.folds}")
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:

@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from serving.spec import ARCHITECTURES, ModelSpec
+from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, ModelSpec
 from training.errors import ModelConfigError
 
-POOL_SIZES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ModelConfigError(f"--arch: invalid architecture {self.arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
-        if self.head not in ("linear", "mlp"):
+        if self.head not in HEADS:
             raise ModelConfigError(f"--head: invalid head {self.head!r}. Only linear and mlp are supported.")
         if self.pool_size not in POOL_SIZES:
             raise ModelConfigError(f"--pool-size: {self.pool_size} is not one of {POOL_SIZES}")

@@ -25,7 +25,8 @@ from serving.atomic import atomic_write_text
 from serving.metrics import compute_metrics
 from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
-from training.config import TrainConfig, build_optimizer, build_scheduler
+from training.config import TrainConfig
+from training.optim import build_optimizer, build_scheduler
 from training.data import DataSplit, default_model_name, resolve_training_data
 from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
                                   destroy_process_group, init_process_group)

@@ -1,41 +1,29 @@
-"""``patchserve evaluate RUN DATA --out DIR [--tta none|flip|five|ten] [--split test]``."""
+"""``patchserve evaluate RUN DATA --out DIR [--tta none|flip|five|ten] [--split test]``.
+
+Every flag is a field of :class:`training.config.EvalConfig`; the parser is generated from it.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from serving.spec import TTA_MODES
+from serving.options import add_options, from_args
+from training.config import EvalConfig
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a run: metrics, predictions, report and plots.",
                                 add_help=add_help)
-    p.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
-    p.add_argument("data", metavar="DATA", help="split folders, class folders, a CSV manifest or a PCam .h5")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--split", default="test", help="which split of DATA (when it has splits)")
-    p.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation views, averaged")
-    p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("-j", "--workers", type=int, default=None,
-                   help="DALI threads (default: half the cores on CPU, where the model needs the rest; "
-                        "up to 8 on GPU)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dali-device", default="auto", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_options(p, EvalConfig)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
     from training.evaluate import evaluate_run
-    from training.pipeline import default_dali_threads
 
-    workers = args.workers or default_dali_threads(torch.cuda.is_available(), os.cpu_count() or 1)
-    r = evaluate_run(args.run, args.data, args.out, split=args.split, tta=args.tta, batch_size=args.batch_size,
-                     workers=workers, device=args.device, dali_device=args.dali_device, progress=args.progress)
+    cfg = from_args(EvalConfig, args)
+    r = evaluate_run(cfg.run, cfg.data, cfg.out, split=cfg.split, tta=cfg.tta, batch_size=cfg.batch_size,
+                     workers=cfg.workers, device=cfg.device, dali_device=cfg.dali_device, progress=cfg.progress)
     m = r.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
     print(f"{m['num_samples']} images: accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}, "

@@ -6,41 +6,24 @@ import argparse
 import signal
 import threading
 
+from serving.options import add_options, from_args
+from serving.serve_config import ServeConfig
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Serve a model repository with the embedded Triton server.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--repo", required=True, help="Triton model repository (written by 'patchserve export')")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--model-config-name", default=None,
-                   help="flavour: load configs/NAME.pbtxt of every model (default: the plain config.pbtxt, "
-                        "the python flavour)")
-    p.add_argument("--workdir", default=None, help="folder for the server's files and log (default: a temporary one)")
-    p.add_argument("--startup-timeout-s", type=float, default=120.0)
-    p.add_argument("--log-verbose", type=int, default=0)
+    p = argparse.ArgumentParser(description="Serve a model repository with the embedded Triton server.")
+    add_options(p, ServeConfig)
     return p
-
-
-def _ports(args) -> None:
-    from serving.errors import InputError
-
-    for flag in ("http_port", "grpc_port", "metrics_port"):
-        v = getattr(args, flag)
-        if not 0 < v < 65536:
-            raise InputError(f"--{flag.replace('_', '-')}: expected a TCP port in 1..65535, got {v}")
 
 
 def main(args: argparse.Namespace) -> int:
     from serving.server import EmbeddedTriton
 
-    _ports(args)
-    extra = (f"--model-config-name={args.model_config_name}",) if args.model_config_name else ()
-    server = EmbeddedTriton(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                            metrics_port=args.metrics_port, workdir=args.workdir,
-                            startup_timeout_s=args.startup_timeout_s, log_verbose=args.log_verbose,
+    cfg = from_args(ServeConfig, args)
+    extra = (f"--model-config-name={cfg.model_config_name}",) if cfg.model_config_name else ()
+    server = EmbeddedTriton(cfg.repo, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
+                            metrics_port=cfg.metrics_port, workdir=cfg.workdir,
+                            startup_timeout_s=cfg.startup_timeout_s, log_verbose=cfg.log_verbose,
                             extra_args=extra)
     stop = threading.Event()
     # SIGTERM (docker stop, systemd) stops as cleanly as Ctrl-C.

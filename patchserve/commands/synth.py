@@ -1,45 +1,40 @@
-"""``patchserve synth OUT``: write a deterministic synthetic dataset (and slide)."""
+"""``patchserve synth OUT``: write a deterministic synthetic dataset (and slide).
+
+The data's options are the fields of :class:`serving.synth.dataset.SynthConfig`;
+the parser is generated from them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+
+from serving.options import add_options, from_args
+from serving.synth.dataset import SynthConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from serving.synth.dataset import FORMATS, MAX_CLASSES
-
     p = argparse.ArgumentParser(
         description="Write deterministic synthetic H&E-like patches as class folders (train/val/test and a "
                     "stain-shifted test_shifted), a CSV manifest, PatchCamelyon-style HDF5 files and optionally "
                     "a pyramidal whole-slide image with ground-truth masks.")
     p.add_argument("out", type=Path, help="output folder (must be empty unless --overwrite)")
-    p.add_argument("--classes", type=int, default=2,
-                   help=f"number of classes, 2..{MAX_CLASSES} (2: normal/tumour; more: colorectal tissue types)")
-    p.add_argument("--per-class", type=int, default=60,
-                   help="images of the largest class, over train+val+test (at least 3)")
-    p.add_argument("--imbalance", type=float, default=1.0,
-                   help="ratio of the largest (first) class to the smallest, >= 1")
-    p.add_argument("--size", type=int, default=64, help="patch side in pixels, 16..1024")
-    p.add_argument("--format", dest="fmt", default="png", help=f"image format: {', '.join(FORMATS)}")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--slide", action=argparse.BooleanOptionalAction, default=False,
-                   help="also write slides/slide_0.tiff with tumour and tissue masks")
-    p.add_argument("--slide-size", type=int, default=4096, help="slide level-0 width in pixels (height is 3/4)")
+    add_options(p, SynthConfig)
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace the synthetic data already in OUT (other files are kept)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+                   help="replace the synthetic data already in OUT (other files are kept) (default: off)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress bars (default: on)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     from serving.synth.dataset import synthesize
 
-    s = synthesize(args.out, classes=args.classes, per_class=args.per_class, imbalance=args.imbalance,
-                   size=args.size, fmt=args.fmt, seed=args.seed, slide=args.slide, slide_size=args.slide_size,
-                   overwrite=args.overwrite, progress=args.progress)
+    cfg = from_args(SynthConfig, args)
+    s = synthesize(args.out, overwrite=args.overwrite, progress=args.progress, **dataclasses.asdict(cfg))
     width = max(len(c) for c in s.class_names)
-    print(f"wrote {len(s.files)} files to {s.out} ({args.size}x{args.size} {args.fmt}, seed {args.seed})")
+    print(f"wrote {len(s.files)} files to {s.out} ({cfg.size}x{cfg.size} {cfg.fmt}, seed {cfg.seed})")
     print(f"  {'split':<13}" + " ".join(f"{c:>{width}}" for c in s.class_names) + "  total")
     for split, per in s.counts.items():
         print(f"  {split:<13}" + " ".join(f"{per[c]:>{width}}" for c in s.class_names) + f"  {s.total(split):>5}")

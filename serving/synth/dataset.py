@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import InputError
+from serving.options import option
 from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
 
 __all__ = ["SynthConfig", "SynthSummary", "synthesize", "make_patch", "class_names_for", "REFERENCE_SIZE"]
@@ -39,15 +40,15 @@ _SPLIT_KEYS = {"train": 1, "val": 2, "test": 3}
 class SynthConfig:
     """Options of :func:`synthesize`, validated on construction (errors name the flag)."""
 
-    classes: int = 2
-    per_class: int = 60
-    imbalance: float = 1.0
-    size: int = 64
-    fmt: str = "png"
-    seed: int = 0
-    slide: bool = False
-    slide_size: int = 4096
-    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    classes: int = option(2, f"number of classes, 2..{MAX_CLASSES} (2: normal/tumour; more: colorectal tissue types)")
+    per_class: int = option(60, "images of the largest class, over train+val+test (at least 3)")
+    imbalance: float = option(1.0, "ratio of the largest (first) class to the smallest, >= 1")
+    size: int = option(64, "patch side in pixels, 16..1024")
+    fmt: str = option("png", "image format", flag="--format", choices=tuple(FORMATS))
+    seed: int = option(0, "same seed, same bytes")
+    slide: bool = option(False, "also write slides/slide_0.tiff with tumour and tissue masks")
+    slide_size: int = option(4096, "slide level-0 width in pixels (height is 3/4)")
+    split_fractions: tuple[float, float, float] = option((0.6, 0.2, 0.2), cli=False)
 
     def __post_init__(self) -> None:
         def integer(flag: str, v: object, lo: int, hi: int) -> None:

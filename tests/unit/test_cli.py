@@ -118,3 +118,42 @@ def test_no_project_module_is_imported_by_string():
             if re.search(r"import_module\(|__import__\(", text):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+_BLOCK = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Block(MetaPathFinder):
+    # A client-only install: these packages are not there.
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from patchserve import cli
+sys.exit(cli.main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("argv, blocked, extra", [
+    (["train", "data", "--out", "run"], ["torch", "torchvision", "nvidia"], "train"),
+    (["export", "run", "--repo", "repo"], ["torch", "onnx", "onnxscript"], "train"),
+    (["score", "in", "--url", "127.0.0.1:1", "--model", "m", "--out", "o.parquet"], ["tritonclient", "pyarrow"],
+     "client"),
+])
+def test_a_command_missing_its_extra_says_which_to_install(tmp_path, argv, blocked, extra):
+    code = _BLOCK.format(blocked=set(blocked), argv=argv)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"patchserve {argv[0]} needs the '{extra}' extra (missing module " in done.stderr
+    assert f"pip install 'patchserve[{extra}]'" in done.stderr
+
+
+def test_score_help_works_on_a_client_only_install(tmp_path):
+    code = _BLOCK.format(blocked={"torch", "torchvision", "nvidia", "onnx", "onnxscript", "tensorrt"},
+                         argv=["score", "--help"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "usage: patchserve score" in done.stdout

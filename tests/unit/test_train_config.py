@@ -47,7 +47,7 @@ def test_config_round_trips_through_a_dict():
 def test_cosine_schedule_with_warmup_starts_low_and_ends_near_zero():
     import torch
 
-    from training.config import build_optimizer, build_scheduler
+    from training.optim import build_optimizer, build_scheduler
 
     cfg = _cfg(epochs=5, lr=0.1, lr_warmup_epochs=1, optimizer="sgd")
     p = torch.nn.Parameter(torch.zeros(1))
