@@ -271,14 +271,7 @@ def update_results(out: str | Path, *, results_md: Path | None = None, results_d
     results_md = results_md or RESULTS_MD
     results_dir = results_dir or RESULTS_DIR
     readme = readme or README_MD
-    docs = []
-    for path in sorted(out.glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and "stage" in doc and "columns" in doc:
-            docs.append(doc)
+    docs = _stage_docs(out)
     if not docs:
         raise BenchOutError(f"--out {out}: no benchmark results (STAGE.json) to take the figures from")
     text = results_md.read_text() if results_md.exists() else _RESULTS_HEADER
@@ -290,10 +283,24 @@ def update_results(out: str | Path, *, results_md: Path | None = None, results_d
         shutil.copyfile(out / f"{doc['stage']}.json", results_dir / f"{doc['stage']}.json")
     results_md.write_text(text)
     if readme.exists():
+        # Every stage's latest figures: this run's, and the kept ones of stages it did not run.
         order = {s: i for i, s in enumerate(("data", "train", "infer", "serve", "slide", "int8"))}
-        docs.sort(key=lambda d: order.get(d["stage"], 99))
-        readme.write_text(replace_block(readme.read_text(), "summary", render_summary(docs)))
+        latest = sorted(_stage_docs(results_dir), key=lambda d: order.get(d["stage"], 99))
+        readme.write_text(replace_block(readme.read_text(), "summary", render_summary(latest)))
     return [d["stage"] for d in docs]
+
+
+def _stage_docs(folder: Path) -> list[dict]:
+    """The stage results (STAGE.json written by :func:`write_results`) in ``folder``."""
+    docs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and "stage" in doc and "columns" in doc:
+            docs.append(doc)
+    return docs
 
 
 _RESULTS_HEADER = """# Benchmark results

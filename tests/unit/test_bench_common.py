@@ -56,8 +56,9 @@ def test_results_go_only_to_out_and_report_regenerates_only_their_blocks(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "out"]  # nothing written beside out
     assert sorted(p.name for p in out.iterdir()) == ["one.json", "two.json"]
     assert common.update_results(out, results_md=md, results_dir=pngs, readme=readme) == ["one", "two"]
+    (out / "two.json").unlink()  # a later run of one stage keeps the other's figures in the README
     write("one", 0.5)
-    common.update_results(out, results_md=md, results_dir=pngs, readme=readme)
+    assert common.update_results(out, results_md=md, results_dir=pngs, readme=readme) == ["one"]
     text = md.read_text()
     assert text.count("<!-- bench:one -->") == 1 and text.count("<!-- bench:two -->") == 1
     assert "| 0.5 |" in text and "| 1.5 |" not in text and "| 2.5 |" in text
