@@ -17,6 +17,7 @@ import numpy as np
 from export import triton_config as tc
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
+from export.graph_checks import uint8_feed_problems
 from export.onnx_export import PROB_ATOL, check_onnx, onnx_signature, ort_session
 from serving.errors import PatchserveError
 from serving.spec import ModelSpec
@@ -141,6 +142,7 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         try:
             model = check_onnx(onnx_path)
             add("onnx", [], f"checker passed ({onnx_path.relative_to(folder.parent)})")
+            add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
             add("io-onnx", [p for c in (cfg, *others) for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
             session = ort_session(onnx_path)

@@ -50,8 +50,20 @@ def export_onnx(module, sample_nhwc_u8: np.ndarray, path: str | Path, *, input_n
                               dynamic_shapes=({0: batch},), external_data=False, optimize=True)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"{path}: ONNX export failed: {exc}\n{log.getvalue()[-2000:]}") from exc
+    _cast_input_first(path)
     check_onnx(path)
     return path
+
+
+def _cast_input_first(path: Path) -> None:
+    """Leave the uint8 input feeding only its Cast: TensorRT takes uint8 nowhere else (export.graph_checks)."""
+    import onnx
+
+    from export.graph_checks import route_shapes_through_cast
+
+    model = onnx.load(str(path))
+    if route_shapes_through_cast(model):
+        onnx.save(model, str(path))
 
 
 def check_onnx(path: str | Path):

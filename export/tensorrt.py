@@ -1,7 +1,10 @@
 """TensorRT plan from the exported ONNX (GPU machines only), with parity vs ONNX Runtime.
 
-TensorRT 10 Python API: explicit-batch network from the ONNX parser, one
-optimisation profile from batch 1 to the maximum batch, FP16 optional. A plan
+TensorRT 10/11 Python API: explicit-batch network from the ONNX parser, one
+optimisation profile from batch 1 to the maximum batch (opt = max: Triton's
+dynamic batcher fills batches), FP16 optional. TensorRT 11 removed the weak
+typing flags (BuilderFlag.FP16): its networks are strongly typed, so the plan
+keeps the ONNX graph's fp32 and the manifest records fp16 false. A plan
 only runs on the GPU model and TensorRT version that built it, so a manifest
 (GPU name, compute capability, TensorRT version, profile) is written beside it
 and check-export compares the config's max batch with the profile.
@@ -27,7 +30,8 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TensorRTUnavailable("the 'tensorrt' package is not installed (pip install tensorrt on a GPU machine)") from exc
+        raise TensorRTUnavailable("the tensorrt package is not installed "
+                                  "(pip install 'patchserve[gpu]' on a GPU machine)") from exc
     import torch
 
     if not torch.cuda.is_available():
@@ -50,12 +54,18 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
         raise ExportError(f"{onnx_path}: TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    fp16 = fp16 and hasattr(trt.BuilderFlag, "FP16")  # absent in TensorRT 11 (strong typing)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        # An fp32 plan is held to fp32 parity (TRT_ATOL[False]); TF32 kernels would miss it.
+        config.clear_flag(trt.BuilderFlag.TF32)
     h, w = spec.input_hw
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.input_name, (1, h, w, 3), (spec.max_batch_size, h, w, 3), (spec.max_batch_size, h, w, 3))
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise ExportError(f"{onnx_path}: TensorRT rejected the profile 1..{spec.max_batch_size} "
+                          f"for {spec.input_name!r}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build a plan (see its log above)")
@@ -69,37 +79,60 @@ def build_plan(onnx_path: Path, plan_path: Path, manifest_path: Path, spec: Mode
     return plan_parity(plan_path, onnx_path, spec, fp16=fp16)
 
 
-def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
-    """Probabilities from a plan (TensorRT 10 named-tensor API, torch CUDA buffers)."""
-    trt = _tensorrt()
-    import torch
+class PlanRunner:
+    """A deserialized plan with one execution context: run it many times (parity, benchmarks).
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    context = engine.create_execution_context()
-    x = torch.from_numpy(np.ascontiguousarray(images_nhwc_u8)).cuda()
-    context.set_input_shape(spec.input_name, tuple(x.shape))
-    context.set_tensor_address(spec.input_name, x.data_ptr())
-    outputs = {}
-    for name in (spec.output_name, spec.logits_name):
-        out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(name, out.data_ptr())
-        outputs[name] = out
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError(f"{plan_path}: TensorRT execution failed")
-    stream.synchronize()
-    return outputs[spec.output_name].cpu().numpy()
+    TensorRT 10/11 named-tensor API; inputs and outputs live in torch CUDA buffers.
+    """
+
+    def __init__(self, plan_path: Path, spec: ModelSpec):
+        trt = _tensorrt()
+        import torch
+
+        self.spec = spec
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(f"{plan_path}: TensorRT cannot load this plan (built by another TensorRT or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.plan_path = plan_path
+
+    def __call__(self, images_nhwc_u8: np.ndarray) -> np.ndarray:
+        """Probabilities for a host batch (copied in and out, as a server would)."""
+        import torch
+
+        spec = self.spec
+        with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(np.ascontiguousarray(images_nhwc_u8)).cuda(non_blocking=True)
+            self.context.set_input_shape(spec.input_name, tuple(x.shape))
+            self.context.set_tensor_address(spec.input_name, x.data_ptr())
+            outputs = {}
+            for name in (spec.output_name, spec.logits_name):
+                out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
+                self.context.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise ExportError(f"{self.plan_path}: TensorRT execution failed")
+            probs = outputs[spec.output_name].cpu()
+        self.stream.synchronize()
+        return probs.numpy()
+
+
+def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
+    """Probabilities from a plan for one batch."""
+    return PlanRunner(plan_path, spec)(images_nhwc_u8)
 
 
 def plan_parity(plan_path: Path, onnx_path: Path, spec: ModelSpec, *, fp16: bool) -> list[ParityRow]:
     session = ort_session(onnx_path)
+    runner = PlanRunner(plan_path, spec)
     rng = np.random.default_rng(7)
     rows = []
     for batch in sorted({1, 3, spec.max_batch_size}):
         x = rng.integers(0, 256, size=(batch, *spec.input_hw, 3), dtype=np.uint8)
         expected = session.run([spec.output_name], {spec.input_name: x})[0]
-        got = run_plan(plan_path, spec, x)
+        got = runner(x)
         rows.append(ParityRow("max |p_trt - p_onnx|", spec.name, batch, float(np.abs(got - expected).max()),
                               TRT_ATOL[fp16]))
     return rows

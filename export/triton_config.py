@@ -17,9 +17,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.spec import SPEC_PARAMETER, ModelSpec
+from serving.spec import FLAVOURS, SPEC_PARAMETER, ModelSpec
 
-FORMATS = ("python", "onnxruntime", "tensorrt")
+FORMATS = FLAVOURS
 TTA_PARAMETER = "tta_views"
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"

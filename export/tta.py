@@ -30,12 +30,15 @@ class TTAModel(nn.Module):
 
     def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
         ch, cw = self.crop_hw
+        # Cast first, so the uint8 input feeds only a Cast (TensorRT accepts uint8 nowhere
+        # else); crops and flips of the float copy are the same integers.
+        images = images_nhwc_u8.float()
         views = []
         for top, left, flip in self.boxes:
-            crop = images_nhwc_u8[:, top:top + ch, left:left + cw, :]
+            crop = images[:, top:top + ch, left:left + cw, :]
             views.append(torch.flip(crop, dims=[2]) if flip else crop)
         # View-major stacking: one classifier call on N * V images.
-        n = images_nhwc_u8.shape[0]
+        n = images.shape[0]
         logits = self.classifier(torch.cat(views, dim=0)).float()
         probs = torch.softmax(logits, dim=1)
         return probs.reshape(len(self.boxes), n, -1).mean(dim=0)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "serve": "start the embedded Triton server on a model repository",
     "score": "score folders, manifests, HDF5 files and whole slides against Triton",
     "bench": "throughput benchmarks of every stage",
+    "doctor": "what is installed, its CUDA build, and what really runs on the GPU here",
     "demo": "the main job: synth, train, evaluate, export, check, serve, score",
 }
 
@@ -47,6 +48,8 @@ def _command(name: str) -> ModuleType:
         from patchserve.commands import score as module
     elif name == "bench":
         from patchserve.commands import bench as module
+    elif name == "doctor":
+        from patchserve.commands import doctor as module
     elif name == "demo":
         from patchserve import demo as module
     else:

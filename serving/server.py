@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import ServerError
+from serving.spec import GPU_FLAVOURS
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
@@ -34,6 +35,12 @@ def _pytriton_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("the embedded Triton server needs the 'nvidia-pytriton' package; install it with 'make install'")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def triton_backends() -> tuple[str, ...]:
+    """Backends the embedded distribution carries (the nvidia-pytriton wheel: python only)."""
+    folder = _pytriton_root() / "tritonserver" / "backends"
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -218,8 +225,28 @@ class EmbeddedTriton:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def ngc_command(self) -> str:
+    def ngc_command(self, model_config_name: str | None = None) -> str:
         """How to serve the same repository from NGC's container on a GPU machine."""
-        return (f"docker run --gpus all --rm -p {self.urls.http_port}:8000 -p {self.urls.grpc_port}:8001 "
-                f"-p {self.urls.metrics_port}:8002 -v {self.repo}:/models {NGC_IMAGE} "
-                "tritonserver --model-repository=/models --model-control-mode=none")
+        return ngc_command(self.repo, model_config_name=model_config_name or gpu_flavour(self.repo),
+                           http_port=self.urls.http_port, grpc_port=self.urls.grpc_port,
+                           metrics_port=self.urls.metrics_port)
+
+
+def gpu_flavour(repo: str | Path) -> str:
+    """The flavour a GPU server should load: tensorrt when a model of ``repo`` has a plan config, else onnxruntime."""
+    for flavour in GPU_FLAVOURS:
+        if any(Path(repo).glob(f"*/configs/{flavour}.pbtxt")):
+            return flavour
+    return GPU_FLAVOURS[-1]
+
+
+def ngc_command(repo: str | Path, *, model_config_name: str, http_port: int = 8000, grpc_port: int = 8001,
+                metrics_port: int = 8002) -> str:
+    """``docker run`` of NGC's tritonserver on ``repo``, loading configs/MODEL_CONFIG_NAME.pbtxt of every model.
+
+    Without --model-config-name the container would load config.pbtxt, the CPU
+    python flavour; models without that flavour (the ensemble) fall back to it.
+    """
+    return (f"docker run --gpus all --rm -p {http_port}:8000 -p {grpc_port}:8001 -p {metrics_port}:8002 "
+            f"-v {Path(repo).resolve()}:/models {NGC_IMAGE} tritonserver --model-repository=/models "
+            f"--model-control-mode=none --model-config-name={model_config_name}")

@@ -29,6 +29,11 @@ WEIGHTS_PARAMETER = "weights_sha256"
 # conservative character set, no path separators and no "..".
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TTA_MODES = ("none", "flip", "five", "ten")
+# Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
+# Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
+# with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.
+FLAVOURS = ("python", "onnxruntime", "tensorrt")
+GPU_FLAVOURS = ("tensorrt", "onnxruntime")
 ARCHITECTURES = (
     "resnet18",
     "resnet34",

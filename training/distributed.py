@@ -40,13 +40,29 @@ def dist_info_from_env(env: Mapping[str, str]) -> DistInfo:
         raise TrainingError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
 
 
+def process_group_backend(device_type: str) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def init_process_group(info: DistInfo, device_type: str) -> None:
-    """gloo on CPU, nccl on CUDA; rendezvous from torchrun's MASTER_ADDR/PORT."""
+    """Bind this process to its GPU, then join the group; rendezvous from torchrun's MASTER_ADDR/PORT.
+
+    Without ``torch.cuda.set_device(local_rank)`` every rank's NCCL communicator,
+    barrier and default CUDA stream land on cuda:0, whatever device the model is on.
+    """
+    import torch
     import torch.distributed as dist
 
+    if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if not 0 <= info.local_rank < count:
+            raise TrainingError(f"LOCAL_RANK {info.local_rank} has no GPU: this machine has {count} "
+                                f"(run at most {count} processes per node)")
+        torch.cuda.set_device(info.local_rank)
     if info.enabled and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend=process_group_backend(device_type), rank=info.rank,
+                                world_size=info.world_size)
 
 
 def destroy_process_group() -> None:

@@ -2,7 +2,9 @@
 
 The model takes ``uint8`` NHWC images: permuting NHWC to NCHW gives a
 channels-last view for free, so the float conversion and normalisation are the
-first layer and the only normalisation implementation (DESIGN.md). Training,
+first layer and the only normalisation implementation (DESIGN.md). The cast
+comes first: TensorRT takes uint8 only into a Cast, so in the exported graph
+the uint8 input must feed nothing else (check-export verifies it). Training,
 export and serving all run this module.
 """
 
@@ -67,7 +69,8 @@ class Normalize(nn.Module):
         self.register_buffer("inv_std", (1.0 / std_t).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
-        x = images_nhwc_u8.permute(0, 3, 1, 2).float()
+        # Cast before the permute: the uint8 input feeds only a Cast in the ONNX graph.
+        x = images_nhwc_u8.float().permute(0, 3, 1, 2)
         return (x - self.mean) * self.inv_std
 
 

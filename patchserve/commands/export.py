@@ -69,4 +69,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {name:<28} {folder}")
     print(f"flavours: {', '.join(result.options.formats)} (pick one with tritonserver --model-config-name=FLAVOUR; "
           "config.pbtxt is python)")
+    from serving.server import gpu_flavour, ngc_command
+
+    print("Serve it on a GPU machine from NGC's container:")
+    print(f"  {ngc_command(args.repo, model_config_name=gpu_flavour(args.repo))}")
     return 0

@@ -18,6 +18,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from serving.server import EmbeddedTriton
+    from serving.spec import GPU_FLAVOURS
 
     cfg = from_args(ServeConfig, args)
     extra = (f"--model-config-name={cfg.model_config_name}",) if cfg.model_config_name else ()
@@ -38,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
             for name, version, state in _models(server):
                 print(f"  {name} (version {version}): {state}")
             print("The same repository on a GPU machine, from NGC's container:")
-            print(f"  {server.ngc_command()}")
+            gpu = cfg.model_config_name if cfg.model_config_name in GPU_FLAVOURS else None
+            print(f"  {server.ngc_command(gpu)}")
             print("Press Ctrl-C to stop.", flush=True)
             while not stop.wait(0.5):
                 if not server.alive():

@@ -29,6 +29,8 @@ def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tm
         assert f"gRPC     127.0.0.1:{grpc}" in text and f"HTTP     127.0.0.1:{http}" in text
         assert f"  {spec.name} (version 1): READY" in text
         assert f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver" in text
+        # The repository has no plan: the GPU container loads the onnxruntime flavour, not config.pbtxt's python.
+        assert "--model-control-mode=none --model-config-name=onnxruntime\n" in text + "\n"
         with PatchClient(f"127.0.0.1:{grpc}", spec.name) as client:
             probs = client.predict(np.zeros((3, *spec.input_hw, 3), np.uint8))
         assert probs.shape == (3, spec.num_classes)
