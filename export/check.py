@@ -142,7 +142,11 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         try:
             model = check_onnx(onnx_path)
             add("onnx", [], f"checker passed ({onnx_path.relative_to(folder.parent)})")
-            add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
+            if _is_int8(folder, spec):
+                # QDQ graphs carry uint8 activations by design; int8 exports have no TensorRT flavour.
+                add("uint8-cast", [], "int8 graph: ONNX Runtime only, no TensorRT flavour to feed")
+            else:
+                add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
             add("io-onnx", [p for c in (cfg, *others) for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
             session = ort_session(onnx_path)
@@ -164,11 +168,17 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     return rows, need
 
 
+def _is_int8(folder: Path, spec: ModelSpec) -> bool:
+    from export.quantize import model_precision
+
+    return model_precision(folder.parent, spec) == "int8"
+
+
 def _int8_rows(folder: Path, version_dir: Path, spec: ModelSpec) -> list[CheckRow]:
     """Precision int8: the recorded parity against fp32, recomputed and held to the stated tolerance."""
-    from export.quantize import INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity, model_precision
+    from export.quantize import INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity
 
-    if model_precision(folder.parent, spec) != "int8":
+    if not _is_int8(folder, spec):
         return []
     problems = check_int8_parity(version_dir, input_name=spec.input_name, output_name=spec.output_name)
     return [CheckRow("int8-parity", folder.name, FAIL if problems else OK, "; ".join(problems) or
