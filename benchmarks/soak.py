@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from serving.progress import bar_disable
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "results" / "soak.json"
@@ -153,7 +154,7 @@ def run_soak(url: str, model: str, pool_nhwc_u8: np.ndarray, expected: np.ndarra
                 yield idx, pool_nhwc_u8[idx]
 
         t0 = time.perf_counter()
-        bar = tqdm(total=patches, unit="patch", disable=not progress, desc="soak")
+        bar = tqdm(total=patches, unit="patch", disable=bar_disable(progress), desc="soak")
         with RssSampler(server_pid, sample_every_s) as sampler:
             try:
                 for idx, probs in stream_predictions([client], groups(), "none", on_error="record"):

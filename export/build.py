@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 
 from export import triton_config as tc
-from export.errors import ExportInputError, TensorRTUnavailable
+from export.errors import ExportError, ExportInputError, TensorRTUnavailable
+from export.fixture import (FIXTURE_FILE, PREPROCESS_MAX_GREY_DIFF, log_probabilities, pack_encoded, reference_pixels, save_fixture,
+                            select_images)
+from export.manifest import write_manifest
 from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, ort_session, parity_vs_torch, require_parity,
                                 top1_agreement, torch_outputs)
-from export.repository import (PARITY_FILE, PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing,
-                               remove_stale_configs, render_repository, resolve_spec, write_generated)
+from export.patches import encode
+from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
+                               resolve_spec, write_generated)
+from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
 from serving.spec import ModelSpec
 from serving.views import combine_views, make_views, num_views
+from serving.progress import bar_disable
 
 # PIL's BILINEAR and DALI's linear resize (both antialiased) round differently:
 # a few grey levels on smooth images; more than this means a different crop or resize.
@@ -49,16 +55,6 @@ def _smooth_images(spec: ModelSpec, count: int) -> list[np.ndarray]:
     return out
 
 
-def encode(image_hwc_u8: np.ndarray, fmt: str) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image_hwc_u8).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
 def dali_vs_pil(dali_path: Path, spec: ModelSpec, images: list[np.ndarray]) -> ParityRow:
     """Largest per-pixel difference between the DALI pipeline and the client's PIL path (PNG input)."""
     from export.patches import centre_crop
@@ -77,20 +73,14 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
                      progress, precision="fp32") -> ExportResult:
     from tqdm import tqdm
 
+    from training.checkpoint import weights_sha256
     from training.model import ServedModel, build_model
 
     payload = _read_run(run)
     spec = resolve_spec(payload["spec"], name=name, version=version, max_batch_size=max_batch_size)
-    if spec.grayscale_equalize and (with_tta or with_dali):
-        # The client equalises before sending; the TTA graph and the DALI
-        # preprocessing would see unequalised pixels and score them wrong.
-        print(f"{spec.name}: trained with --grayscale-equalize, which the client applies: no server-side TTA "
-              "or DALI preprocessing models (they would skip the equalisation)")
-        with_tta = with_dali = False
-    opts = tc.ExportOptions(max_batch_size=spec.max_batch_size, version=version, formats=formats,
-                            tta_views=tta_views, with_tta=with_tta, with_dali=with_dali, instances=instances,
-                            max_queue_delay_us=max_queue_delay_us, fp16=fp16, trt_accelerator=trt_accelerator,
-                            precision=precision)
+    opts = tc.ExportOptions(version=version, formats=formats, tta_views=tta_views, with_tta=with_tta,
+                            with_dali=with_dali, instances=instances, max_queue_delay_us=max_queue_delay_us,
+                            fp16=fp16, trt_accelerator=trt_accelerator, precision=precision)
     if data is None:
         recorded = (payload.get("train_config") or {}).get("data")
         data = Path(recorded) if recorded and Path(recorded).exists() else None
@@ -101,34 +91,39 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
             ([spec.preprocess_model_name, spec.ensemble_model_name] if with_dali else [])
     repo.mkdir(parents=True, exist_ok=True)
     refuse_existing(repo, names, version, overwrite)
+    clean_leftovers(repo)
+    weights = weights_sha256(payload["model"])
     classifier = build_model(spec, payload["model_config"])
     classifier.load_state_dict(payload["model"])
     classifier.eval()
     served = ServedModel(classifier).eval()
-    created = [repo / n / str(version) for n in names]
-    steps = 2 + int(with_tta) * 2 + int(with_dali) + int("tensorrt" in formats)
-    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=not progress)
+    # Everything is written beside the repository and swapped in at the end (export.staging).
+    work = work_folder(repo)
+    stage = work / "staging"
+    stage.mkdir(parents=True)
+    steps = 3 + int(with_tta) * 2 + int(with_dali) + int("tensorrt" in formats)
+    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=bar_disable(progress))
     rows: list[ParityRow] = []
     notes: list[str] = []
     try:
         real = _load_data(data, spec, notes) if data is not None else None
-        cls_dir = repo / spec.name / str(version)
+        encoded, pixels = select_images(data, spec, served, notes)
+        cls_dir = stage / spec.name / str(version)
         onnx_path = export_onnx(served, _random_u8((2, *spec.input_hw, 3), 1), cls_dir / tc.ONNX_FILE,
                                 input_name=spec.input_name, output_names=[spec.output_name, spec.logits_name])
         bar.update()
         session = ort_session(onnx_path)
         io_names = dict(input_name=spec.input_name, output_name=spec.output_name)
-        fixture = _random_u8((PARITY_BATCH, *spec.input_hw, 3), 2)
         for batch in sorted({PARITY_BATCH, spec.max_batch_size}):
-            x = fixture if batch == PARITY_BATCH else _random_u8((batch, *spec.input_hw, 3), 3)
-            rows.append(parity_vs_torch(served, session, x, model=spec.name, **io_names))
+            rows.append(parity_vs_torch(served, session, _random_u8((batch, *spec.input_hw, 3), 2 + batch),
+                                        model=spec.name, **io_names))
         if real is not None:
             rows.append(top1_agreement(served, session, real[1], model=spec.name, **io_names))
-        np.savez(cls_dir / PARITY_FILE, inputs=fixture, probabilities=torch_outputs(served, fixture)[0])
+        save_fixture(cls_dir / FIXTURE_FILE, {"pixels": pixels, "logits": _logits(served, pixels)})
         copy_backend("onnx_model.py", cls_dir / tc.PYTHON_FILE)
         bar.update()
         if with_tta:
-            rows += _export_tta(classifier, spec, tta_views, repo, version, session, real)
+            rows += _export_tta(classifier, spec, tta_views, stage, version, session, real, encoded)
             bar.update(2)
         if precision == "int8":
             rows += _to_int8(served, onnx_path, data, spec, real, source=False)
@@ -136,19 +131,10 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
                 from export.tta import TTAModel
 
                 rows += _to_int8(TTAModel(classifier, spec, tta_views).eval(),
-                                 repo / spec.tta_model_name / str(version) / tc.ONNX_FILE, data, spec, real,
+                                 stage / spec.tta_model_name / str(version) / tc.ONNX_FILE, data, spec, real,
                                  source=True)
         if with_dali:
-            pre_dir = repo / spec.preprocess_model_name / str(version)
-            from export.preprocess import serialize_pipeline
-
-            serialize_pipeline(spec, pre_dir / tc.DALI_FILE, batch_size=spec.max_batch_size)
-            copy_backend("dali_model.py", pre_dir / tc.PYTHON_FILE)
-            rows.append(dali_vs_pil(pre_dir / tc.DALI_FILE, spec, _smooth_images(spec, 4)))
-            ens_dir = repo / spec.ensemble_model_name / str(version)
-            ens_dir.mkdir(parents=True, exist_ok=True)
-            # Triton needs the (empty) version folder of an ensemble; git keeps no empty folders.
-            (ens_dir / ".gitkeep").touch()
+            rows += _export_dali(served, spec, stage, version, encoded, pixels)
             bar.update()
         if "tensorrt" in opts.formats:
             from export.tensorrt import build_plan
@@ -161,24 +147,66 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
                                                                               if f != "tensorrt")})
             bar.update()
         require_parity(rows)
-        files = render_repository(spec, opts)
-        write_generated(repo, files)
-        remove_stale_configs(repo, files)
+        write_generated(stage, render_repository(spec, opts, weights))
+        for n in names:
+            carry_other_versions(repo / n, stage / n, version)
+            write_manifest(stage / n, version, weights)
+        _check_staged(stage, names)
+        swap_in(repo, work, names)
+        bar.update()
     except BaseException:
-        for folder in created:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         bar.close()
     return ExportResult(spec=spec, options=opts, models={n: repo / n for n in names}, parity=tuple(rows),
-                        notes=tuple(notes))
+                        notes=tuple(notes), weights_sha256=weights)
+
+
+def _logits(served, pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([torch_outputs(served, pixels[i:i + 64])[1] for i in range(0, len(pixels), 64)])
+
+
+def _check_staged(stage: Path, names: list[str]) -> None:
+    """The gate's static checks on the new models before they replace the old ones."""
+    from export.check import check_repository
+
+    report = check_repository(stage, names, serve=False)
+    if not report.passed:
+        raise ExportError("the new models fail check-export; the repository was left as it was:\n"
+                          + report.table())
+
+
+def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: list[bytes],
+                 pixels: np.ndarray) -> list[ParityRow]:
+    from export.preprocess import run_serialized, serialize_pipeline
+
+    pre_dir = stage / spec.preprocess_model_name / str(version)
+    serialize_pipeline(spec, pre_dir / tc.DALI_FILE, batch_size=spec.max_batch_size)
+    copy_backend("dali_model.py", pre_dir / tc.PYTHON_FILE)
+    rows = [dali_vs_pil(pre_dir / tc.DALI_FILE, spec, _smooth_images(spec, 4))]
+    save_fixture(pre_dir / FIXTURE_FILE, {**pack_encoded(encoded), "pixels": pixels})
+    dali_pixels = np.stack(run_serialized(pre_dir / tc.DALI_FILE, encoded, input_name=spec.encoded_name,
+                                          batch_size=spec.max_batch_size))
+    rows.append(ParityRow("fixture |dali - reference|", spec.preprocess_model_name, len(encoded),
+                          int(np.abs(dali_pixels.astype(np.int16) - pixels.astype(np.int16)).max()),
+                          PREPROCESS_MAX_GREY_DIFF))
+    ens_dir = stage / spec.ensemble_model_name / str(version)
+    ens_dir.mkdir(parents=True, exist_ok=True)
+    # Triton needs the version folder of an ensemble; git keeps no empty folders.
+    (ens_dir / ".gitkeep").touch()
+    save_fixture(ens_dir / FIXTURE_FILE, {**pack_encoded(encoded), "dali_pixels": dali_pixels,
+                                          "logits": _logits(served, dali_pixels)})
+    return rows
 
 
 def _to_int8(module, onnx_path: Path, data: Path, spec: ModelSpec, real, *, source: bool) -> list[ParityRow]:
     """Replace ``onnx_path`` by its int8 graph; record its parity against the fp32 PyTorch module.
 
-    The version's parity.npz then holds the int8 graph's own outputs (what the
-    served model must reproduce); int8_parity.npz keeps the fp32 reference.
+    The files go into the staged version folder before its manifest is
+    written, so the manifest lists them. The version's fixture keeps the fp32
+    PyTorch answers: the gate holds the int8 graph to them with the int8 row
+    of export.fixture's tolerances.
     """
     from export.quantize import (INT8_PROB_ATOL, INT8_TOP1_MIN, calibration_images, int8_figures, quantize_int8,
                                  write_int8_parity)
@@ -191,10 +219,6 @@ def _to_int8(module, onnx_path: Path, data: Path, spec: ModelSpec, real, *, sour
     session = ort_session(onnx_path)
     figures = int8_figures(session, images, reference, input_name=spec.input_name, output_name=spec.output_name)
     write_int8_parity(onnx_path.parent, images, reference, figures)
-    with np.load(onnx_path.parent / PARITY_FILE) as z:
-        inputs = z["inputs"]
-    np.savez(onnx_path.parent / PARITY_FILE, inputs=inputs,
-             probabilities=session.run([spec.output_name], {spec.input_name: inputs})[0])
     n = figures["images"]
     return [ParityRow("int8 top-1 agreement", model, n, figures["top1_agreement"], INT8_TOP1_MIN,
                       higher_is_better=True),
@@ -209,11 +233,12 @@ def _load_data(data: Path, spec: ModelSpec, notes: list[str]):
     return sources, crops
 
 
-def _export_tta(classifier, spec: ModelSpec, mode: str, repo: Path, version: int, cls_session, real):
+def _export_tta(classifier, spec: ModelSpec, mode: str, stage: Path, version: int, cls_session, real,
+                encoded: list[bytes]):
     from export.tta import TTAModel
 
     tta = TTAModel(classifier, spec, mode).eval()
-    tta_dir = repo / spec.tta_model_name / str(version)
+    tta_dir = stage / spec.tta_model_name / str(version)
     path = export_onnx(tta, _random_u8((2, *spec.source_hw, 3), 4), tta_dir / tc.ONNX_FILE,
                        input_name=spec.input_name, output_names=[spec.output_name])
     session = ort_session(path)
@@ -228,7 +253,9 @@ def _export_tta(classifier, spec: ModelSpec, mode: str, repo: Path, version: int
                           float(np.abs(server - client).max()), PROB_ATOL))
     if real is not None:
         rows.append(top1_agreement(tta, session, real[0], model=spec.tta_model_name, **io_names))
-    np.savez(tta_dir / PARITY_FILE, inputs=fixture, probabilities=torch_outputs(tta, fixture)[0])
+    sources = np.stack([reference_pixels(e, spec)[0] for e in encoded])
+    probs = np.concatenate([torch_outputs(tta, sources[i:i + 16])[0] for i in range(0, len(sources), 16)])
+    save_fixture(tta_dir / FIXTURE_FILE, {"sources": sources, "log_probabilities": log_probabilities(probs)})
     copy_backend("onnx_model.py", tta_dir / tc.PYTHON_FILE)
     return rows
 

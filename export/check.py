@@ -1,24 +1,29 @@
 """check-export: the CI gate for a model repository.
 
-Static checks per model folder (config, spec, versions, labels, ONNX graph,
-TensorRT profile, stored parity fixture), then, when they all pass, the
-python flavours are loaded into the real embedded Triton server and compared
-with ONNX Runtime in-process (:mod:`export.check_server`).
+Static checks per model folder: configs, spec, versions, the manifest's
+sha256 of every file, field agreement with spec.json, the weights' hash in
+every config, labels, tensors, the ONNX graph, the parity fixture. Then the
+fixture runs in-process (ONNX Runtime, DALI), with ``run`` PyTorch
+recomputes it from the checkpoint, and when everything passed the models are
+loaded into the real embedded Triton server and fed the fixture
+(:mod:`export.check_server`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 from export import triton_config as tc
+from export.check_agree import agreement_problems, family_problems, plan_max_batch, weights_problems
+from export.check_fixture import CPU_PRECISION, expected_of, fixture_of, in_process_row, run_rows
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
+from export.fixture import FIXTURE_FILE
 from export.graph_checks import uint8_feed_problems
-from export.onnx_export import PROB_ATOL, check_onnx, onnx_signature, ort_session
+from export.manifest import read_manifest, verify_manifest
+from export.onnx_export import check_onnx, onnx_signature
+from export.repository import BACKENDS, SPEC_FILE
 from serving.errors import PatchserveError
 from serving.spec import ModelSpec
 
@@ -83,8 +88,22 @@ def onnx_io(model) -> tuple[dict, dict]:
     return table(ins), table(outs)
 
 
+# The Python-backend code each role runs: byte for byte patchserve's own, so
+# code added to a model.py fails even when its manifest was rewritten to match.
+_BACKEND_SOURCE = {"classifier": "onnx_model.py", "tta": "onnx_model.py", "preprocess": "dali_model.py"}
+
+
+def _backend_problems(path: Path, source: Path) -> list[str]:
+    try:
+        same = path.read_bytes() == source.read_bytes()
+    except OSError as exc:
+        return [f"{path.parent.name}/{path.name}: cannot read ({exc.strerror})"]
+    return [] if same else [f"{path.parent.name}/{path.name} differs from patchserve's {source.name} "
+                            "(code the server would run)"]
+
+
 def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
-    """Static checks of one model folder; returns the rows and what the server checks need."""
+    """Static checks of one model folder; returns the rows and what the later checks need."""
     name = folder.name
     rows: list[CheckRow] = []
 
@@ -95,31 +114,51 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
 
     try:
         cfg = tc.read_config(folder / "config.pbtxt")
-        others = [tc.read_config(p) for p in sorted((folder / "configs").glob("*.pbtxt"))]
+        configs = {"config.pbtxt": cfg}
+        configs.update({f"configs/{p.name}": tc.read_config(p) for p in sorted((folder / "configs").glob("*.pbtxt"))})
     except PatchserveError as exc:
         add("config", [str(exc)])
         return rows, None
-    names = [c.name for c in (cfg, *others) if c.name and c.name != name]
+    names = [c.name for c in configs.values() if c.name and c.name != name]
     if not add("config", [f"config name {n!r} differs from the folder name {name!r}" for n in names],
-               f"{1 + len(others)} flavour(s) parse as ModelConfig"):
+               f"{len(configs)} flavour(s) parse as ModelConfig"):
         return rows, None
     try:
-        spec = tc.config_spec(cfg)
-        if spec is None:
-            raise ExportInputError(f"no '{tc.SPEC_PARAMETER}' parameter in config.pbtxt")
+        spec = ModelSpec.load(folder / SPEC_FILE)
         role = role_of(name, spec)
         if role is None:
             raise ExportInputError(f"the folder name is none of the models the spec of {spec.name!r} names")
     except PatchserveError as exc:
         add("spec", [str(exc)])
         return rows, None
-    add("spec", [], f"{role} of {spec.name} v{spec.version}")
+    add("spec", [], f"{role} of {spec.name} v{spec.version} ({SPEC_FILE})")
     versions = [p for p in folder.iterdir() if p.is_dir() and p.name not in ("configs", "__pycache__")]
     bad = [p.name for p in versions if not p.name.isdigit()]
     numeric = sorted((int(p.name) for p in versions if p.name.isdigit()), reverse=True)
     add("versions", [f"version folder {b!r} is not numeric" for b in bad] + ([] if numeric else ["no version folder"]),
         f"{numeric}")
-    version_dir = folder / str(numeric[0]) if numeric else None
+    version = numeric[0] if numeric else None
+    version_dir = folder / str(version) if numeric else None
+    manifest = None
+    if version is not None:
+        try:
+            manifest = read_manifest(folder, version)
+            add("manifest", verify_manifest(folder, manifest), f"{len(manifest.files)} files match their sha256; "
+                                                                 "no unlisted file")
+        except PatchserveError as exc:
+            add("manifest", [str(exc)])
+    plan_top, plan_problem = plan_max_batch(version_dir)
+    add("agree", agreement_problems(spec, configs, version, manifest, plan_top) + ([plan_problem] if plan_problem
+                                                                                    else []),
+        f"configs, version folder{', plan profile' if plan_top else ''} agree with {SPEC_FILE} "
+        f"(max_batch_size {spec.max_batch_size})")
+    add("weights", weights_problems(configs, manifest, role != "preprocess"),
+        f"every config names weights {manifest.weights_sha256[:12]}..." if manifest and role != "preprocess"
+        else "no weights parameter (no weights)")
+    backend = _BACKEND_SOURCE.get(role)
+    if backend and version_dir is not None:
+        add("backend", _backend_problems(version_dir / tc.PYTHON_FILE, BACKENDS / backend),
+            f"{version_dir.name}/{tc.PYTHON_FILE} is patchserve's {backend}")
     label_problems, label_files = [], 0
     for out in cfg.output:
         if out.label_filename:
@@ -134,10 +173,10 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
                                       f"the spec {spec.num_classes} classes {list(spec.class_names)[:4]}")
     add("labels", label_problems, f"{spec.num_classes} classes" if label_files else "no labelled output")
     want = expected_io(spec, role)
-    add("io-spec", [p for c in (cfg, *others) for p in _diff_io("the spec", config_io(c), want)],
+    add("io-spec", [p for c in configs.values() for p in _diff_io("the spec", config_io(c), want)],
         "names, dims and dtypes agree with the spec")
     onnx_path = version_dir / tc.ONNX_FILE if version_dir else None
-    session = None
+    onnx_ok = False
     if onnx_path is not None and onnx_path.is_file():
         try:
             model = check_onnx(onnx_path)
@@ -147,24 +186,27 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
                 add("uint8-cast", [], "int8 graph: ONNX Runtime only, no TensorRT flavour to feed")
             else:
                 add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
-            add("io-onnx", [p for c in (cfg, *others) for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
+            add("io-onnx", [p for c in configs.values()
+                            for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
-            session = ort_session(onnx_path)
+            onnx_ok = True
         except PatchserveError as exc:
             add("onnx", [str(exc)])
     elif role in ("classifier", "tta"):
         add("onnx", [f"{onnx_path or folder / '<version>' / tc.ONNX_FILE} is missing"])
-    rows += _plan_rows(folder, version_dir, cfg, spec)
-    if session is not None and (version_dir / "parity.npz").is_file():
-        fixture = np.load(version_dir / "parity.npz")
-        got = session.run([spec.output_name], {spec.input_name: fixture["inputs"]})[0]
-        diff = float(np.abs(got - fixture["probabilities"]).max())
-        add("parity", [f"max |p - p_export| {diff:.3g} > {PROB_ATOL}"] if diff > PROB_ATOL else [],
-            f"stored fixture re-run: max |diff| {diff:.2g} <= {PROB_ATOL}")
-    if session is not None and role in ("classifier", "tta"):
+    if onnx_ok and role in ("classifier", "tta"):
         rows += _int8_rows(folder, version_dir, spec)
     need = {"name": name, "role": role, "spec": spec, "config": cfg, "version_dir": version_dir,
-            "onnx": onnx_path if session is not None else None}
+            "onnx": onnx_path if onnx_ok else None, "manifest": manifest, "fixture": None,
+            # The graphs' precision: the fixture holds fp32 PyTorch answers, an int8 graph is held to its own row.
+            "precision": "int8" if role != "preprocess" and _is_int8(folder, spec) else CPU_PRECISION}
+    if version_dir is not None:
+        try:
+            need["fixture"] = fixture_of(need)
+            need["expected"] = expected_of(role, need["fixture"])
+            add("fixture", [], f"{len(need['expected'])} images ({FIXTURE_FILE})")
+        except PatchserveError as exc:
+            add("fixture", [str(exc)])
     return rows, need
 
 
@@ -185,23 +227,38 @@ def _int8_rows(folder: Path, version_dir: Path, spec: ModelSpec) -> list[CheckRo
                      f"top-1 agreement >= {INT8_TOP1_MIN}, max |p_int8 - p_fp32| <= {INT8_PROB_ATOL}")]
 
 
-def _plan_rows(folder: Path, version_dir: Path | None, cfg, spec: ModelSpec) -> list[CheckRow]:
-    manifest = version_dir / "plan.json" if version_dir else None
-    if manifest is None or not manifest.is_file():
-        return []
-    try:
-        profile = json.loads(manifest.read_text())["profile"]
-        top = int(profile["max_batch"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [CheckRow("trt-profile", folder.name, FAIL, f"{manifest.name}: unreadable manifest ({exc})")]
-    if cfg.max_batch_size > top:
-        return [CheckRow("trt-profile", folder.name, FAIL,
-                         f"max_batch_size {cfg.max_batch_size} exceeds the plan's profile (1..{top})")]
-    return [CheckRow("trt-profile", folder.name, OK, f"max_batch_size {cfg.max_batch_size} within 1..{top}")]
+def _fixture_rows(needs: list[dict]) -> list[CheckRow]:
+    rows = []
+    for need in needs:
+        if need["fixture"] is not None and (need["onnx"] is not None or need["role"] in ("preprocess", "ensemble")):
+            row = in_process_row(need)
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
-def check_repository(repo: str | Path, models: Iterable[str] | None = None, *, serve: bool = True) -> CheckReport:
-    """Run every check on ``repo`` (or on the named models); never raises for a broken model."""
+def _family_rows(needs: list[dict]) -> list[CheckRow]:
+    families: dict[str, list[dict]] = {}
+    for need in needs:
+        families.setdefault(need["spec"].name, []).append(need)
+    rows = []
+    for family in families.values():
+        for need in family:
+            if len(family) > 1:
+                problems = family_problems(need, family)
+                rows.append(CheckRow("family", need["name"], FAIL if problems else OK,
+                                     "; ".join(problems) or f"same spec and weights as the {len(family)} models "
+                                                            f"of {need['spec'].name}"))
+    return rows
+
+
+def check_repository(repo: str | Path, models: Iterable[str] | None = None, *, serve: bool = True,
+                     run: str | Path | None = None) -> CheckReport:
+    """Run every check on ``repo`` (or on the named models); never raises for a broken model.
+
+    With ``run``, the run's checkpoint recomputes every fixture's answers with
+    PyTorch and the repository is compared with those (proof it serves that run).
+    """
     repo = Path(repo)
     if not repo.is_dir():
         raise RepositoryCheckError(f"REPO {repo}: no such model repository folder")
@@ -221,6 +278,10 @@ def check_repository(repo: str | Path, models: Iterable[str] | None = None, *, s
         rows += r
         if need is not None:
             needs.append(need)
+    rows += _family_rows(needs)
+    if run is not None:
+        rows += run_rows(Path(run), needs)
+    rows += _fixture_rows(needs)
     if serve:
         static_ok = all(r.status != FAIL for r in rows)
         if not static_ok:

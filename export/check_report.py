@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 
@@ -31,3 +32,8 @@ class CheckReport:
         head = f"{'check':<14} {'model':<{w}} {'status':<6} detail"
         return "\n".join([head, "-" * len(head)] + [f"{r.check:<14} {r.model:<{w}} {r.status:<6} {r.detail}"
                                                     for r in self.rows])
+
+    def to_json(self) -> str:
+        """For CI systems: ``{"passed": bool, "failed": n, "rows": [{check, model, status, detail}, ...]}``."""
+        return json.dumps({"passed": self.passed, "failed": len(self.failed()),
+                           "rows": [asdict(r) for r in self.rows]}, indent=2)

@@ -25,3 +25,11 @@ class TensorRTUnavailable(ExportError):
 
 class RepositoryCheckError(ExportError):
     """A model repository could not be read at all (check-export)."""
+
+
+class FixtureError(ExportError):
+    """A parity fixture is missing, unreadable or incomplete: a failure of the gate, never a skip."""
+
+
+class ManifestError(ExportError):
+    """A version folder's manifest is missing or unreadable."""

@@ -8,20 +8,29 @@ import numpy as np
 
 from serving.errors import InputError
 from serving.imageio import load_rgb_u8, resize_u8
+from serving.preprocess import prepare_u8, reference_views
 from serving.spec import ModelSpec
-from serving.views import view_boxes
+
+
+def encode(image_hwc_u8: np.ndarray, fmt: str) -> bytes:
+    """PNG or JPEG (quality 95) bytes of a uint8 HWC image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_hwc_u8).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
 
 
 def centre_crop(image_hwc_u8: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Resize to the spec's source size, then take the "none" view: what the classifier sees."""
-    src = resize_u8(image_hwc_u8, spec.source_hw)
-    (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
-    return src[top:top + spec.input_height, left:left + spec.input_width]
+    """The reference preprocessing's "none" view of a decoded image: what the classifier sees."""
+    return reference_views(image_hwc_u8, spec, "none")[0]
 
 
 def source_patch(image_hwc_u8: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """The image at the spec's source size: what the TTA model takes."""
-    return resize_u8(image_hwc_u8, spec.source_hw)
+    """The prepared image at the spec's source size: what the TTA model takes."""
+    return resize_u8(prepare_u8(image_hwc_u8, spec), spec.source_hw)
 
 
 def load_real(data: str | Path, spec: ModelSpec, limit: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:

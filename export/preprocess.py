@@ -1,8 +1,10 @@
-"""The serving preprocessing as a serialized DALI pipeline.
+"""The reference preprocessing (serving/preprocess.py) as a serialized DALI pipeline.
 
-encoded JPEG/PNG bytes -> decode to RGB -> resize to the spec's source size
--> the centre crop of :func:`serving.views.view_boxes` ("none") -> uint8 HWC,
-exactly what the classifier takes. The pipeline is CPU-only so the same
+encoded JPEG/PNG bytes -> decode to RGB (EXIF orientation applied) -> grey-scale
+equalisation for models trained with it -> the spec's evaluation geometry
+(an input-size image kept, any other size resized to the source size) -> the
+"none" view of :func:`serving.views.view_boxes` -> uint8 HWC, exactly what the
+classifier takes. The pipeline is CPU-only so the same
 ``model.dali`` runs in the DALI backend of a GPU server and, through
 ``serving/backends/dali_model.py``, inside the embedded server's Python
 backend.
@@ -17,24 +19,21 @@ import numpy as np
 
 from export.errors import ExportError
 from serving.spec import ModelSpec
-from serving.views import view_boxes
 
 
 def build_pipeline(spec: ModelSpec, batch_size: int, num_threads: int = 1):
     """The preprocessing pipeline for ``spec`` (not built), CPU-only."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from training.pipeline import resize_like_serving
-
-    (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
+    from training.pipeline import eval_geometry, grey_equalize
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
     def preprocess():
         encoded = fn.external_source(name=spec.encoded_name, dtype=types.UINT8, ndim=1, device="cpu")
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-        images = resize_like_serving(images, spec.source_hw)
-        return fn.slice(images, start=[top, left], shape=list(spec.input_hw), axis_names="HW",
-                        out_of_bounds_policy="error")
+        if spec.grayscale_equalize:
+            images = grey_equalize(images)
+        return eval_geometry(images, spec.input_hw, spec.source_hw, crop=True)
 
     return preprocess()
 

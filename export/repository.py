@@ -7,7 +7,7 @@ Layout (one folder per model, flavours side by side; the server picks one with
     REPO/NAME/configs/onnxruntime.pbtxt  ONNX Runtime backend (GPU; optional TensorRT accelerator)
     REPO/NAME/configs/tensorrt.pbtxt     TensorRT plan (only when a plan was built)
     REPO/NAME/labels.txt, spec.json, export.json
-    REPO/NAME/<version>/model.onnx, model.py, parity.npz[, model.plan, plan.json]
+    REPO/NAME/<version>/model.onnx, model.py, fixture.npz, manifest.json[, model.plan, plan.json]
     REPO/NAME_tta/...                    the same for the server-side TTA graph
     REPO/NAME_preprocess/config.pbtxt    python flavour running model.dali with DALI on the CPU
     REPO/NAME_preprocess/configs/dali.pbtxt (and onnxruntime/tensorrt: GPU servers use the DALI backend)
@@ -29,7 +29,6 @@ from serving.spec import ModelSpec, check_model_name
 BACKENDS = Path(__file__).resolve().parent.parent / "serving" / "backends"
 SPEC_FILE = "spec.json"
 OPTIONS_FILE = "export.json"
-PARITY_FILE = "parity.npz"
 PLAN_MANIFEST = "plan.json"
 
 
@@ -42,16 +41,19 @@ class ExportResult:
     models: dict[str, Path]
     parity: tuple = ()
     notes: tuple[str, ...] = field(default=())
+    weights_sha256: str = ""
 
 
-def render_repository(spec: ModelSpec, opts: tc.ExportOptions) -> dict[str, str]:
-    """Every generated text file of the repository (relative path -> content), from spec and options."""
+def render_repository(spec: ModelSpec, opts: tc.ExportOptions, weights_sha256: str | None = None) -> dict[str, str]:
+    """Every generated text file of the repository (relative path -> content), from spec, options and weights."""
     files: dict[str, str] = {}
     labels = "".join(f"{c}\n" for c in spec.class_names)
 
     def model(name: str, configs: dict[str, object], with_labels: bool) -> None:
+        # The preprocessing model (no labels) carries no weights.
         for flavour, cfg in configs.items():
-            files[f"{name}/{tc.config_file(flavour)}"] = tc.to_text(cfg)
+            files[f"{name}/{tc.config_file(flavour)}"] = tc.to_text(tc.set_weights(cfg, weights_sha256
+                                                                                  if with_labels else None))
         if with_labels:
             files[f"{name}/{tc.LABELS_FILE}"] = labels
         files[f"{name}/{SPEC_FILE}"] = spec.to_json() + "\n"
@@ -72,6 +74,21 @@ def write_generated(repo: Path, files: dict[str, str]) -> None:
         atomic_write_text(repo / rel, text)
 
 
+def latest_version(folder: Path) -> int | None:
+    versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return max(versions) if versions else None
+
+
+def recorded_weights(folder: Path) -> str | None:
+    """The weights' hash in the latest version's manifest (None for a repository checked in without weights)."""
+    from export.manifest import MANIFEST_FILE, read_manifest
+
+    version = latest_version(folder)
+    if version is None or not (folder / str(version) / MANIFEST_FILE).is_file():
+        return None
+    return read_manifest(folder, version).weights_sha256
+
+
 def compare_generated(repo: str | Path) -> list[str]:
     """Regenerate every config from the checked-in spec.json + export.json; list the files that differ."""
     repo = Path(repo)
@@ -80,7 +97,7 @@ def compare_generated(repo: str | Path) -> list[str]:
         folder = options_file.parent
         spec = ModelSpec.load(folder / SPEC_FILE)
         opts = tc.ExportOptions.from_json(options_file.read_text())
-        for rel, text in render_repository(spec, opts).items():
+        for rel, text in render_repository(spec, opts, recorded_weights(folder)).items():
             path = repo / rel
             if not path.is_file():
                 problems.append(f"{rel}: missing")
@@ -95,7 +112,8 @@ def regenerate(repo: str | Path) -> list[Path]:
     written = []
     for options_file in sorted(repo.glob(f"*/{OPTIONS_FILE}")):
         spec = ModelSpec.load(options_file.parent / SPEC_FILE)
-        files = render_repository(spec, tc.ExportOptions.from_json(options_file.read_text()))
+        files = render_repository(spec, tc.ExportOptions.from_json(options_file.read_text()),
+                                  recorded_weights(options_file.parent))
         write_generated(repo, files)
         written += [repo / rel for rel in files]
     return written
@@ -126,19 +144,8 @@ def refuse_existing(repo: Path, names: list[str], version: int, overwrite: bool)
     if existing and not overwrite:
         raise RepositoryExistsError(
             f"{existing[0]}: version {version} already exists; pass --overwrite to replace it, or --version N")
-    for folder in existing:
-        shutil.rmtree(folder)
 
 
 def copy_backend(src_name: str, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(BACKENDS / src_name, dst)
-
-
-def remove_stale_configs(repo: Path, files: dict[str, str]) -> None:
-    """Drop configs/*.pbtxt a previous export wrote but this one did not (e.g. a tensorrt plan no longer built)."""
-    folders = {rel.split("/")[0] for rel in files}
-    for folder in folders:
-        for stale in (repo / folder / "configs").glob("*.pbtxt"):
-            if f"{folder}/configs/{stale.name}" not in files:
-                stale.unlink()

@@ -17,10 +17,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.spec import FLAVOURS, SPEC_PARAMETER, ModelSpec
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
 FORMATS = FLAVOURS
-TTA_PARAMETER = "tta_views"
+TTA_PARAMETER = TTA_VIEWS_PARAMETER
+MAX_PIXELS_PARAMETER = "max_image_pixels"
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
@@ -44,9 +46,11 @@ DEFAULT_MAX_QUEUE_DELAY_US = 200
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Export settings that shape the configs (stored as export.json beside them)."""
+    """Export settings that shape the configs (stored as export.json beside them).
 
-    max_batch_size: int
+    The maximum batch size is not one of them: it lives in the spec only.
+    """
+
     version: int = 1
     formats: tuple[str, ...] = ("python", "onnxruntime")
     tta_views: str = "five"
@@ -74,7 +78,7 @@ class ExportOptions:
         object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
         if self.tta_views not in TTA_EXPORT_MODES:
             raise ExportInputError(f"--tta-views: invalid value {self.tta_views!r}. Only {', '.join(TTA_EXPORT_MODES)} are supported.")
-        for flag, v, low in (("--max-batch-size", self.max_batch_size, 1), ("--version", self.version, 1),
+        for flag, v, low in (("--version", self.version, 1),
                              ("--instances", self.instances, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ExportInputError(f"{flag}: expected an integer >= {low}, got {v!r}")
@@ -87,6 +91,10 @@ class ExportOptions:
     @classmethod
     def from_json(cls, text: str) -> "ExportOptions":
         d = json.loads(text)
+        if "max_batch_size" in d:
+            # One source for each value: a second copy here could drift from the spec's.
+            raise ExportInputError("export.json: holds max_batch_size, which lives in spec.json only; "
+                                   "re-export the model")
         d["formats"] = tuple(d.get("formats", ()))
         return cls(**d)
 
@@ -102,16 +110,16 @@ def _tensor(cls, name: str, dtype: int, dims, **kw):
 
 
 def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
+    cfg = mc.ModelConfig(name=name, max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = opts.max_queue_delay_us
-    db.preferred_batch_size.extend(sorted({max(1, opts.max_batch_size // 2), opts.max_batch_size}))
+    db.preferred_batch_size.extend(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size}))
     if warmup_input is not None:
         # Warm up at the largest batch so the first real request does not pay for allocation.
         tensor_name, dims = warmup_input
-        w = cfg.model_warmup.add(name=f"zeros_batch_{opts.max_batch_size}", batch_size=opts.max_batch_size)
+        w = cfg.model_warmup.add(name=f"zeros_batch_{spec.max_batch_size}", batch_size=spec.max_batch_size)
         wi = w.inputs[tensor_name]
         wi.data_type = mc.TYPE_UINT8
         wi.dims.extend(dims)
@@ -183,6 +191,8 @@ def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
         cfg.backend = "python"
         cfg.parameters["dali_file"].string_value = DALI_FILE
         cfg.parameters["dali_threads"].string_value = "1"
+        # Read from each image's header before DALI decodes it: a bomb fails its request, not the process.
+        cfg.parameters[MAX_PIXELS_PARAMETER].string_value = str(DEFAULT_MAX_IMAGE_PIXELS)
     elif flavour == "dali":
         cfg.backend = "dali"
         cfg.default_model_filename = DALI_FILE
@@ -195,7 +205,7 @@ def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
 
 def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     """Encoded bytes -> preprocess -> classifier, scheduled by Triton's ensemble scheduler."""
-    cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
     cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1]))
@@ -210,6 +220,17 @@ def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     cls.output_map[spec.output_name] = spec.output_name
     cls.output_map[spec.logits_name] = spec.logits_name
     return cfg
+
+
+def set_weights(cfg: mc.ModelConfig, weights_sha256: str | None) -> mc.ModelConfig:
+    """Record which weights a model serves, so a client can read it from a live server."""
+    if weights_sha256:
+        cfg.parameters[WEIGHTS_PARAMETER].string_value = weights_sha256
+    return cfg
+
+
+def config_weights(cfg: mc.ModelConfig) -> str | None:
+    return cfg.parameters[WEIGHTS_PARAMETER].string_value if WEIGHTS_PARAMETER in cfg.parameters else None
 
 
 def to_text(cfg: mc.ModelConfig) -> str:

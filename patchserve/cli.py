@@ -8,7 +8,9 @@ Each subcommand is a module of ``patchserve.commands`` with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from types import ModuleType
 
 # name -> one-line help. The modules themselves are imported only when their
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     from serving.errors import PatchserveError
 
+    # SIGTERM (kill, docker stop, a batch scheduler) unwinds like Ctrl-C: finally blocks run, so
+    # temporary .part files, shared memory and locks go; what was committed stays.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         rc = module.main(args)
     except ModuleNotFoundError as exc:
@@ -137,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"patchserve {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from serving.errors import BadInputError
-from serving.imageio import resize_u8
 from serving.spec import ModelSpec
 from serving.views import make_views, num_views
 
@@ -22,41 +21,52 @@ H = TypeVar("H")
 R = TypeVar("R")
 
 
-def check_images(images_nhwc_u8: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Refuse arrays that are not N x H x W x 3 uint8 at the input or source size."""
-    a = images_nhwc_u8
-    if not isinstance(a, np.ndarray):
+def check_images(images: np.ndarray | Sequence[np.ndarray], spec: ModelSpec) -> list[np.ndarray] | np.ndarray:
+    """Refuse prepared images that are not uint8 H x W x 3 at the input or source size.
+
+    ``images`` is an N x H x W x 3 array, or a list of H x W x 3 arrays (a
+    group whose prepared images have different sizes).
+    """
+    a = images
+    if isinstance(a, np.ndarray):
+        if a.dtype != np.uint8:
+            raise BadInputError(f"images: expected dtype uint8 (the model takes uint8 NHWC), got {a.dtype}")
+        if a.ndim != 4 or a.shape[-1] != 3:
+            raise BadInputError(f"images: expected shape (N, H, W, 3), got {a.shape}")
+        shapes = {a.shape[1:3]}
+    elif isinstance(a, (list, tuple)) and all(isinstance(im, np.ndarray) for im in a):
+        for im in a:
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+                raise BadInputError(f"images: expected uint8 arrays of shape (H, W, 3), got {im.dtype} {im.shape}")
+        shapes = {im.shape[:2] for im in a}
+    else:
         raise BadInputError(f"images: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != np.uint8:
-        raise BadInputError(f"images: expected dtype uint8 (the model takes uint8 NHWC), got {a.dtype}")
-    if a.ndim != 4 or a.shape[-1] != 3:
-        raise BadInputError(f"images: expected shape (N, H, W, 3), got {a.shape}")
-    if a.shape[1:3] not in (spec.input_hw, spec.source_hw):
-        raise BadInputError(f"images: expected patches of {spec.input_hw[0]}x{spec.input_hw[1]} (input size) "
-                            f"or {spec.source_hw[0]}x{spec.source_hw[1]} (source size), got "
-                            f"{a.shape[1]}x{a.shape[2]}")
+    for hw in shapes:
+        if hw not in (spec.input_hw, spec.source_hw):
+            raise BadInputError(f"images: expected patches of {spec.input_hw[0]}x{spec.input_hw[1]} (input size) "
+                                f"or {spec.source_hw[0]}x{spec.source_hw[1]} (source size), got {hw[0]}x{hw[1]}")
     return a
 
 
-def to_source_size(images_nhwc_u8: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Patches at the source size (resizing input-size patches up, as TTA needs the margin)."""
-    if images_nhwc_u8.shape[1:3] == spec.source_hw:
-        return images_nhwc_u8
-    return np.stack([resize_u8(im, spec.source_hw) for im in images_nhwc_u8]) if len(images_nhwc_u8) else \
-        np.empty((0, *spec.source_hw, 3), np.uint8)
+def all_at(images: np.ndarray | Sequence[np.ndarray], hw: tuple[int, int]) -> bool:
+    """True when every image of the group is of size ``hw``."""
+    if isinstance(images, np.ndarray):
+        return images.shape[1:3] == hw
+    return all(im.shape[:2] == hw for im in images)
 
 
-def client_views(images_nhwc_u8: np.ndarray, spec: ModelSpec, tta: str) -> tuple[np.ndarray, int]:
+def client_views(images: np.ndarray | Sequence[np.ndarray], spec: ModelSpec, tta: str) -> tuple[np.ndarray, int]:
     """The arrays to send for client-side TTA, patch-major, and the views per patch.
 
-    ``none`` sends input-size patches as they are and centre-crops source-size
-    ones (what evaluation does); the other modes crop views out of the
-    source-size patch, so each patch is read once and its views built once.
+    Views are cut from each prepared image as it is (serving/preprocess.py):
+    an input-size image is never resized, its "none" view is itself; a
+    source-size image gives the crops of serving.views.
     """
-    if tta == "none" and images_nhwc_u8.shape[1:3] == spec.input_hw:
-        return images_nhwc_u8, 1
-    src = to_source_size(images_nhwc_u8, spec)
-    return make_views(src, tta, spec.input_hw), num_views(tta)
+    if isinstance(images, np.ndarray):
+        if tta == "none" and images.shape[1:3] == spec.input_hw:
+            return images, 1
+        return make_views(images, tta, spec.input_hw), num_views(tta)
+    return np.concatenate([make_views(im[None], tta, spec.input_hw) for im in images]), num_views(tta)
 
 
 def split_rows(n: int, size: int) -> list[slice]:

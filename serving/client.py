@@ -9,59 +9,22 @@ with batching, several requests in flight, retries and test-time augmentation.
 from __future__ import annotations
 
 import itertools
-import os
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from serving.batching import check_images, client_views, encode_batch, split_rows, to_source_size, windowed
-from serving.client_config import ClientConfig, check_spec, check_tta, check_url
-from serving.imageio import grey_equalize_u8
-from serving.errors import (InferenceError, ModelNotFoundError, ServerUnavailableError,
+from serving.batching import all_at, check_images, client_views, encode_batch, split_rows, windowed
+from serving.client_config import ClientConfig, check_spec, check_tta, check_url, info_tta_views
+from serving.model_info import ModelInfo, grpc_channel_args, parse_config
+from serving.preprocess import prepare_u8
+from serving.errors import (InferenceError, ModelNotFoundError, ServerMismatchError, ServerUnavailableError,
                             SpecError, SpecMismatchError)
+from serving.fingerprint import ServedIdentity, spec_sha256
 from serving.retry import Pending, RetryPolicy, is_retryable
-from serving.spec import SPEC_PARAMETER, ModelSpec
+from serving.shm import create_private_region, remove_stale_regions
+from serving.spec import SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 from serving.views import combine_views
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the server says about one model: tensors and batching."""
-
-    name: str
-    input_name: str
-    datatype: str  # Triton wire type: "UINT8", "BYTES"
-    dims: tuple[int, ...]  # without the batch dimension
-    output_name: str
-    max_batch_size: int
-    parameters: dict
-
-
-def _grpc_channel_args(lib) -> list[tuple[str, int]]:
-    """tritonclient's defaults, with gRPC's reconnect backoff capped: its default
-    grows to two minutes, so a restarted server would go unnoticed that long."""
-    return [("grpc.max_send_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", lib.MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-def _parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo:
-    config = config.get("config", config)  # gRPC wraps it, HTTP does not
-    inputs = config.get("input", [])
-    outputs = [o["name"] for o in config.get("output", [])]
-    if len(inputs) != 1:
-        raise SpecMismatchError(f"model {name!r}: expected one input tensor, the server lists {len(inputs)}")
-    out = output_name if output_name in outputs else (outputs[0] if outputs else None)
-    if out is None:
-        raise SpecMismatchError(f"model {name!r}: the server lists no output tensor")
-    params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
-              for k, v in config.get("parameters", {}).items()}
-    inp = inputs[0]
-    return ModelInfo(name, inp["name"], inp.get("data_type", "").removeprefix("TYPE_").replace("STRING", "BYTES"),
-                     tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
-
 
 class PatchClient:
     """Score uint8 NHWC patches against one Triton server.
@@ -113,7 +76,7 @@ class PatchClient:
         while True:
             try:
                 if cfg.protocol == "grpc":
-                    client = self._lib.InferenceServerClient(self.url, channel_args=_grpc_channel_args(self._lib))
+                    client = self._lib.InferenceServerClient(self.url, channel_args=grpc_channel_args(self._lib))
                     live = client.is_server_live(client_timeout=cfg.timeout_s)
                 else:
                     client = self._lib.InferenceServerClient(
@@ -145,29 +108,53 @@ class PatchClient:
             if is_retryable(exc):
                 raise ServerUnavailableError(f"{self.url}: lost the server while asking for {name!r}: {exc}") from exc
         if not ready:
+            served = self.served_models()
+            listed = ("it does not list its models to clients ('patchserve serve' prints them when it starts)"
+                      if served is None else f"it serves {served or 'no models'}")
             raise ModelNotFoundError(f"--model {name}: the server at {self.url} has no ready model of that name; "
-                                     f"it serves {self.served_models() or 'no models'}")
+                                     f"{listed}")
         try:
-            if self.config.protocol == "grpc":
-                raw = self._client.get_model_config(name, self.version, as_json=True)
-            else:
-                raw = self._client.get_model_config(name, self.version)
+            raw = self._fetch_config(name)
         except Exception as exc:  # noqa: BLE001
             raise ModelNotFoundError(f"--model {name}: cannot read its config from {self.url}: {exc}") from exc
         spec_out = self.spec.output_name if hasattr(self, "spec") else None
-        info = _parse_config(name, raw, output_name or spec_out)
+        info = parse_config(name, raw, output_name or spec_out)
         self._infos[name] = info
         return info
 
-    def served_models(self) -> list[str]:
-        """Names of the models the server reports as ready."""
+    def _fetch_config(self, name: str) -> dict:
+        if self.config.protocol == "grpc":
+            return self._client.get_model_config(name, self.version, as_json=True)
+        return self._client.get_model_config(name, self.version)
+
+    def served_identity(self) -> ServedIdentity:
+        """Name, version, weights' hash (from the config, written by export) and spec hash of the served model."""
+        return ServedIdentity(self.model, int(self.spec.version), self.info.parameters.get(WEIGHTS_PARAMETER, ""),
+                              spec_sha256(self.spec))
+
+    def check_identity(self) -> None:
+        """Re-read the configs of every model this client used: after a restart the server must serve the
+        same spec and weights, or ServerMismatchError; transport errors propagate (the server is not back)."""
+        for name, info in list(self._infos.items()):
+            fresh = parse_config(name, self._fetch_config(name), info.output_name)
+            for key in (WEIGHTS_PARAMETER, SPEC_PARAMETER):
+                if fresh.parameters.get(key, "") != info.parameters.get(key, ""):
+                    what = "weights" if key == WEIGHTS_PARAMETER else "spec"
+                    raise ServerMismatchError(
+                        f"--url {self.url}: the server came back serving model {name!r} with other {what} "
+                        f"({key} {info.parameters.get(key, '')[:16]!r}... before, "
+                        f"{fresh.parameters.get(key, '')[:16]!r}... now); no more work is sent to it")
+
+    def served_models(self) -> list[str] | None:
+        """Names of the models the server reports as ready; None when it does not list them to us
+        (patchserve's embedded server restricts its repository API)."""
         try:
             if self.config.protocol == "grpc":
                 index = self._client.get_model_repository_index(as_json=True).get("models", [])
             else:
                 index = self._client.get_model_repository_index()
         except Exception:  # noqa: BLE001 - only used to make messages helpful
-            return []
+            return None
         return sorted(m["name"] for m in index if m.get("state", "READY") == "READY")
 
     def _read_spec(self, info: ModelInfo) -> ModelSpec:
@@ -211,13 +198,13 @@ class PatchClient:
         in_bytes = self.request_rows() * max(s.source_height * s.source_width, s.input_height * s.input_width) * 3
         out_bytes = self.request_rows() * s.num_classes * 4
         self._slots = []
+        remove_stale_regions()  # what SIGKILLed clients of this host left behind
         for i in range(self.config.concurrency):
             slot: dict = {}
             self._slots.append(slot)
             self._shm = self._slots  # so close() frees whatever was made if a later step fails
             for kind, size in (("in", in_bytes), ("out", out_bytes)):
-                name = f"patchserve_{os.getpid()}_{id(self):x}_{i}_{kind}"
-                handle = shm.create_shared_memory_region(name, "/" + name, size)
+                name, handle = create_private_region(kind, i, size)
                 slot[kind] = (name, handle, size)
                 self._client.register_system_shared_memory(name, "/" + name, size)
 
@@ -275,40 +262,47 @@ class PatchClient:
         return Pending(self, info, array, slot)
 
     # -- prediction -----------------------------------------------------------
-    def plan(self, images: np.ndarray | Sequence[bytes], tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
-        """The requests for one group of patches: (model, array, views per patch) each."""
-        if self.spec.grayscale_equalize and tta in ("encoded", "server"):
-            what = "--send encoded" if tta == "encoded" else "--tta server"
-            raise SpecMismatchError(f"{what}: model {self.model!r} was trained on grey-scale equalised images, which "
-                                    "only the client applies; use --send pixels with --tta none, flip, five or ten")
+    def plan(self, images: np.ndarray | Sequence, tta: str) -> list[tuple[ModelInfo, np.ndarray, int]]:
+        """The requests for one group of prepared patches (serving/preprocess.py): (model, array, views) each."""
         if tta == "encoded":
             info = self.ensemble_info()
             return [(info, encode_batch(images[sl], info), 1) for sl in split_rows(len(images), self.request_rows(info))]
         check_tta(tta)
         images = check_images(images, self.spec)
         if tta == "server":
-            info = self.tta_info()
-            src = to_source_size(images, self.spec)
-            return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
+            if all_at(images, self.spec.source_hw):
+                info = self.tta_info()
+                src = np.stack(images) if not isinstance(images, np.ndarray) else images
+                return [(info, src[sl], 1) for sl in split_rows(len(src), self.request_rows(info))]
+            # Input-size patches are never resized up: their views (every one the whole patch)
+            # are cut here and sent to the classifier, which is what the TTA model would compute.
+            tta = info_tta_views(self.tta_info())
         if tta not in self.spec.tta_views:
             raise SpecMismatchError(f"--tta {tta}: the model supports only {', '.join(self.spec.tta_views)}")
-        if self.spec.grayscale_equalize:
-            images = grey_equalize_u8(images)  # as training's pipeline did; the graph does not
         views, v = client_views(images, self.spec, tta)
         rows = self.request_rows()
         # Whole patches per request when they fit, so a patch's views travel together.
         per = max(1, rows // v) * v if v <= rows else rows
         return [(self.info, views[sl], v) for sl in split_rows(len(views), per)]
 
-    def predict(self, images_nhwc_u8: np.ndarray | Sequence[bytes], tta: str = "none") -> np.ndarray:
-        """Class probabilities (N x classes, float32) in input order."""
-        n = len(images_nhwc_u8)
+    def predict(self, images: np.ndarray | Sequence, tta: str = "none") -> np.ndarray:
+        """Class probabilities (N x classes, float32) in input order.
+
+        ``images``: decoded uint8 RGB images (an N x H x W x 3 array or a list
+        of H x W x 3 arrays of any size), which go through the reference
+        preprocessing (equalisation for grey-scale models, the geometry)
+        here; or encoded file bytes with ``tta="encoded"``.
+        """
+        n = len(images)
         if n == 0:
             return np.empty((0, self.spec.num_classes), np.float32)
-        return next(stream_predictions([self], [(None, images_nhwc_u8)], tta))[1]
+        if tta != "encoded":
+            prepared = [prepare_u8(np.asarray(im), self.spec) for im in images]
+            images = np.stack(prepared) if len({p.shape for p in prepared}) == 1 else prepared
+        return next(stream_predictions([self], [(None, images)], tta))[1]
 
     def stream(self, groups: Iterable[tuple[Any, np.ndarray]], tta: str = "none") -> Iterator[tuple[Any, np.ndarray]]:
-        """Predict groups of patches lazily, keeping requests in flight across groups."""
+        """Predict groups of prepared patches lazily (serving/readers.py prepares them), requests in flight."""
         return stream_predictions([self], groups, tta)
 
     def close(self) -> None:

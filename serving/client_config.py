@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.errors import InputError, SpecMismatchError
-from serving.spec import TTA_MODES, ModelSpec
+from serving.spec import TTA_MODES, TTA_VIEWS_PARAMETER, ModelSpec
 
 PROTOCOLS = ("grpc", "http")
 CLIENT_TTA_MODES = TTA_MODES + ("server",)
@@ -76,3 +76,12 @@ def check_spec(actual: ModelSpec, expected: ModelSpec | dict, where: str = "serv
             bad.append(f"{key}: server has {have!r}, expected {value!r}")
     if bad:
         raise SpecMismatchError(f"{where}: the served model's spec disagrees: " + "; ".join(bad))
+
+
+def info_tta_views(info) -> str:  # info: serving.client.ModelInfo
+    """The views a server-side TTA model averages (its config's ``tta_views`` parameter)."""
+    mode = info.parameters.get(TTA_VIEWS_PARAMETER, "")
+    if mode not in ("five", "ten"):
+        raise SpecMismatchError(f"--tta server: model {info.name!r} does not say which views it averages "
+                                f"(parameter {TTA_VIEWS_PARAMETER!r} is {mode!r})")
+    return mode

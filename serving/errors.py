@@ -52,3 +52,19 @@ class BadInputError(ClientError, ValueError):
 
 class InferenceError(ClientError):
     """The server answered a request with an error."""
+
+
+class JobError(InputError):
+    """A scoring job cannot start or go on as asked (exit code 2, output untouched)."""
+
+
+class JobLockedError(JobError):
+    """Another job holds the lock of the same output."""
+
+
+class FingerprintMismatchError(JobError):
+    """``--resume`` of a job whose model, options or inputs changed; the message names each difference."""
+
+
+class ServerMismatchError(ClientError):
+    """Two servers, or one server before and after a restart, serve different models under one name."""

@@ -35,8 +35,10 @@ def check_output(path: str | Path) -> Path:
 
 
 def errors_path(out: Path) -> Path:
-    """``results.errors.csv`` beside ``results.parquet``."""
-    return out.with_name(out.stem + ".errors.csv")
+    """``results.parquet.errors.csv`` beside ``results.parquet``: named from the whole output path, so
+    ``results.parquet`` and ``results.csv`` in one folder never share (and overwrite) one errors file."""
+    out = Path(out)
+    return out.with_name(out.name + ".errors.csv")
 
 
 def result_columns(class_names: tuple[str, ...]) -> list[str]:

@@ -75,25 +75,54 @@ def plot_roc(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str
     return _save(fig, path)
 
 
+def curve_prefixes(columns: Sequence[str]) -> list[str]:
+    """Series with both a loss and an accuracy column: train, val, then any held-out split."""
+    found = [c[: -len("_loss")] for c in columns if c.endswith("_loss")]
+    order = {"train": 0, "val": 1}
+    return sorted(found, key=lambda p: (order.get(p, 2), found.index(p)))
+
+
 def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
-    """Loss and accuracy per epoch (train and validation) from history rows."""
+    """Loss and accuracy per epoch (train, validation, held-out) with the best epoch marked.
+
+    The best epoch is the last row's ``best_epoch`` (what training picked
+    for ``checkpoint_best.pt``); epochs are whole numbers on the axis.
+    """
+    return _save(training_curves_figure(history), path)
+
+
+def training_curves_figure(history: Sequence[dict]):
+    """The figure of :func:`plot_training_curves` (for tests to inspect)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [int(r["epoch"]) for r in history]
+    epochs = [int(float(r["epoch"])) for r in history]
 
     def series(key):
         return [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in history]
 
+    best = history[-1].get("best_epoch") if history else None
+    best = int(float(best)) if best not in (None, "", -1, "-1") else None
+    prefixes = curve_prefixes(list(history[0])) if history else []
     for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
-        for prefix in ("train", "val"):
+        for prefix in prefixes:
             col = f"{prefix}_{key}"
-            if history and col in history[0]:
-                ax.plot(epochs, series(col), marker="o", label=col)
+            if col in history[0]:
+                ax.plot(epochs, series(col), marker="o", label=prefix)
+        if best is not None and best in epochs:
+            ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+            val = series(f"val_{key}")[epochs.index(best)]
+            if not np.isnan(val):
+                ax.plot([best], [val], marker="*", markersize=14, color="black", linestyle="none")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
         ax.set_title(key)
+        ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_misclassified(images_hwc_u8: Sequence[np.ndarray], true_names: Sequence[str],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from serving.errors import InferenceError, InputError, ServerUnavailableError
+from serving.errors import InferenceError, InputError, ServerMismatchError, ServerUnavailableError
 
 _RETRYABLE = ("unavailable", "connect", "connection", "socket", "broken pipe", "reset by peer", "deadline",
               "timed out", "timeout", "failed to obtain inference response", "eof")
@@ -81,6 +81,12 @@ class Pending:
                 time.sleep(policy.delay_s(attempt))
                 attempt += 1
                 try:
+                    # A server that comes back must serve what the job started with before it gets more work.
+                    check = getattr(c, "check_identity", None)
+                    if check is not None:
+                        check()
                     self.handle = c._send(self.info, self.array, self.slot)
-                except Exception as send_exc:  # noqa: BLE001 - the next _receive raises and classifies it
-                    self.handle = send_exc
+                except ServerMismatchError:
+                    raise
+                except Exception as send_exc:  # noqa: BLE001 - not back yet: the next _receive raises, we retry
+                    self.handle = send_exc if is_retryable(send_exc) else ConnectionError(f"not back yet: {send_exc}")

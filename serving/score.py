@@ -7,6 +7,7 @@ order, which is what lets ``--resume`` skip exactly what earlier runs wrote.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import time
@@ -18,15 +19,20 @@ import numpy as np
 
 from serving.client import PatchClient, stream_predictions
 from serving.client_config import CLIENT_TTA_MODES, PROTOCOLS, check_tta, check_url
-from serving.errors import InferenceError, InputError, PatchserveError, ServerUnavailableError, SlideError
+from serving.errors import (FingerprintMismatchError, InferenceError, InputError, PatchserveError,
+                            ServerMismatchError, ServerUnavailableError)
+from serving.fingerprint import JobFingerprint, check_resume, check_servers, job_path, read_job_record, write_job_record
+from serving.joblock import JobLock
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.options import option
 from serving.output import JobStopped, PartWriter, check_output, count_results, errors_path, iter_results, result_columns
+from serving.plan import job_listing, job_options, plan_units, write_tissue_masks
 from serving.readers import DatasetUnit, Item, OrderedReader, SlideUnit
-from serving.slides import (SLIDE_SUFFIXES, SlideGrid, SlideHandles, TilingConfig, is_slide, open_slide, plan_tiles,
-                            thumbnail)
-from serving.sources import SPLITS, discover
+from serving.slides import SlideGrid, SlideHandles, TilingConfig, open_slide, thumbnail
+from serving.sources import SPLITS
 from serving.spec import ModelSpec
 from serving.views import num_views
+from serving.progress import bar_disable
 
 SEND_MODES = ("pixels", "encoded")
 
@@ -52,10 +58,11 @@ class ScoreConfig:
     concurrency: int = option(4, "requests in flight per server")
     split: str | None = option(None, "split to score, for inputs with split folders or a split column",
                                choices=SPLITS, default_text="every row, when the input has no splits")
-    resume: bool = option(False, "continue an interrupted job from OUT.parts")
+    resume: bool = option(False, "continue an interrupted job from OUT.parts; refused (exit 2, nothing changed) "
+                                 "when the model, its weights, the options or the inputs differ from OUT.job.json")
     overwrite: bool = option(False, "start over when OUT (or its unfinished OUT.parts) exists; without it and "
                                     "without --resume such a job is refused, so finished work is never deleted by "
-                                    "accident")
+                                    "accident; never while another job holds OUT.lock")
     timeout_s: float = option(60.0, "seconds to wait for one request")
     retries: int = option(3, "retries of a failed request, with capped backoff")
     backoff_s: float = option(0.5, "first retry delay in seconds, doubled per retry")
@@ -69,6 +76,8 @@ class ScoreConfig:
                                                 "--resume)", default_text="run to the end")
     tiling: TilingConfig = option(help="whole slides", default_factory=TilingConfig)
     heatmap_class: str | None = option(None, "class drawn in slide heatmaps", default_text="the last class")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "record an image whose header says width x height "
+                                   "is larger as an error, undecoded (decompression bombs)")
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
@@ -83,8 +92,11 @@ class ScoreConfig:
             raise InputError(f"--send: invalid mode {self.send!r}. Only pixels and encoded are supported.")
         if self.send == "encoded" and self.tta != "none":
             raise InputError(f"--send encoded: the ensemble scores the centre crop only; use --tta none, not {self.tta}")
-        if self.split is not None and self.split not in SPLITS:
-            raise InputError(f"--split: invalid split {self.split!r}. Only {', '.join(SPLITS)} are supported.")
+        # Any split folder of the tree (train, val, test, test_shifted...): a plain name, not a path.
+        if self.split is not None and (not self.split or Path(self.split).name != self.split
+                                       or self.split in (".", "..")):
+            raise InputError(f"--split: expected the name of a split folder such as {', '.join(SPLITS)}, "
+                             f"got {self.split!r}")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite: give one of them, not both")
         if self.read_threads < 1:
@@ -93,6 +105,9 @@ class ScoreConfig:
             raise InputError(f"--part-rows: expected a positive integer, got {self.part_rows}")
         if not self.wait_timeout_s > 0:
             raise InputError(f"--wait-timeout-s: expected a positive number of seconds, got {self.wait_timeout_s}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or \
+                self.max_image_pixels < 1:
+            raise InputError(f"--max-image-pixels: expected a positive integer, got {self.max_image_pixels!r}")
         if self.stop_after_parts is not None and self.stop_after_parts < 1:
             raise InputError(f"--stop-after-parts: expected a positive integer, got {self.stop_after_parts}")
 
@@ -116,65 +131,6 @@ class ScoreResult:
         return self.patches_this_run / self.seconds if self.seconds > 0 else 0.0
 
 
-class FailedUnit:
-    """An input that could not be opened at all: one error item per reason."""
-
-    def __init__(self, key: str, errors: list[tuple[str, str]]):
-        self.key, self._errors = key, errors
-
-    def __len__(self) -> int:
-        return len(self._errors)
-
-    def tasks(self, start: int):
-        items = [Item(self.key, i, s, error=why) for i, (s, why) in enumerate(self._errors)][start:]
-        if items:
-            yield lambda: items
-
-
-def plan_units(cfg: ScoreConfig, spec: ModelSpec, handles: SlideHandles, log: Callable[[str], None]) -> list:
-    """One work unit per input (a data set, a slide), plus units for rows a manifest could not parse."""
-    units: list = []
-    slide_hw = spec.input_hw if cfg.tta == "none" else spec.source_hw
-    for inp in cfg.inputs:
-        p = Path(inp)
-        if not p.exists():
-            raise InputError(f"INPUT {p}: no such file or folder")
-        key = str(p.resolve())
-        if p.is_file() and is_slide(p):
-            if cfg.send == "encoded":
-                raise InputError(f"--send encoded: only for image files; {p} is a whole-slide image")
-            try:
-                grid = plan_tiles(p, slide_hw, cfg.tiling)
-            except SlideError as exc:
-                if exc.args and str(exc).startswith("--"):
-                    raise  # a flag is wrong for every slide: stop now
-                units.append(FailedUnit("slide:" + key, [(str(p), str(exc))]))
-                continue
-            log(f"{p}: {len(grid.tiles)} tissue tiles of {grid.cols}x{grid.rows} at {grid.target_mpp:.3g} um/px "
-                f"(read from level {grid.read_level})")
-            units.append(SlideUnit("slide:" + key, grid, handles))
-            continue
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
-            # A slide OpenSlide cannot read: record why and score the other inputs.
-            units.append(FailedUnit("slide:" + key, [(str(p), _slide_open_error(p))]))
-            continue
-        ds = discover(p, split=cfg.split, classes=spec.class_names, strict=False)
-        if ds.bad_rows:
-            units.append(FailedUnit("bad-rows:" + key, [(w, f"malformed manifest row: {why}") for w, why in ds.bad_rows]))
-        if cfg.send == "encoded" and ds.kind == "hdf5":
-            raise InputError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
-        units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec.source_hw, encoded=cfg.send == "encoded"))
-    return units
-
-
-def _slide_open_error(path: Path) -> str:
-    try:
-        open_slide(path).close()
-    except SlideError as exc:
-        return str(exc)
-    return f"{path}: OpenSlide does not recognise it as a slide"
-
-
 def _groups(items: Iterator[Item], size: int, encoded: bool) -> Iterator[tuple[list[Item], object]]:
     """Consecutive items in groups of ``size`` readable ones (bad ones travel along, in order)."""
     group: list[Item] = []
@@ -193,19 +149,22 @@ def _payload(group: list[Item], encoded: bool):
     ok = [it for it in group if it.error is None]
     if encoded:
         return [it.data for it in ok]
-    return np.stack([it.image for it in ok]) if ok else np.empty((0, 1, 1, 3), np.uint8)
-
-
-def _fingerprint(cfg: ScoreConfig, spec: ModelSpec) -> dict:
-    t = cfg.tiling
-    return {"model": cfg.model, "spec_version": spec.version, "classes": list(spec.class_names), "tta": cfg.tta,
-            "send": cfg.send, "split": cfg.split, "inputs": [str(Path(i).resolve()) for i in cfg.inputs],
-            "tiling": [t.mpp_target, t.level, t.stride, t.overlap, t.min_tissue, t.tissue_mask, t.mpp]}
+    if not ok:
+        return np.empty((0, 1, 1, 3), np.uint8)
+    # Prepared images are at the input or the source size: one array when they agree, else a list.
+    shapes = {it.image.shape for it in ok}
+    return np.stack([it.image for it in ok]) if len(shapes) == 1 else [it.image for it in ok]
 
 
 def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResult:
     """Score every input against the server(s); write rows, errors, metrics, heatmaps."""
     out = Path(cfg.out)
+    # First of all: a second job on this output stops here, before it connects or touches a file.
+    with JobLock(out):
+        return _score_locked(cfg, out, log)
+
+
+def _score_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
     clients = [PatchClient(u, cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s, retries=cfg.retries,
                            backoff_s=cfg.backoff_s, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
                            shared_memory=cfg.shared_memory, wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0)
@@ -219,22 +178,50 @@ def run_score(cfg: ScoreConfig, log: Callable[[str], None] = print) -> ScoreResu
             c.close()
 
 
+def _no_record(out: Path) -> FingerprintMismatchError:
+    return FingerprintMismatchError(
+        f"--resume: {out} has no job record ({job_path(out)}), so nothing can tell which model, options and "
+        "inputs its rows came from; start over with --overwrite")
+
+
+def _start(cfg: ScoreConfig, clients: list[PatchClient], units: list, out: Path, parts_dir: Path, log):
+    """The job's fingerprint (checked against the record on disk when resuming) and whether the job is complete."""
+    served = check_servers({c.url: c.served_identity() for c in clients})
+    if not served.weights_sha256:
+        log(f"warning: model {cfg.model!r} has no weights' hash in its config (exported by an older patchserve?); "
+            "a resume cannot tell whether its weights changed")
+    listing = job_listing(units)
+    fp = JobFingerprint.build(served, job_options(cfg), listing)
+    if cfg.resume and (out.is_file() or parts_dir.exists()):
+        record = read_job_record(out)
+        if record is None:
+            raise _no_record(out)
+        check_resume(out, record[0], record[1], fp, listing)
+        return fp, out.is_file() and not parts_dir.exists()
+    write_job_record(out, fp, listing)
+    return fp, False
+
+
 def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, out: Path, log) -> ScoreResult:
     spec = clients[0].spec
     heat_class = cfg.heatmap_class or spec.class_names[-1]
     if heat_class not in spec.class_names:
         raise InputError(f"--heatmap-class: {heat_class!r} is not one of the model's classes {list(spec.class_names)}")
     parts_dir = out.with_name(out.name + ".parts")
-    if cfg.resume and out.is_file() and not parts_dir.exists():
-        log(f"--resume: {out} is already complete")
-        return ScoreResult(out, errors_path(out), count_results(out), 0, 0, 0.0)
     if not cfg.resume and not cfg.overwrite:
         for existing in (out, parts_dir):
             if existing.exists():
                 raise InputError(f"--out: {existing} exists; pass --resume to continue that job or --overwrite "
                                  "to start over")
     units = plan_units(cfg, spec, handles, log)
-    writer = PartWriter(out, result_columns(spec.class_names), fingerprint=_fingerprint(cfg, spec),
+    fp, complete = _start(cfg, clients, units, out, parts_dir, log)
+    if complete:
+        errors = _count_errors(errors_path(out))
+        log(f"--resume: {out} is already complete (same model, weights, options and inputs); "
+            f"{errors} inputs recorded as errors in {errors_path(out)}")
+        return ScoreResult(out, errors_path(out), count_results(out), errors, 0, 0.0)
+    write_tissue_masks(out, units, log)
+    writer = PartWriter(out, result_columns(spec.class_names), fingerprint={"job": fp.digest()},
                         resume=cfg.resume, part_rows=cfg.part_rows, stop_after_parts=cfg.stop_after_parts)
     total = sum(max(0, len(u) - writer.done(u.key)) for u in units)
     if cfg.resume:
@@ -256,7 +243,7 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
     done_now = 0
     stopped = False
     reader = OrderedReader(tasks, threads=cfg.read_threads, depth=depth)
-    bar = tqdm(total=total, unit="patch", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="patch", disable=bar_disable(cfg.progress), dynamic_ncols=True)
     try:
         groups = _groups(iter(reader), rows_per_group, encoded)
         for group, probs in stream_predictions(clients, groups, mode, on_error="record"):
@@ -278,6 +265,13 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         writer.commit()
     except JobStopped:
         stopped = True
+    except ServerMismatchError as exc:
+        try:
+            writer.commit()  # rows so far came from the model the job started with: keep them
+        except JobStopped:
+            pass
+        raise ServerMismatchError(f"{exc}\nstopped: {writer.rows_committed} rows are kept in {writer.parts_dir}, "
+                                  "all from the model the job started with") from exc
     except ServerUnavailableError as exc:
         try:
             writer.commit()  # every group written so far is complete: keep it for --resume
@@ -313,8 +307,18 @@ def _run(cfg: ScoreConfig, clients: list[PatchClient], handles: SlideHandles, ou
         if slides:
             _write_slide_outputs(result, by_slide, slides, spec, heat_class, log)
     log(f"scored {done_now} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); "
-        f"{result.rows} rows in {out}; {len(errors)} unreadable inputs listed in {result.errors_file}")
+        f"{result.rows} rows in {out}")
+    # The last line, so a user scrolling a long log sees it.
+    log(f"{len(errors)} inputs recorded as errors, listed in {result.errors_file}")
     return result
+
+
+def _count_errors(path: Path) -> int:
+    try:
+        with open(path, newline="") as fh:
+            return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+    except OSError:
+        return 0
 
 
 def _collect(out: Path, spec: ModelSpec, want_labels: bool, want_slides: bool):

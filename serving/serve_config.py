@@ -20,7 +20,8 @@ class ServeConfig:
     model_config_name: str | None = option(None, "flavour: load configs/NAME.pbtxt of every model "
                                                  "(python, onnxruntime or tensorrt)",
                                            default_text="the plain config.pbtxt, the python flavour")
-    workdir: str | None = option(None, "folder for the server's files and log", default_text="a temporary one")
+    workdir: str | None = option(None, "folder for the server's files, log and restricted-API key; a new serve there "
+                                       "first removes what a killed one left", default_text="a temporary one")
     startup_timeout_s: float = option(120.0, "seconds to wait until the server is ready")
     log_verbose: int = option(0, "tritonserver --log-verbose level")
 

@@ -12,7 +12,9 @@ none``), no shell involved in starting it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,14 +22,21 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import ServerError
+from serving.server_state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
 from serving.spec import GPU_FLAVOURS
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# Triton's restricted APIs: changing log settings, traces or the repository needs this header.
+API_KEY_HEADER = "patchserve-api-key"
+RESTRICTED_APIS = ("logging", "trace", "model-repository")
+KEY_FILE = "api_key"
+TEMP_PREFIX = "patchserve-triton-"
 
 
 def _pytriton_root() -> Path:
@@ -109,18 +118,23 @@ class EmbeddedTriton:
             "127.0.0.1" if host in ("0.0.0.0", "localhost") else host,
             http_port or free_port(bind), grpc_port or free_port(bind), metrics_port or free_port(bind))
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="patchserve-triton-"))
+        if workdir is None:
+            # Work folders of SIGKILLed servers (whose owner is gone) go before a new one is made.
+            remove_stale_temp_workdirs(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        self.api_key = ""
         self.startup_timeout_s = startup_timeout_s
         self.log_verbose = log_verbose
         self.exit_on_error = exit_on_error
         self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
+        self.recoveries: list[list[str]] = []  # models whose stub died, per restart
         self.log_path = self.workdir / "tritonserver.log"
 
     # -- life cycle ---------------------------------------------------------
     def command(self) -> list[str]:
         dist = self.workdir / "tritonserver"
-        shm_prefix = f"patchserve{os.getpid()}-{self.urls.grpc_port}"
+        restricted = f"{','.join(RESTRICTED_APIS)}:{API_KEY_HEADER}={self.api_key}"
         return [
             str(dist / "bin" / "tritonserver"),
             f"--model-repository={self.repo}",
@@ -134,7 +148,9 @@ class EmbeddedTriton:
             "--strict-readiness=true",
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             *self.extra_args,
         ]
 
@@ -151,13 +167,38 @@ class EmbeddedTriton:
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
+    @property
+    def shm_prefix(self) -> str:
+        return f"patchserve{os.getpid()}-{self.urls.grpc_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers that unlock the restricted APIs (logging, trace, repository) for patchserve's own calls."""
+        return {API_KEY_HEADER: self.api_key}
+
     def start(self) -> "EmbeddedTriton":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # What a SIGKILLed server of this work folder left: its process group, stubs, shared memory.
+        clean_stale(self.workdir)
         prepare_distribution(self.workdir)
+        self.api_key = secrets.token_urlsafe(24)
+        write_key_file(self.workdir / KEY_FILE, self.api_key)
         self._log = open(self.log_path, "ab")
-        # A new session so Ctrl-C in a terminal reaches us, and we stop the server in order.
+        # A new session: the server and its Python-backend stubs form one process group that stop()
+        # ends as a whole, and Ctrl-C in a terminal reaches us first so we stop them in order. umask
+        # 077: the server's shared-memory regions (patients' pixels) and files are owner-only.
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=self.environment(), cwd=self.workdir, start_new_session=True)
+                                        env=self.environment(), cwd=self.workdir, start_new_session=True,
+                                        umask=0o077)
+        state = {"owner_pid": os.getpid(), "server_pid": self.process.pid, "pgid": self.process.pid,
+                 "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
+        (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
         self.wait_ready()
+        from serving.watchdog import StubWatchdog
+
+        # Triton keeps a model "ready" after its stub process died; restarting the server is the recovery
+        # that needs no repository API (which stays closed): not ready while it restarts, then whole again.
+        self.watchdog = StubWatchdog(self.process.pid, on_lost=self._recover).start()
         return self
 
     def wait_ready(self) -> None:
@@ -172,6 +213,7 @@ class EmbeddedTriton:
                                       f"{self.log_tail()}")
                 try:
                     if client.is_server_ready():
+                        self.protect_shared_memory()
                         return
                 except Exception:  # noqa: BLE001 - not listening yet
                     pass
@@ -181,6 +223,18 @@ class EmbeddedTriton:
         self.stop()
         raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
+    def protect_shared_memory(self) -> list[Path]:
+        """Make the Python backend's shared-memory regions (they carry the pixels of every request)
+        owner-only: the backend creates them 0644 whatever the umask. Returns the regions seen."""
+        regions = sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
+        for r in regions:
+            try:
+                if r.stat().st_mode & 0o077:
+                    r.chmod(0o600)
+            except OSError:
+                pass  # removed meanwhile
+        return regions
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -188,11 +242,24 @@ class EmbeddedTriton:
             return "(no log)"
         return "\n".join(text[-lines:])
 
+    def _recover(self, models: list[str]) -> None:
+        """A stub died: restart on the same ports, on a thread of its own (not the watchdog's)."""
+        self.recoveries.append(models)
+        threading.Thread(target=self.restart, name="patchserve-recover", daemon=True).start()
+
+    def _stop_watchdog(self) -> None:
+        # First: stubs leaving with a stopping server must not be "reloaded".
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL."""
+        """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL; then whatever is left
+        of its process group (backend stubs), its shared memory and its state file."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -200,14 +267,23 @@ class EmbeddedTriton:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            clean_stale(self.workdir)
         if getattr(self, "_log", None):
             self._log.close()
 
     def kill(self) -> None:
-        """SIGKILL the server, as a crash would (fault tests)."""
+        """SIGKILL the server only, as a crash would (fault tests); its stubs are left to the next start."""
+        self._stop_watchdog()
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def group_members(self) -> list[int]:
+        """PIDs of the server's process group still running (the server and its backend stubs)."""
+        from serving.server_state import members
+
+        return members(self.process.pid, self.workdir) if self.process is not None else []
 
     def restart(self) -> None:
         """Start again on the same ports (fault tests: the server comes back)."""

@@ -6,17 +6,19 @@ are exactly those :func:`serving.slides.read_tile` returns (tested byte for
 byte): a run is only formed where every tile lies wholly inside the slide and
 starts on a whole pixel of the read level, and an edge tile, or any tile of a
 run whose read fails, is read on its own so a damaged region costs only its
-own tiles. Handles are per reader thread (:class:`serving.slides.SlideHandles`).
+own tiles. Handles are per reader thread (:class:`serving.slides.SlideHandles`);
+after a failed read OpenSlide's handle keeps failing, so with ``reopen`` the
+next read gets a fresh handle.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from serving.imageio import resize_u8, to_rgb_u8
+from serving.imageio import equalize_grey_u8, resize_u8, to_rgb_u8
 from serving.slides import SlideGrid, Tile, read_tile
 
 # A run's width in level pixels at most: bounded memory, and runs short enough
@@ -56,15 +58,31 @@ def plan_runs(slide, grid: SlideGrid, tiles: Sequence[Tile]) -> list[list[int]]:
     return runs
 
 
-def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile]) -> list[np.ndarray | Exception]:
-    """Every tile's patch (as :func:`read_tile` gives it) or the exception its reading raised."""
+def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile], *, equalize: bool = False,
+               reopen: Callable[[], object] | None = None) -> list[np.ndarray | Exception]:
+    """Every tile's patch (as :func:`read_tile` gives it) or the exception its reading raised.
+
+    ``equalize``: grey models' equalisation at the read resolution, as read_tile.
+    ``reopen``: returns a fresh handle; called before the next read after any failure.
+    """
     out: list[np.ndarray | Exception | None] = [None] * len(tiles)
+    handle = [slide]
+
+    def current():
+        if handle[0] is None:
+            handle[0] = reopen()  # type: ignore[misc]
+        return handle[0]
+
+    def failed() -> None:
+        if reopen is not None:
+            handle[0] = None  # the error state is sticky: the next read gets a fresh handle
 
     def alone(i: int) -> None:
         try:
-            out[i] = read_tile(slide, grid, tiles[i].x, tiles[i].y)
+            out[i] = read_tile(current(), grid, tiles[i].x, tiles[i].y, equalize=equalize)
         except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged tile: the caller records it
             out[i] = exc
+            failed()
 
     for run in plan_runs(slide, grid, tiles):
         if len(run) == 1:
@@ -74,12 +92,14 @@ def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile]) -> list[np.ndarray
         x0, y0, _, h = boxes[0]
         width = boxes[-1][0] + boxes[-1][2] - x0
         try:
-            region = to_rgb_u8(slide.read_region((tiles[run[0]].x, tiles[run[0]].y), grid.read_level, (width, h)))
+            region = to_rgb_u8(current().read_region((tiles[run[0]].x, tiles[run[0]].y), grid.read_level,
+                                                     (width, h)))
         except Exception:  # noqa: BLE001 - read the run's tiles one by one: only a damaged one fails
+            failed()
             for i in run:
                 alone(i)
             continue
         for i, (lx, _, w, _) in zip(run, boxes):
             tile = np.ascontiguousarray(region[:, lx - x0:lx - x0 + w])
-            out[i] = resize_u8(tile, grid.patch_hw)
+            out[i] = resize_u8(equalize_grey_u8(tile) if equalize else tile, grid.patch_hw)
     return out  # type: ignore[return-value]

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import SlideError
+from serving.imageio import equalize_grey_u8, resize_u8, to_rgb_u8
 from serving.options import option
-from serving.imageio import resize_u8, to_rgb_u8
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
@@ -198,6 +198,39 @@ def load_user_mask(path: str | Path, shape_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(img) > 0
 
 
+# Upsampling level 0 a little is harmless (scanners round their MPP); more
+# would invent detail the slide does not hold.
+MAX_UPSAMPLE = 1.05
+
+
+def check_mpp_target(path, mpp_target: float | None, mpp0: float, dims0: tuple[int, int],
+                     patch_hw: tuple[int, int]) -> None:
+    """SlideError at once for a --mpp-target the pyramid cannot serve (finer than level 0, or one tile
+    larger than the whole slide): such a target used to plan billions of tiles, or one blank one."""
+    if mpp_target is None:
+        return
+    finest = mpp0 / MAX_UPSAMPLE
+    coarsest = mpp0 * max(dims0) / min(patch_hw)
+    if not finest <= mpp_target <= coarsest:
+        raise SlideError(f"--mpp-target {mpp_target:g}: {path} can serve {finest:.4g} to {coarsest:.4g} um/px "
+                         f"(level 0 is {mpp0:.4g} um/px, {dims0[0]}x{dims0[1]} px; a {patch_hw[1]}x{patch_hw[0]} "
+                         "patch must fit in the slide)")
+
+
+def write_mask_png(grid: "SlideGrid", path: str | Path) -> Path:
+    """The tissue mask a slide was tiled with (white = tissue; kept tiles' centres marked grey), atomically."""
+    from serving.atomic import atomic_path
+
+    img = np.where(grid.mask, 255, 0).astype(np.uint8)
+    for t in grid.tiles:
+        cx = min(int((t.x + grid.tile_size0[0] / 2) / grid.mask_scale[0]), img.shape[1] - 1)
+        cy = min(int((t.y + grid.tile_size0[1] / 2) / grid.mask_scale[1]), img.shape[0] - 1)
+        img[cy, cx] = 128
+    with atomic_path(path) as tmp:
+        Image.fromarray(img, "L").save(tmp, format="PNG")
+    return Path(path)
+
+
 def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -> SlideGrid:
     """Open a slide, build its tissue mask and the grid of tiles worth scoring."""
     slide = open_slide(path)
@@ -209,6 +242,7 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
             scale = float(slide.level_downsamples[cfg.level])
         else:
             scale = (cfg.mpp_target or mpp0) / mpp0
+            check_mpp_target(path, cfg.mpp_target, mpp0, slide.dimensions, patch_hw)
         read_level = slide.get_best_level_for_downsample(scale + 1e-6) if scale >= 1 else 0
         tile0 = min(patch_hw) * scale  # a tile's side in level-0 pixels
         side = max(slide.dimensions) * MASK_PIXELS_PER_TILE / tile0
@@ -251,8 +285,12 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
                      tiles, mask, mscale)
 
 
-def read_tile(slide, grid: SlideGrid, x: int, y: int) -> np.ndarray:
-    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y)."""
+def read_tile(slide, grid: SlideGrid, x: int, y: int, equalize: bool = False) -> np.ndarray:
+    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y).
+
+    ``equalize``: grey-scale equalisation at the read resolution, before the
+    resize, as the reference preprocessing orders it.
+    """
     w0, h0 = grid.dims0
     if not (0 <= x < w0 and 0 <= y < h0):
         raise SlideError(f"{grid.path}: tile at ({x}, {y}) starts outside the slide ({w0}x{h0} at level 0)")
@@ -271,6 +309,8 @@ def read_tile(slide, grid: SlideGrid, x: int, y: int) -> np.ndarray:
         canvas = np.full((full_h, full_w, 3), 255, np.uint8)
         canvas[:in_h, :in_w] = region
         region = canvas
+    if equalize:
+        region = equalize_grey_u8(region)
     return resize_u8(region, grid.patch_hw)
 
 
@@ -291,6 +331,20 @@ class SlideHandles:
             with self._lock:
                 self._all.append(cache[path])
         return cache[path]
+
+    def reopen(self, path: str) -> None:
+        """Drop this thread's handle of ``path``: after a read error OpenSlide keeps failing on that
+        handle (its error state is sticky), so the next tile gets a fresh one."""
+        cache = getattr(self._local, "slides", None) or {}
+        slide = cache.pop(path, None)
+        if slide is not None:
+            with self._lock:
+                if slide in self._all:
+                    self._all.remove(slide)
+            try:
+                slide.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
 
     def close(self) -> None:
         with self._lock:

@@ -124,6 +124,12 @@ def read_manifest(path: Path, split: str | None = None, classes: tuple[str, ...]
         names = classes or tuple(sorted({r["label"] for _, r in rows if r.get("label")}))
     else:
         names = None
+    _refuse_duplicates(path, rows)
+    if labelled and classes is not None:
+        given = sorted({r.get("label", "") for _, r in rows} - {""})
+        if given and not set(given) & set(classes):
+            raise InputError(f"{path}: no label of the manifest is one of the model's classes {list(classes)}; "
+                             f"it has {given[:10]}{' ...' if len(given) > 10 else ''} (wrong manifest or model?)")
     samples = []
     for lineno, row in rows:
         p = Path(row["path"])
@@ -144,6 +150,21 @@ def read_manifest(path: Path, split: str | None = None, classes: tuple[str, ...]
     return Dataset("manifest", path, names, samples, bad)
 
 
+def _refuse_duplicates(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """A path listed twice would be scored twice and counted twice in the metrics: refuse, listing them."""
+    seen: dict[str, list[int]] = {}
+    for lineno, row in rows:
+        p = Path(row["path"])
+        key = str((p if p.is_absolute() else path.parent / p).resolve())
+        seen.setdefault(key, []).append(lineno)
+    dupes = [(k, lines) for k, lines in seen.items() if len(lines) > 1]
+    if dupes:
+        shown = "; ".join(f"{k} (lines {', '.join(map(str, lines))})" for k, lines in dupes[:10])
+        more = f"; and {len(dupes) - 10} more" if len(dupes) > 10 else ""
+        raise InputError(f"{path}: {len(dupes)} paths are listed more than once: {shown}{more}. "
+                         "List each patch once")
+
+
 def _pcam_pair(path: Path) -> tuple[Path, Path | None]:
     """The x file and (if any) the y file of a PCam-style set."""
     stem = path.name
@@ -154,30 +175,65 @@ def _pcam_pair(path: Path) -> tuple[Path, Path | None]:
     return path, path
 
 
+def _check_x(fx, xpath: Path):
+    import h5py
+
+    if "x" not in fx:
+        raise InputError(f"{xpath}: HDF5 file has no dataset 'x' (keys: {list(fx.keys())})")
+    x = fx["x"]
+    if not isinstance(x, h5py.Dataset):
+        raise InputError(f"{xpath}: 'x' is a {type(x).__name__}, expected a dataset of N x H x W x 3 uint8 images")
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise InputError(f"{xpath}: dataset 'x' must be N x H x W x 3 uint8, got {x.shape} {x.dtype}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise InputError(f"{xpath}: dataset 'x' holds empty images of {x.shape[1]}x{x.shape[2]} pixels")
+    return x
+
+
+def _read_y(fy, ypath: Path, n: int) -> np.ndarray | None:
+    """Labels of dataset ``y`` as int64: integral values only (a PCam label of 0.7 is refused)."""
+    import h5py
+
+    if "y" not in fy:
+        return None
+    y = fy["y"]
+    if not isinstance(y, h5py.Dataset):
+        raise InputError(f"{ypath}: 'y' is a {type(y).__name__}, expected a dataset of N labels")
+    if y.dtype.kind not in "biuf":
+        raise InputError(f"{ypath}: dataset 'y' must hold integer labels, got dtype {y.dtype}")
+    values = np.asarray(y).reshape(-1)
+    if values.shape[0] != n:
+        raise InputError(f"{ypath}: dataset 'y' has {values.shape[0]} labels for {n} images in 'x'")
+    if values.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        if bad.size:
+            raise InputError(f"{ypath}: dataset 'y' must hold integer labels; row {int(bad[0])} is "
+                             f"{values[bad[0]]!r} ({bad.size} non-integral labels)")
+    return values.astype(np.int64)
+
+
 def read_hdf5(path: Path, classes: tuple[str, ...] | None = None) -> Dataset:
-    """A PatchCamelyon HDF5 file (``x`` and maybe ``y``, or an ``_x``/``_y`` pair)."""
+    """A PatchCamelyon HDF5 file (``x`` and maybe ``y``, or an ``_x``/``_y`` pair), validated.
+
+    ``x`` must be a dataset of N x H x W x 3 uint8; ``y`` (if any) N integral
+    labels within the classes. Errors name the file and the dataset.
+    """
     import h5py
 
     path = Path(path)
     xpath, ypath = _pcam_pair(path)
     try:
         with h5py.File(xpath, "r") as fx:
-            if "x" not in fx:
-                raise InputError(f"{xpath}: HDF5 file has no dataset 'x' (keys: {list(fx.keys())})")
-            x = fx["x"]
-            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-                raise InputError(f"{xpath}: dataset 'x' must be N x H x W x 3 uint8, got {x.shape} {x.dtype}")
-            n = x.shape[0]
+            n = _check_x(fx, xpath).shape[0]
             stored = fx.attrs.get("class_names")
             labels = None
             if ypath is not None:
-                fy = fx if ypath == xpath else h5py.File(ypath, "r")
                 try:
-                    if "y" in fy:
-                        y = np.asarray(fy["y"]).reshape(-1)
-                        if y.shape[0] != n:
-                            raise InputError(f"{ypath}: dataset 'y' has {y.shape[0]} labels for {n} images in 'x'")
-                        labels = y.astype(np.int64)
+                    fy = fx if ypath == xpath else h5py.File(ypath, "r")
+                except OSError as exc:
+                    raise InputError(f"{ypath}: not a readable HDF5 file ({exc})") from exc
+                try:
+                    labels = _read_y(fy, ypath, n)
                 finally:
                     if fy is not fx:
                         fy.close()
@@ -186,9 +242,11 @@ def read_hdf5(path: Path, classes: tuple[str, ...] | None = None) -> Dataset:
     if classes is None:
         classes = tuple(str(c.decode() if isinstance(c, bytes) else c) for c in stored) if stored is not None else PCAM_CLASSES
     if labels is not None and (labels.min(initial=0) < 0 or labels.max(initial=0) >= len(classes)):
-        raise InputError(f"{path}: labels in 'y' must be in 0..{len(classes) - 1} for classes {list(classes)}")
+        bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
+        raise InputError(f"{ypath}: labels in dataset 'y' must be in 0..{len(classes) - 1} for classes "
+                         f"{list(classes)}; row {bad} is {int(labels[bad])}")
     samples = [Sample(f"{xpath}#{i}", None if labels is None else int(labels[i])) for i in range(n)]
-    return Dataset("hdf5", xpath, classes if labels is not None else classes, samples)
+    return Dataset("hdf5", xpath, classes, samples)
 
 
 def discover(path: str | Path, split: str | None = None, classes: tuple[str, ...] | None = None,
@@ -207,10 +265,12 @@ def discover(path: str | Path, split: str | None = None, classes: tuple[str, ...
         if not (p / split).is_dir():
             raise InputError(f"{p}: has split folders but no '{split}' folder")
         return read_class_folders(p / split, classes)
+    if has_splits(p):
+        # Scoring train/ silently when the user meant test/ gives plausible, wrong numbers.
+        names = ", ".join(d.name for d in _class_dirs(p))
+        raise InputError(f"{p}: holds the splits {names}; pass --split to pick one")
     subdirs = _class_dirs(p)
     if subdirs and not any(is_image_file(f) for f in p.iterdir() if f.is_file()):
-        if has_splits(p):
-            return read_class_folders(p / "train", classes)
         return read_class_folders(p, classes)
     files = _images_in(p)
     if not files:

@@ -25,10 +25,20 @@ SPEC_FORMAT_VERSION = 1
 # both from a live server).
 SPEC_PARAMETER = "patchserve_spec"
 WEIGHTS_PARAMETER = "weights_sha256"
+# The views a server-side TTA model averages ("five" or "ten"), in its config.
+TTA_VIEWS_PARAMETER = "tta_views"
 # Triton uses the model name as a folder name and in URLs: keep it to a
 # conservative character set, no path separators and no "..".
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TTA_MODES = ("none", "flip", "five", "ten")
+# What evaluation and serving do to a decoded image before its views are cut
+# (serving/preprocess.py is the reference; the DALI pipelines follow it):
+#   "resize_crop": an image of exactly the input size is used as it is; any
+#   other size (smaller or larger) is resized (bilinear, antialiased) to the
+#   source size, whose centre crop is the "none" view. Views are then cut from
+#   that image: from an input-size image every crop is the whole image.
+# New rules (random or other crops) are added here and in serving/preprocess.py.
+EVAL_GEOMETRIES = ("resize_crop",)
 # Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
 # Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
 # with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.
@@ -84,8 +94,9 @@ class ModelSpec:
     std: tuple[float, float, float]
     arch: str = "resnet18"
     version: int = 1
-    # Images are resized to source_* before the centre crop (evaluation) or the
-    # TTA crops; 0 means "input size / 0.875", torchvision's 224-of-256 ratio.
+    # Images not already at the input size are resized to source_* before the
+    # centre crop (evaluation) or the TTA crops (see eval_geometry); 0 means
+    # "input size / 0.875", torchvision's 224-of-256 ratio.
     source_height: int = 0
     source_width: int = 0
     input_dtype: str = "uint8"
@@ -95,6 +106,7 @@ class ModelSpec:
     logits_name: str = "logits"
     encoded_name: str = "images_encoded"  # ensemble input: encoded JPEG/PNG bytes
     max_batch_size: int = 64
+    eval_geometry: str = "resize_crop"  # one of EVAL_GEOMETRIES: what happens to an image of any size
     tta_views: tuple[str, ...] = TTA_MODES
     format_version: int = SPEC_FORMAT_VERSION
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -139,10 +151,13 @@ class ModelSpec:
         tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name")
         tensor_names = tuple(getattr(self, f) for f in tensor_fields)
         for f, v in zip(tensor_fields, tensor_names):
-            if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
                 raise SpecError(f"{f}: {v!r} is not a valid tensor name (letters, digits, '_')")
         if len(set(tensor_names)) != len(tensor_names):
             raise SpecError(f"{'/'.join(tensor_fields)} must all differ, got {tensor_names}")
+        if self.eval_geometry not in EVAL_GEOMETRIES:
+            raise SpecError(f"eval_geometry: invalid rule {self.eval_geometry!r}. Only {', '.join(EVAL_GEOMETRIES)} "
+                            "are supported.")
         views = tuple(self.tta_views)
         bad = [v for v in views if v not in TTA_MODES]
         if bad or "none" not in views:

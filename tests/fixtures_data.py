@@ -1,7 +1,8 @@
 """Data fixtures: synthetic patch sets and a synthetic whole-slide image (session-scoped).
 
 ``synth_data``: a folder written by ``synthesize(classes=2, per_class=40,
-size=48, seed=0)``, PNG:
+size=48, seed=0, overlap=0.0)``, PNG (classes apart, so tiny runs of a few
+epochs classify it reliably; the default overlap is for measuring models):
 
 - ``train/``, ``val/``, ``test/`` class folders ``normal/`` and ``tumour/``
   with 24/8/8 images per class (``normal_0000.png`` ...), 48 x 48 RGB;
@@ -12,7 +13,7 @@ size=48, seed=0)``, PNG:
 - ``synth.json``: options and counts.
 
 ``synth_slide``: a folder written by ``synthesize(classes=2, per_class=12,
-size=48, seed=0, slide=True, slide_size=2048)``: the same layout (8/2/2 per
+size=48, seed=0, overlap=0.0, slide=True, slide_size=2048)``: the same layout (8/2/2 per
 class) plus ``slides/slide_0.tiff`` (tiled pyramidal TIFF, level 0 2048 x 1536
 at 0.5 um/px, levels downsampled by 4; tissue textures at the scale of the 48 px
 patches), ``slides/slide_0_mask.png`` (tumour, 255 inside, one pixel per
@@ -31,7 +32,7 @@ def synth_data(tmp_path_factory):
     from serving.synth.dataset import synthesize
 
     out = tmp_path_factory.mktemp("synth_data")
-    synthesize(out, classes=2, per_class=40, size=48, seed=0)
+    synthesize(out, classes=2, per_class=40, size=48, seed=0, overlap=0.0)
     return out
 
 
@@ -40,5 +41,5 @@ def synth_slide(tmp_path_factory):
     from serving.synth.dataset import synthesize
 
     out = tmp_path_factory.mktemp("synth_slide")
-    synthesize(out, classes=2, per_class=12, size=48, seed=0, slide=True, slide_size=2048)
+    synthesize(out, classes=2, per_class=12, size=48, seed=0, overlap=0.0, slide=True, slide_size=2048)
     return out

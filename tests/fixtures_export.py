@@ -7,7 +7,8 @@
 
 ``exported_repo``: ``(repo, spec)``, that run exported with every flavour
 possible without a GPU (python + onnxruntime configs, TTA "five", DALI
-preprocessing, ensemble) at max_batch_size 8. Read-only: shared by the session.
+preprocessing, ensemble) at max_batch_size 8, its parity fixture drawn from
+``synth_data``. Read-only: shared by the session.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def export_run_dir(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exported_repo(export_run_dir, tmp_path_factory):
+def exported_repo(export_run_dir, synth_data, tmp_path_factory):
     from export.build import export_run
 
     repo = tmp_path_factory.mktemp("exported_repo") / "repo"
     result = export_run(export_run_dir, repo, formats=("python", "onnxruntime"), tta_views="five",
-                        with_tta=True, with_dali=True, max_batch_size=EXPORT_MAX_BATCH)
+                        with_tta=True, with_dali=True, max_batch_size=EXPORT_MAX_BATCH, data=synth_data)
     return repo, result.spec

@@ -103,3 +103,24 @@ def write_random_run(run: str | Path, spec: ModelSpec, seed: int = 0) -> Path:
     save_checkpoint(run / LAST, model=build_model(spec, config).eval(), spec=spec, model_config=config)
     spec.save(run / "spec.json")
     return run
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """sha256 of a model's weights: every tensor in sorted key order with its name, dtype and shape.
+
+    It depends on the numbers only, not on the checkpoint's container (pickle
+    protocol, zip layout, extra payload keys), so export, the manifest, the
+    configs' ``weights_sha256`` parameter and ``check-export --run`` agree.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"state dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        head = f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{','.join(map(str, t.shape))}\0"
+        digest.update(head.encode("utf-8"))
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
 from serving.options import option
 from training.errors import TrainingError
@@ -94,6 +95,14 @@ class TrainConfig:
                                       "grey-scale + histogram equalisation (chest X-rays)")
     interpolation: str = option(AugmentConfig.interpolation, "interpolation of the random crop and the rotation",
                                 choices=INTERPOLATIONS)
+    random_crop: bool = option(AugmentConfig.random_crop, "train on random windows of --image-size without "
+                               "resizing (images larger than the model, e.g. 150 px cropped to 128); "
+                               "replaces --scale-min's random resized crop")
+    stain_augment: bool = option(AugmentConfig.stain_augment,
+                                 "HED stain jitter: scale and shift each stain's optical density per image")
+    stain_scale: float = option(AugmentConfig.stain_scale, "HED concentration scale drawn from [1 - x, 1 + x]")
+    stain_shift: float = option(AugmentConfig.stain_shift,
+                                "HED concentration shift drawn from [-x, x] (optical density units)")
     mean: tuple[float, float, float] | None = option(None, "per-channel mean R,G,B in [0,1]",
                                                      default_text="computed from the training data")
     std: tuple[float, float, float] | None = option(None, "per-channel std R,G,B in [0,1]",
@@ -102,7 +111,13 @@ class TrainConfig:
     name: str | None = option(None, "model name", default_text="from the data folder's name")
     max_batch_size: int = option(64, "the served model's max batch size (recorded in the spec)")
     skip_bad: bool = option(False, "train without unreadable files instead of refusing")
-    progress: bool = option(True, "progress bars")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "refuse images whose header says width x height is "
+                                   "larger (decompression bombs), or skip them with --skip-bad")
+    progress: bool = option(True, "progress bars (on a terminal only; the per-epoch lines always print)")
+    overwrite: bool = option(False, "replace a run already in --out (train's own files; other files stay)")
+    undersample: bool = option(False, "each epoch, every class cut to the smallest class's count, drawn afresh")
+    holdout_split: str | None = option(None, "also evaluate DATA's SPLIT after every epoch, for learning curves "
+                                       "only (never picks the best epoch)", metavar="SPLIT")
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -116,7 +131,8 @@ class TrainConfig:
         for flag, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                         ("--image-size", self.image_size), ("--workers", self.workers),
                         ("--max-batch-size", self.max_batch_size), ("--lr-step-size", self.lr_step_size),
-                        ("--stats-max-images", self.stats_max_images)):
+                        ("--stats-max-images", self.stats_max_images),
+                        ("--max-image-pixels", self.max_image_pixels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")
         for flag, v in (("--lr-warmup-epochs", self.lr_warmup_epochs),
@@ -136,8 +152,10 @@ class TrainConfig:
             raise TrainingError(f"--model-ema-decay: expected a value in (0, 1), got {self.model_ema_decay}")
         if self.nesterov and self.optimizer != "sgd":
             raise TrainingError(f"--nesterov works only with --optimizer sgd, got {self.optimizer}")
-        if self.class_weights and self.balanced_sampling:
-            raise TrainingError("--class-weights and --balanced-sampling both correct imbalance; pick one")
+        chosen = [f for f, on in (("--class-weights", self.class_weights), ("--balanced-sampling", self.balanced_sampling),
+                                  ("--undersample", self.undersample)) if on]
+        if len(chosen) > 1:
+            raise TrainingError(f"{' and '.join(chosen)} each correct class imbalance; pick one")
         if self.max_batch_size < 1:
             raise TrainingError(f"--max-batch-size: expected a positive integer, got {self.max_batch_size}")
         for flag, v in (("--mean", self.mean), ("--std", self.std)):
@@ -155,7 +173,9 @@ class TrainConfig:
         return AugmentConfig(hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob,
                              rotation_deg=self.rotation_deg, brightness=self.brightness, contrast=self.contrast,
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
-                             grayscale_equalize=self.grayscale_equalize, interpolation=self.interpolation)
+                             grayscale_equalize=self.grayscale_equalize, interpolation=self.interpolation,
+                             random_crop=self.random_crop, stain_augment=self.stain_augment,
+                             stain_scale=self.stain_scale, stain_shift=self.stain_shift)
 
     def model_config(self, num_classes: int) -> "ModelConfig":
         from training.model import ModelConfig  # torch: imported when a model is built, not for --help
@@ -187,21 +207,30 @@ class EvalConfig:
     data: str = option(help="split folders, class folders, a CSV manifest or a PCam .h5", positional=True,
                        metavar="DATA")
     out: str = option(help="folder for metrics, predictions, report and plots", metavar="DIR")
-    split: str = option("test", "which split of DATA (when it has splits)")
+    split: tuple[str, ...] = option(("test",), "split(s) of DATA, comma-separated (when it has splits); several "
+                                    "go into DIR/SPLIT/ with a comparison table in DIR/report.md",
+                                    metavar="SPLIT[,SPLIT...]")
     tta: str = option("none", "test-time augmentation views, averaged", choices=TTA_MODES)
     batch_size: int = option(64, "images per batch", aliases=("-b",))
     workers: int | None = option(None, "DALI threads", aliases=("-j",),
                                  default_text="half the cores on CPU, where the model needs the rest; up to 8 on GPU")
     device: str = option("auto", "where the model runs", choices=DEVICES)
     dali_device: str = option("auto", "where DALI decodes", choices=DALI_DEVICES)
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "list images whose header says width x height is "
+                                   "larger as bad files (decompression bombs)")
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
         if self.workers is None:
             object.__setattr__(self, "workers", _auto_dali_threads())
+        splits = (self.split,) if isinstance(self.split, str) else tuple(self.split)
+        if not splits or len(set(splits)) != len(splits) or not all(isinstance(s, str) and s for s in splits):
+            raise TrainingError(f"--split: expected distinct split names such as test,test_shifted, got {self.split!r}")
+        object.__setattr__(self, "split", splits)
         _choice("--tta", self.tta, TTA_MODES, "TTA mode")
         _choice("--device", self.device, DEVICES, "device")
         _choice("--dali-device", self.dali_device, DALI_DEVICES, "DALI device")
-        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers)):
+        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers),
+                        ("--max-image-pixels", self.max_image_pixels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"{flag}: expected a positive integer, got {v!r}")

@@ -22,6 +22,8 @@ from serving.sources import (HDF5_SUFFIXES, Dataset, Sample, has_splits, read_cl
 from training.errors import DataError
 
 _VAL_NAMES = ("val", "valid", "validation")
+# The official PatchCamelyon files: camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5.
+PCAM_PREFIX = "camelyonpatch_level_2_split_"
 
 
 @dataclass(frozen=True)
@@ -89,20 +91,22 @@ def _manifest_has_split(path: Path) -> bool:
     return "split" in [c.strip() for c in header]
 
 
-def _hdf5_file_for(root: Path, split: str) -> Path | None:
-    """``root/{split}_x.h5`` (or the .hdf5 / ``valid`` spellings) if present."""
+def _hdf5_file_for(root: Path, split: str, prefix: str | None = None) -> Path | None:
+    """``root/{split}_x.h5`` (or the .hdf5 / ``valid`` spellings, or PatchCamelyon's own names) if present."""
     names = _VAL_NAMES if split == "val" else (split,)
-    for n in names:
-        for suf in HDF5_SUFFIXES:
-            for f in (root / f"{n}_x{suf}", root / f"{n}{suf}"):
-                if f.is_file():
-                    return f
+    for pre in ((prefix,) if prefix is not None else ("", PCAM_PREFIX)):
+        for n in names:
+            for suf in HDF5_SUFFIXES:
+                for f in (root / f"{pre}{n}_x{suf}", root / f"{pre}{n}{suf}"):
+                    if f.is_file():
+                        return f
     return None
 
 
 def _hdf5_sibling(path: Path, split: str) -> Path | None:
-    m = re.match(r"^(train)(.*)$", path.name)
-    return _hdf5_file_for(path.parent, split) if m else None
+    """The ``split`` file beside a training file: ``train_x.h5`` -> ``valid_x.h5``, same prefix."""
+    m = re.match(r"(.*?)train(_x)?\.(h5|hdf5)\Z", path.name)  # \Z: a name ending in a newline is no match
+    return _hdf5_file_for(path.parent, split, prefix=m.group(1)) if m else None
 
 
 def resolve_training_data(data: str | Path, *, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:

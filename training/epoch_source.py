@@ -2,7 +2,8 @@
 
 A run builds its training pipeline once; each epoch hands this source that
 epoch's sample order and seed, and the pipeline is reset, not rebuilt. Every
-random choice of the augmentation (crop window, flips, angle, colour factors)
+random choice of the augmentation (crop window, flips, angle, colour factors,
+HED stain factors)
 is drawn here from a generator seeded by the epoch's seed, in batch order, and
 fed to DALI as per-sample arguments: an epoch depends only on (seed, epoch,
 rank), so ``--resume`` at an epoch boundary reproduces an uninterrupted run
@@ -18,6 +19,7 @@ import numpy as np
 
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
 from training.errors import DataError
+from training.stain import hed_params
 
 # torchvision RandomResizedCrop's aspect-ratio range and its number of tries.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -32,7 +34,9 @@ def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
 def param_names(augment) -> tuple[str, ...]:
     """The per-sample arguments an augmentation config needs, in output order."""
     names: list[str] = []
-    if augment.scale_min < 1.0:
+    if augment.random_crop:
+        names += ["crop_pos_y", "crop_pos_x"]
+    elif augment.scale_min < 1.0:
         names += ["crop_start", "crop_end"]
     if augment.hflip_prob > 0 or augment.vflip_prob > 0:
         names += ["hflip", "vflip"]
@@ -40,6 +44,8 @@ def param_names(augment) -> tuple[str, ...]:
         names.append("angle")
     if augment.brightness or augment.contrast or augment.saturation or augment.hue:
         names += ["brightness", "contrast", "saturation", "hue"]
+    if augment.stain_augment:
+        names += ["stain_alpha", "stain_beta"]
     return tuple(names)
 
 
@@ -55,6 +61,10 @@ def sample_params(rng: np.random.Generator, n: int, augment) -> dict[str, list[n
     names = param_names(a)
     out: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for _ in range(n):
+        if "crop_pos_x" in out:
+            # --random-crop: a window of the model's size at a uniform relative position.
+            out["crop_pos_y"].append(np.array(rng.uniform(0.0, 1.0), np.float32))
+            out["crop_pos_x"].append(np.array(rng.uniform(0.0, 1.0), np.float32))
         if "crop_start" in out:
             w = h = 1.0
             for _try in range(CROP_TRIES):
@@ -77,6 +87,10 @@ def sample_params(rng: np.random.Generator, n: int, augment) -> dict[str, list[n
                                       ("saturation", 1.0, a.saturation), ("hue", 0.0, a.hue * 360.0)):
                 out[key].append(np.array(rng.uniform(centre - half, centre + half) if half > 0 else centre,
                                          np.float32))
+        if "stain_alpha" in out:
+            alpha, beta = hed_params(rng, a.stain_scale, a.stain_shift)
+            out["stain_alpha"].append(alpha)
+            out["stain_beta"].append(beta)
     return out
 
 

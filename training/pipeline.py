@@ -19,9 +19,11 @@ from typing import Iterator
 import numpy as np
 
 from serving.sources import Sample, parse_hdf5_source
+from serving.spec import ModelSpec
 from serving.views import view_boxes
 from training.epoch_source import EpochSource, hdf5_rows, shard_range
 from training.errors import TrainingError
+from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, apply_hed, check_stain_options
 
 READER = "Reader"
 DALI_DEVICES = ("auto", "cpu", "gpu")
@@ -46,11 +48,16 @@ class AugmentConfig:
     scale_min: float = 0.08
     grayscale_equalize: bool = False
     interpolation: str = "linear"  # of the crop's resize and the rotation
+    random_crop: bool = False  # a window of the model's size, no resize (larger images, e.g. 150 -> 128 px)
+    stain_augment: bool = False
+    stain_scale: float = DEFAULT_STAIN_SCALE
+    stain_shift: float = DEFAULT_STAIN_SHIFT
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise TrainingError(f"Invalid --interpolation {self.interpolation!r}. "
                                 f"Only {', '.join(INTERPOLATIONS)} are supported.")
+        check_stain_options(self.stain_scale, self.stain_shift)
         for flag, v in (("--hflip-prob", self.hflip_prob), ("--vflip-prob", self.vflip_prob)):
             if not 0.0 <= v <= 1.0:
                 raise TrainingError(f"{flag}: expected a probability in [0, 1], got {v}")
@@ -126,22 +133,46 @@ def _source(samples, *, batch_size, shard_id, num_shards, pad_last_batch, device
     return images, labels
 
 
-def resize_like_serving(images, hw: tuple[int, int]):
+def resize_like_serving(images, hw):
     """Resize to ``hw`` the way serving does.
 
     Linear with antialiasing, the closest DALI gets to PIL's bilinear resize
-    that the client uses; training's plain resize, evaluation and export's
-    DALI preprocessing all call this, so their pixels agree with served ones
-    on downscaled images too.
+    that the client uses. ``hw`` is a pair of ints or of per-sample DataNodes.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
     sh, sw = hw
+    if not isinstance(sh, int):
+        sh, sw = fn.cast(sh, dtype=types.FLOAT), fn.cast(sw, dtype=types.FLOAT)
     return fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
 
 
-def _grey_equalize(images):
+def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int], crop: bool):
+    """The spec's ``eval_geometry`` in DALI operators, as serving/preprocess.py defines it.
+
+    ``resize_crop``: an image of the input size is kept, any other size is
+    resized to the source size; per sample, from the decoded shape. With
+    ``crop`` the "none" view of serving.views follows (every output at the
+    input size), without it the images come out at their geometry size.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    ih, iw = input_hw
+    sh, sw = source_hw
+    shape = images.shape(dtype=types.INT32)
+    keep = fn.cast((shape[0] == ih) & (shape[1] == iw), dtype=types.INT32)  # 1: already the input size
+    images = resize_like_serving(images, (keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw))
+    if not crop:
+        return images
+    (top, left, _), = view_boxes("none", source_hw, input_hw)
+    start = fn.stack((1 - keep) * top, (1 - keep) * left)
+    return fn.slice(images, start=start, shape=[ih, iw], axis_names="HW", out_of_bounds_policy="error")
+
+
+def grey_equalize(images):
+    """Grey-scale + histogram equalisation (serving.imageio.equalize_grey_u8 is the reference)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -150,14 +181,23 @@ def _grey_equalize(images):
     return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
 
 
+_grey_equalize = grey_equalize  # the name tests and older callers use
+
+
 def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], augment: AugmentConfig,
                          batch_size: int, num_threads: int, seed: int, device: str = "cpu",
                          device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                         prefetch_queue_depth: int = PREFETCH_DEPTH):
+                         prefetch_queue_depth: int = PREFETCH_DEPTH, source_hw: tuple[int, int] | None = None):
     """Augmenting pipeline over ``samples`` in the given order (the caller shuffles per epoch).
 
     Its :class:`EpochSource` is ``pipe.epoch_source``: ``set_epoch`` it, then
     reset the pipeline, to run another epoch without rebuilding.
+
+    Decoding and equalisation (at the decoded size, before any resize) follow
+    the reference preprocessing. With ``--scale-min 1`` the geometry is the
+    evaluation geometry for the spec's ``source_hw`` (training passes it), so
+    "no augmentation" is exactly what evaluation and serving feed the model;
+    without ``source_hw`` it is a plain resize to ``input_hw``.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -182,14 +222,19 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
             images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu",
                                        output_type=types.RGB)
         if a.grayscale_equalize:
-            images = _grey_equalize(images)
-        if "crop_start" in p:
+            images = grey_equalize(images)
+        if "crop_pos_x" in p:
+            # The window's position drawn by the source; smaller images are padded white
+            # (the background of slides), never stretched.
+            images = fn.crop(images, crop=[h, w], crop_pos_x=p["crop_pos_x"], crop_pos_y=p["crop_pos_y"],
+                             out_of_bounds_policy="pad", fill_values=255)
+        elif "crop_start" in p:
             # The crop window drawn by the source; one resampling does crop and resize.
             images = fn.resize(images, size=[h, w], roi_start=p["crop_start"], roi_end=p["crop_end"],
                                roi_relative=True, interp_type=interp, antialias=False)
         else:
-            images = resize_like_serving(images, (h, w))
-        # Ops with a zero range are left out, so "no augmentation" is exactly the resize.
+            images = eval_geometry(images, input_hw, source_hw or input_hw, crop=True)
+        # Ops with a zero range are left out, so "no augmentation" is exactly the evaluation input.
         if "hflip" in p:
             images = fn.flip(images, horizontal=p["hflip"], vertical=p["vflip"])
         if "angle" in p:
@@ -197,6 +242,9 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
         if "brightness" in p:
             images = fn.color_twist(images, brightness=p["brightness"], contrast=p["contrast"],
                                     saturation=p["saturation"], hue=p["hue"], dtype=types.UINT8)
+        if "stain_alpha" in p:
+            # Drawn by the source too: a fn.random op would carry its state across epochs.
+            images = apply_hed(images, p["stain_alpha"], p["stain_beta"])
         return images, labels
 
     built = pipe()
@@ -204,53 +252,62 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
     return built
 
 
-def build_eval_pipeline(samples: list[Sample], *, source_hw: tuple[int, int], crop_hw: tuple[int, int] | None,
-                        batch_size: int, num_threads: int, device: str = "cpu", device_id: int | None = None,
-                        shard_id: int = 0, num_shards: int = 1, grayscale_equalize: bool = False,
-                        prefetch_queue_depth: int = PREFETCH_DEPTH):
-    """Resize to ``source_hw``, then (if ``crop_hw``) the centre crop of serving.views ``none``.
+def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool = False, batch_size: int,
+                        num_threads: int, device: str = "cpu", device_id: int | None = None,
+                        shard_id: int = 0, num_shards: int = 1, prefetch_queue_depth: int = PREFETCH_DEPTH):
+    """The reference preprocessing in DALI: decode, equalise (grey models), geometry.
 
-    Without ``crop_hw`` the whole resized image comes out, for TTA views taken
-    afterwards with serving.views. Each sample of the shard comes out once.
+    Without ``views`` the "none" view comes out (input size). With ``views``
+    the geometry's output comes out padded to the source size, with its true
+    shape as a third output; :func:`unpad` cuts each image back so TTA views
+    are taken with serving.views. Each sample of the shard comes out once.
     """
     import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
-
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=0,
                   device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch_queue_depth)
     def pipe():
         images, labels = _source(samples, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                  pad_last_batch=True, device=device)
-        if grayscale_equalize:
-            images = _grey_equalize(images)
-        images = resize_like_serving(images, source_hw)
-        if crop_hw is not None:
-            (top, left, _), = view_boxes("none", source_hw, crop_hw)
-            images = fn.slice(images, start=[top, left], shape=list(crop_hw), axis_names="HW")
-        return images, labels
+        if spec.grayscale_equalize:
+            images = grey_equalize(images)
+        images = eval_geometry(images, spec.input_hw, spec.source_hw, crop=not views)
+        if not views:
+            return images, labels
+        # Images of the input size and of the source size can share a batch: pad to one shape.
+        shapes = images.shape(dtype=types.INT32)
+        return fn.pad(images, axis_names="HW", shape=list(spec.source_hw)), labels, shapes
 
     return pipe()
 
 
-def _iterator(pipe):
+def unpad(padded_nhwc, shapes) -> list[np.ndarray]:
+    """The images of a ``views=True`` batch at their own sizes."""
+    return [padded_nhwc[i, :int(s[0]), :int(s[1])] for i, s in enumerate(shapes)]
+
+
+def _iterator(pipe, with_shapes: bool = False):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     pipe.build()
     kwargs = {"reader_name": READER} if READER in pipe.reader_meta() else {}
-    return DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
+    names = ["images", "labels"] + (["shapes"] if with_shapes else [])
+    return DALIGenericIterator([pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL,
                                auto_reset=False, **kwargs)
 
 
-def _batches(it):
+def _batches(it, with_shapes: bool = False):
     for batch in it:
-        yield batch[0]["images"], batch[0]["labels"].reshape(-1).long()
+        out = (batch[0]["images"], batch[0]["labels"].reshape(-1).long())
+        yield out + (batch[0]["shapes"],) if with_shapes else out
 
 
-def iterate(pipe, samples: list[Sample] | None = None):
-    """One epoch of a fresh pipeline: (images_nhwc_u8, labels) torch tensors; partial last batch."""
-    yield from _batches(_iterator(pipe))
+def iterate(pipe, samples: list[Sample] | None = None, with_shapes: bool = False):
+    """One epoch of a fresh pipeline: (images_nhwc_u8, labels[, shapes]) torch tensors; partial last batch."""
+    yield from _batches(_iterator(pipe, with_shapes), with_shapes)
 
 
 class TrainLoader:
@@ -277,10 +334,14 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """One evaluation pipeline over fixed samples, reset for each pass instead of rebuilt."""
+    """One evaluation pipeline over fixed samples, reset for each pass instead of rebuilt.
+
+    With ``views=True`` each batch also carries the images' true shapes (see :func:`unpad`).
+    """
 
     def __init__(self, samples: list[Sample], **pipeline_kwargs):
         self.samples, self._kwargs = samples, pipeline_kwargs
+        self.with_shapes = bool(pipeline_kwargs.get("views", False))
         self._pipe = self._it = None
         self.builds = 0
 
@@ -288,7 +349,7 @@ class EvalLoader:
         if self._pipe is None:
             self._pipe = build_eval_pipeline(self.samples, **self._kwargs)
             self.builds += 1
-            self._it = _iterator(self._pipe)
+            self._it = _iterator(self._pipe, self.with_shapes)
         else:
             self._it.reset()
-        return _batches(self._it)
+        return _batches(self._it, self.with_shapes)

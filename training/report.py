@@ -45,3 +45,17 @@ def render_report(metrics: dict, *, extra: dict | None = None, has_curves: bool 
 
 def write_report(path: str | Path, metrics: dict, *, extra: dict | None = None, has_curves: bool = False) -> Path:
     return atomic_write_text(Path(path), render_report(metrics, extra=extra, has_curves=has_curves))
+
+
+COMPARED = ("accuracy", "balanced_accuracy", "f1_macro", "specificity_macro", "auc", "log_loss")
+
+
+def render_comparison(per_split: dict[str, dict], *, model: str, tta: str) -> str:
+    """One table, a row per evaluated split, linking each split's own report."""
+    lines = [f"# Evaluation of {model} on {len(per_split)} splits", "", f"TTA `{tta}`.", "",
+             "| split | images | " + " | ".join(COMPARED) + " | report |",
+             "|---|---|" + "---|" * len(COMPARED) + "---|"]
+    for split, m in per_split.items():
+        cells = " | ".join(_fmt(m.get(k)) for k in COMPARED)
+        lines.append(f"| {split} | {m['num_samples']} | {cells} | [{split}/report.md]({split}/report.md) |")
+    return "\n".join(lines) + "\n"

@@ -23,18 +23,28 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def epoch_order(labels: np.ndarray, *, seed: int, epoch: int, batch_size: int, world_size: int = 1,
-                balanced: bool = False) -> np.ndarray:
+                balanced: bool = False, undersample: bool = False) -> np.ndarray:
     """Indices of the samples one epoch visits, for all ranks together.
 
     ``balanced`` draws with replacement, each class equally likely
-    (oversampling the minority). The list is cut to a multiple of
+    (oversampling the minority). ``undersample`` keeps, per class, as many
+    samples as the smallest class has, drawn without replacement afresh each
+    epoch, so over a run most majority images are seen. The list is cut to a multiple of
     ``world_size * batch_size`` (of ``world_size`` when smaller) so every rank
     runs the same number of steps; DDP hangs otherwise.
     """
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     rng = np.random.default_rng([int(seed), int(epoch)])
-    if balanced:
+    if balanced and undersample:
+        raise ValueError("balanced (oversampling) and undersample are exclusive")
+    if undersample:
+        present = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        k = min(len(idx) for idx in present)
+        kept = np.concatenate([rng.choice(idx, size=k, replace=False) for idx in present])
+        order = rng.permutation(kept)
+        n = len(order)
+    elif balanced:
         counts = np.bincount(labels)
         p = 1.0 / counts[labels]
         order = rng.choice(n, size=n, replace=True, p=p / p.sum())

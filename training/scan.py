@@ -1,11 +1,13 @@
 """Pre-flight scan: find unusable image files before a long job starts.
 
-Every file is decoded once with serving.imageio.inspect_image (the same check
-the client uses). Zero-byte, truncated, non-image and unreadable files are
-listed with their paths; training refuses to start unless --skip-bad. Files
-whose mode DALI would decode differently from serving (RGBA, palette, 16-bit,
-CMYK...) are converted once to RGB PNGs in a cache folder, so DALI and serving
-see the same pixels.
+Every file's header is checked first (format, and the --max-image-pixels
+limit, before any pixel is decoded), then it is decoded once with
+serving.imageio.inspect_image (the same checks the client uses). Zero-byte,
+truncated, over-limit, non-image and unreadable files are listed with their
+paths; training refuses to start unless --skip-bad. Files DALI would decode
+differently from the reference decode (RGBA, palette, 16-bit, CMYK..., or an
+EXIF orientation other than 1) are converted once to upright RGB PNGs in a
+cache folder, so DALI and serving see the same pixels.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from serving.errors import ImageReadError
-from serving.imageio import DALI_SAFE_MODES, inspect_image, load_rgb_u8
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, dali_decodes_alike, inspect_image, load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source
 from training.errors import DataError
+from serving.progress import bar_disable
 
 MAX_LISTED = 20  # bad files named in the error message; the rest are counted
 
@@ -38,7 +41,7 @@ def _cache_name(path: Path) -> str:
     return hashlib.sha1(key).hexdigest()[:20] + ".png"
 
 
-def convert_to_cache(path: Path, cache_dir: Path) -> Path:
+def convert_to_cache(path: Path, cache_dir: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
     """Write ``path`` as an RGB PNG in ``cache_dir`` (once; reused while the file is unchanged)."""
     from PIL import Image
 
@@ -46,33 +49,34 @@ def convert_to_cache(path: Path, cache_dir: Path) -> Path:
 
     out = cache_dir / _cache_name(path)
     if not out.exists():
-        rgb = load_rgb_u8(path)
+        rgb = load_rgb_u8(path, max_pixels=max_pixels)
         with atomic_path(out) as tmp:
             Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
     return out
 
 
 def scan_samples(samples: list[Sample], cache_dir: Path | None, *, progress: bool = True,
-                 desc: str = "scan") -> ScanResult:
+                 desc: str = "scan", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ScanResult:
     """Decode every file once; list bad ones and convert odd modes into ``cache_dir``."""
     from tqdm import tqdm
 
     result = ScanResult(samples=[])
-    for s in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+    for s in tqdm(samples, desc=desc, unit="img", disable=bar_disable(progress), leave=False):
         if parse_hdf5_source(s.source) is not None:
             result.samples.append(s)  # HDF5 rows are validated by their reader
             result.origins.append(s.source)
             continue
         path = Path(s.source)
         try:
-            mode = inspect_image(path)
-            if mode in DALI_SAFE_MODES:
+            header = inspect_image(path, max_pixels=max_pixels)
+            if dali_decodes_alike(header):
                 result.samples.append(s)
                 result.origins.append(s.source)
                 continue
             if cache_dir is None:
-                raise DataError(f"{path}: image mode {mode} needs conversion but no cache folder was given")
-            result.samples.append(Sample(str(convert_to_cache(path, cache_dir)), s.label))
+                raise DataError(f"{path}: image mode {header.mode} (orientation {header.orientation}) needs "
+                                "conversion but no cache folder was given")
+            result.samples.append(Sample(str(convert_to_cache(path, cache_dir, max_pixels)), s.label))
             result.origins.append(s.source)
             result.converted += 1
         except ImageReadError as exc:
@@ -93,6 +97,18 @@ def refuse_bad(result: ScanResult, skip_bad: bool) -> None:
         lines.append(f"  ... and {more} more")
     raise DataError(f"{len(result.bad)} unusable image file(s); fix or remove them, or pass --skip-bad "
                     "to train without them:\n" + "\n".join(lines))
+
+
+def describe_skipped(result: ScanResult, listing: Path) -> str | None:
+    """What --skip-bad left out, and where the full list is (None when nothing was)."""
+    if not result.bad:
+        return None
+    lines = [f"  {p}: {why}" for p, why in result.bad[:MAX_LISTED]]
+    more = len(result.bad) - MAX_LISTED
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    return (f"--skip-bad: left out {len(result.bad)} unusable image file(s), all listed in {listing}:\n"
+            + "\n".join(lines))
 
 
 def write_bad_list(result: ScanResult, path: Path) -> Path | None:

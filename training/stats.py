@@ -1,25 +1,49 @@
-"""Per-channel mean and std of the training set, for the spec's Normalize layer."""
+"""Per-channel mean and std of the training set, for the spec's Normalize layer.
+
+The statistics are those of what the model is fed: images go through the
+reference decode and, for grey-scale models, the equalisation (at the decoded
+size, as every path does before resizing). They are accumulated as per-channel
+histograms of uint8 values, so no image is ever turned into floats: memory is
+a few hundred counters plus one decoded image.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from serving.imageio import load_rgb_u8
+from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, equalize_grey_u8, load_rgb_u8
 from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.progress import bar_disable
 
 # The spec requires values in (0, 1]: a black or flat training set still gets a usable layer.
 _MIN_VALUE = 1e-3
 
 
-def _load(sample: Sample) -> np.ndarray:
+def _load(sample: Sample, max_pixels: int) -> np.ndarray:
     parsed = parse_hdf5_source(sample.source)
     if parsed is not None:
         return read_hdf5_rows(parsed[0], np.array([parsed[1]]))[0]
-    return load_rgb_u8(sample.source)
+    return load_rgb_u8(sample.source, max_pixels=max_pixels)
 
 
-def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int = 0,
-                     progress: bool = False) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+def channel_histograms(image_hwc_u8: np.ndarray) -> np.ndarray:
+    """3 x 256 counts of each channel's values."""
+    flat = image_hwc_u8.reshape(-1, 3)
+    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)]).astype(np.int64)
+
+
+def mean_std_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per channel (values in [0, 1]) of 3 x 256 counts."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    count = hist.sum(axis=1).astype(np.float64)
+    mean = (hist * levels).sum(axis=1) / count
+    var = (hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / count
+    return mean, np.sqrt(var)
+
+
+def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int = 0, progress: bool = False,
+                     grayscale_equalize: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Mean and std per channel over all pixels (in [0, 1]) of up to ``max_images`` samples."""
     from tqdm import tqdm
 
@@ -29,16 +53,13 @@ def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int
     idx = np.arange(len(samples))
     if len(samples) > max_images:
         idx = np.sort(rng.choice(len(samples), size=max_images, replace=False))
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
-    for i in tqdm(idx, desc="mean/std", unit="img", disable=not progress, leave=False):
-        px = _load(samples[int(i)]).reshape(-1, 3).astype(np.float64) / 255.0
-        total += px.sum(axis=0)
-        total_sq += (px * px).sum(axis=0)
-        count += px.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    hist = np.zeros((3, 256), np.int64)
+    for i in tqdm(idx, desc="mean/std", unit="img", disable=bar_disable(progress), leave=False):
+        image = _load(samples[int(i)], max_pixels)
+        if grayscale_equalize:
+            image = equalize_grey_u8(image)
+        hist += channel_histograms(image)
+    mean, std = mean_std_from_histograms(hist)
     mean = np.clip(mean, _MIN_VALUE, 1.0)
     std = np.clip(std, _MIN_VALUE, 1.0)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)  # type: ignore[return-value]

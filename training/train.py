@@ -23,18 +23,20 @@ import torch.nn as nn
 
 from serving.atomic import atomic_write_text
 from serving.metrics import compute_metrics
+from serving.progress import bar_disable
 from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.optim import build_optimizer, build_scheduler
-from training.data import DataSplit, default_model_name, resolve_training_data
+from training.data import DataSplit, default_model_name, resolve_eval_samples, resolve_training_data
 from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
                                   destroy_process_group, init_process_group)
 from training.errors import CheckpointError, TrainingError
 from training.model import build_model, load_pretrained_backbone
+from training.optim import build_optimizer, build_scheduler
 from training.pipeline import EvalLoader, TrainLoader, resolve_dali_device
+from training.runs import check_run_folder, write_run_config
 from training.sampling import balanced_class_weights, epoch_order
-from training.scan import refuse_bad, scan_samples, write_bad_list
+from training.scan import describe_skipped, refuse_bad, scan_samples, write_bad_list
 from training.stats import compute_mean_std
 
 HISTORY_CSV = "history.csv"
@@ -101,18 +103,42 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     atomic_write_text(run_dir / HISTORY_JSON, json.dumps(history, indent=2) + "\n")
 
 
+def _on_main(fn, info: DistInfo):
+    """``fn()`` on rank 0, its result (or its error, raised on every rank) on all ranks."""
+    payload = None
+    if info.is_main:
+        try:
+            payload = fn()
+        except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
+            payload = exc
+    payload = broadcast_object(payload, info)
+    if isinstance(payload, Exception):
+        raise payload
+    return payload
+
+
+def _open_run(cfg: TrainConfig, run_dir: Path) -> None:
+    check_run_folder(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(run_dir, cfg.to_dict())
+
+
 def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo, given: DataSplit | None) -> DataSplit:
     """Resolve DATA, scan files (rank 0) and swap converted files in; every rank gets the same lists."""
     payload = None
     if info.is_main:
         split = given or resolve_training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         cache = run_dir / "cache" / "converted"
-        train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train")
-        val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val")
+        train = scan_samples(split.train, cache, progress=cfg.progress, desc="scan train",
+                             max_pixels=cfg.max_image_pixels)
+        val = scan_samples(split.val, cache, progress=cfg.progress, desc="scan val", max_pixels=cfg.max_image_pixels)
         train.bad += val.bad
         write_bad_list(train, run_dir / "bad_files.csv")
         try:
             refuse_bad(train, cfg.skip_bad)
+            skipped = describe_skipped(train, run_dir / "bad_files.csv")
+            if skipped:
+                print(skipped, flush=True)
             payload = DataSplit(split.kind, split.root, split.classes, train.samples, val.samples)
         except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
             payload = exc
@@ -130,8 +156,10 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
     elif cfg.pretrained:
         mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
     else:
+        # What the model is fed: equalised images for grey-scale models.
         mean, std = compute_mean_std(data.train, max_images=cfg.stats_max_images, seed=cfg.seed,
-                                     progress=cfg.progress)
+                                     progress=cfg.progress, grayscale_equalize=cfg.grayscale_equalize,
+                                     max_pixels=cfg.max_image_pixels)
         mean, std = cfg.mean or mean, cfg.std or std
     extra = {"grayscale_equalize": True} if cfg.grayscale_equalize else {}
     return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
@@ -139,12 +167,11 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
                      arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra)
 
 
-def eval_loader(samples, spec: ModelSpec, *, batch_size: int, num_threads: int, dali_device: str, info: DistInfo,
-                grayscale_equalize: bool = False) -> EvalLoader:
-    """The centre-crop evaluation pipeline over ``samples``, built once and reset for each pass."""
-    return EvalLoader(samples, source_hw=spec.source_hw, crop_hw=spec.input_hw, batch_size=batch_size,
-                      num_threads=num_threads, device=dali_device, device_id=info.local_rank, shard_id=info.rank,
-                      num_shards=info.world_size, grayscale_equalize=grayscale_equalize)
+def eval_loader(samples, spec: ModelSpec, *, batch_size: int, num_threads: int, dali_device: str,
+                info: DistInfo) -> EvalLoader:
+    """The reference evaluation pipeline (the "none" view) over ``samples``, built once and reset for each pass."""
+    return EvalLoader(samples, spec=spec, batch_size=batch_size, num_threads=num_threads, device=dali_device,
+                      device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size)
 
 
 def evaluate_samples(model: nn.Module, loader: EvalLoader, spec: ModelSpec, *, device: torch.device,
@@ -162,6 +189,19 @@ def evaluate_samples(model: nn.Module, loader: EvalLoader, spec: ModelSpec, *, d
     # Shards are contiguous ranges in rank order: concatenation restores the sample order.
     parts = all_gather_objects(mine, info)
     return np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]).astype(np.int64)
+
+
+def _log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(nn.functional.cross_entropy(torch.from_numpy(np.log(np.clip(probs, 1e-12, None))),
+                                             torch.from_numpy(labels)))
+
+
+def _epoch_line(row: dict, epochs: int, holdout: str | None) -> str:
+    line = (f"epoch {row['epoch']}/{epochs}: lr {row['lr']:.3g} | train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}")
+    if holdout:
+        line += f" | {holdout} loss {row[f'{holdout}_loss']:.4f} acc {row[f'{holdout}_accuracy']:.3f}"
+    return line + f" | {row['images_per_s']:.0f} img/s"
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -189,14 +229,17 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     from tqdm import tqdm
 
     run_dir = Path(cfg.out)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    _on_main(lambda: _open_run(cfg, run_dir), info)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = _prepare_data(cfg, run_dir, info, given)
+    holdout = None
+    if cfg.holdout_split:
+        # For learning curves only: never used to pick the best epoch.
+        holdout = _on_main(lambda: resolve_eval_samples(cfg.data, cfg.holdout_split, data.classes), info)
     resume = None
     if cfg.resume:
         resume = read_checkpoint(Path(cfg.resume) / LAST if Path(cfg.resume).is_dir() else cfg.resume)
@@ -235,6 +278,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     start_epoch, best_score, best_epoch, stale = 0, None, -1, 0
     if resume is not None:
         st = resume["state"]
+        if "optimizer" not in st:
+            raise CheckpointError(f"--resume {resume['path']}: holds weights and spec only (a best checkpoint); "
+                                  f"resume from {LAST}, which holds the optimiser and the schedule")
         model.load_state_dict(st.get("train_model", resume["model"]))
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -258,19 +304,24 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     # more than a short epoch, and a rebuilt pipeline loses its prefetch).
     train_loader = TrainLoader(data.train, input_hw=spec.input_hw, augment=cfg.augment, batch_size=cfg.batch_size,
                                num_threads=cfg.workers, device=dali_device, device_id=info.local_rank,
-                               shard_id=info.rank, num_shards=info.world_size)
+                               shard_id=info.rank, num_shards=info.world_size, source_hw=spec.source_hw)
     val_loader = eval_loader(data.val, spec, batch_size=cfg.batch_size, num_threads=cfg.workers,
-                             dali_device=dali_device, info=info, grayscale_equalize=cfg.grayscale_equalize)
+                             dali_device=dali_device, info=info)
+    holdout_loader = None if holdout is None else eval_loader(holdout, spec, batch_size=cfg.batch_size,
+                                                              num_threads=cfg.workers, dali_device=dali_device,
+                                                              info=info)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             break
         order = epoch_order(train_labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                            world_size=info.world_size, balanced=cfg.balanced_sampling)
+                            world_size=info.world_size, balanced=cfg.balanced_sampling,
+                            undersample=cfg.undersample)
         epoch_samples = [data.train[i] for i in order]
         net.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch
         bar = tqdm(total=len(order) // info.world_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
-                   disable=not (cfg.progress and info.is_main), leave=False)
+                   disable=bar_disable(cfg.progress and info.is_main), leave=False)
         for images, y in train_loader.epoch(epoch_samples, dali_seed(cfg.seed, epoch, info.rank)):
             images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -294,9 +345,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         eval_model = ema.module if ema is not None else model
         probs, labels = evaluate_samples(eval_model, val_loader, spec, device=device, info=info, amp=cfg.amp)
         m = compute_metrics(labels, probs, spec.class_names)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(np.log(np.clip(probs, 1e-12, None))),
-                                                     torch.from_numpy(labels)))
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        val_loss = _log_loss(probs, labels)
+        row = {"epoch": epoch + 1, "lr": lr_used,
                "train_loss": totals[0] / max(totals[2], 1), "train_accuracy": totals[1] / max(totals[2], 1),
                "val_loss": val_loss, "val_accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                "f1_macro": m["f1_macro"], "auc": m["auc"], "specificity_macro": m["specificity_macro"],
@@ -304,15 +354,20 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
                # Counted over all ranks: each sample once, whatever the sharding.
                "train_samples": int(totals[2]), "val_samples": int(len(labels))}
         row["accuracy"] = m["accuracy"]
-        # Plain Python numbers: checkpoints are read back with weights_only=True.
-        row = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in row.items()}
-        history.append(row)
+        if holdout_loader is not None:
+            hp, hl = evaluate_samples(eval_model, holdout_loader, spec, device=device, info=info, amp=cfg.amp)
+            row[f"{cfg.holdout_split}_loss"] = _log_loss(hp, hl)
+            row[f"{cfg.holdout_split}_accuracy"] = float((hp.argmax(1) == hl).mean())
         score = _score({**m, "val_loss": val_loss}, cfg.best_metric)
         improved = best_score is None or score > best_score
         if improved:
             best_score, best_epoch, stale = score, epoch + 1, 0
         else:
             stale += 1
+        row["best_epoch"] = best_epoch  # so far: the last row's is the run's (plots mark it)
+        # Plain Python numbers: checkpoints are read back with weights_only=True.
+        row = {k: (v if v is None or isinstance(v, int) else float(v)) for k, v in row.items()}
+        history.append(row)
         if info.is_main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch, "history": history,
@@ -324,12 +379,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
                       state=state)
             save_checkpoint(run_dir / LAST, **kw)
             if improved:
-                save_checkpoint(run_dir / BEST, **kw)
+                # Weights and spec only: the optimiser state would double its size and is never needed.
+                save_checkpoint(run_dir / BEST, **{**kw, "state": None})
             _write_history(run_dir, history)
-            if cfg.progress:
-                print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-                      f"val loss {val_loss:.4f} acc {m['accuracy']:.3f} | {row['images_per_s']:.0f} img/s", flush=True)
+            # Always, bars or not: the one line per epoch a log keeps.
+            print(_epoch_line(row, cfg.epochs, cfg.holdout_split), flush=True)
         barrier(info)
+    if info.is_main and history:
+        from serving.plots import plot_training_curves
+
+        plot_training_curves(history, run_dir / "training_curves.png")
     result.history, result.best_epoch, result.best_score = history, best_epoch, best_score
     result.pipeline_builds = {"train": train_loader.builds, "val": val_loader.builds}
     return result

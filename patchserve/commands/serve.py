@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with server:
             print(f"Triton is ready (log: {server.log_path})")
+            print(f"  logging, trace and repository APIs need the header in {server.workdir / 'api_key'}")
             print(f"  HTTP     {server.urls.http}")
             print(f"  gRPC     {server.urls.grpc}")
             print(f"  metrics  {server.urls.metrics}")
@@ -43,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {server.ngc_command(gpu)}")
             print("Press Ctrl-C to stop.", flush=True)
             while not stop.wait(0.5):
+                server.protect_shared_memory()  # a stub the backend restarts makes a new region
                 if not server.alive():
                     print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", flush=True)
                     return 1
@@ -58,7 +60,7 @@ def _models(server) -> list[tuple[str, str, str]]:
 
     client = httpclient.InferenceServerClient(server.urls.http)
     try:
-        index = client.get_model_repository_index()
+        index = client.get_model_repository_index(headers=server.admin_headers)
     finally:
         client.close()
     return [(m["name"], m.get("version", "-"), m.get("state", "?")) for m in index]

@@ -23,6 +23,7 @@ from PIL import Image
 from serving.errors import InputError
 from serving.options import option
 from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
+from serving.progress import bar_disable
 
 __all__ = ["SynthConfig", "SynthSummary", "synthesize", "make_patch", "class_names_for", "REFERENCE_SIZE"]
 
@@ -30,10 +31,14 @@ FORMATS = {"png": ".png", "jpg": ".jpg", "tif": ".tif"}
 SPLITS = ("train", "val", "test")
 SHIFTED_SPLIT = "test_shifted"  # the test tissue again, stained at a second centre
 SHIFTED_STAIN = 1.0
+# Classes overlap in morphology and stain by default: a model cannot reach 1.0 (texture.patch_look).
+DEFAULT_OVERLAP = 1.0
+NOISY_SPLITS = ("train", "val")  # label noise is in the annotations learnt from; test labels stay true
 MAX_CLASSES = 8
 # Everything synthesize writes; --overwrite removes exactly these, nothing else.
 OUTPUTS = (*SPLITS, SHIFTED_SPLIT, "pcam", "slides", "manifest.csv", "synth.json")
 _SPLIT_KEYS = {"train": 1, "val": 2, "test": 3}
+_NOISE_KEY = 99
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,18 @@ class SynthConfig:
 
     classes: int = option(2, f"number of classes, 2..{MAX_CLASSES} (2: normal/tumour; more: colorectal tissue types)")
     per_class: int = option(60, "images of the largest class, over train+val+test (at least 3)")
-    imbalance: float = option(1.0, "ratio of the largest (first) class to the smallest, >= 1")
+    imbalance: float = option(1.0, "ratio of the largest (first) class to the smallest, >= 1 "
+                                   "(3: the chest X-ray study's 3:1)")
     size: int = option(64, "patch side in pixels, 16..1024")
     fmt: str = option("png", "image format", flag="--format", choices=tuple(FORMATS))
     seed: int = option(0, "same seed, same bytes")
     slide: bool = option(False, "also write slides/slide_0.tiff with tumour and tissue masks")
     slide_size: int = option(4096, "slide level-0 width in pixels (height is 3/4)")
     split_fractions: tuple[float, float, float] = option((0.6, 0.2, 0.2), cli=False)
+    overlap: float = option(DEFAULT_OVERLAP, "how far patches stray towards another class's morphology and "
+                            "stain, 0..1 (0: classes apart, a model reaches 1.0)")
+    label_noise: float = option(0.0, "share of train/val images filed under a wrong class, 0..0.5 "
+                                "(synth.json lists them)")
 
     def __post_init__(self) -> None:
         def integer(flag: str, v: object, lo: int, hi: int) -> None:
@@ -64,6 +74,11 @@ class SynthConfig:
             raise InputError(f"--format: invalid format {self.fmt!r}. Only {', '.join(FORMATS)} are supported.")
         if not (isinstance(self.imbalance, (int, float)) and math.isfinite(self.imbalance) and self.imbalance >= 1):
             raise InputError(f"--imbalance: expected a number >= 1 (largest / smallest class), got {self.imbalance!r}")
+        if not (isinstance(self.overlap, (int, float)) and 0.0 <= self.overlap <= 1.0):
+            raise InputError(f"--overlap: expected a number in [0, 1] (0: classes apart), got {self.overlap!r}")
+        if not (isinstance(self.label_noise, (int, float)) and 0.0 <= self.label_noise < 0.5):
+            raise InputError(f"--label-noise: expected a fraction in [0, 0.5) of train/val labels to flip, "
+                             f"got {self.label_noise!r}")
         smallest = self.counts()[-1]
         if smallest < 3:
             raise InputError(
@@ -117,6 +132,17 @@ class SynthSummary:
         return sum(self.counts[split].values())
 
 
+def _noisy_label(key: list[int], c: int, classes: int, label_noise: float) -> int:
+    """The class an image is filed under: with probability ``label_noise`` another one, drawn uniformly."""
+    if label_noise <= 0:
+        return c
+    rng = np.random.default_rng([*key, _NOISE_KEY])  # its own stream: the image's pixels do not change
+    if rng.random() >= label_noise:
+        return c
+    other = int(rng.integers(classes - 1))
+    return other + (other >= c)
+
+
 def _encode(patch: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     img = Image.fromarray(patch)
@@ -160,18 +186,22 @@ def _write_hdf5(out: Path, split: str, images: np.ndarray, labels: np.ndarray,
 
 def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: float = 1.0, size: int = 64,
                fmt: str = "png", seed: int = 0, slide: bool = False, slide_size: int = 4096,
-               overwrite: bool = False, split_fractions=(0.6, 0.2, 0.2), progress: bool = False) -> SynthSummary:
+               overwrite: bool = False, split_fractions=(0.6, 0.2, 0.2), overlap: float = DEFAULT_OVERLAP,
+               label_noise: float = 0.0, progress: bool = False) -> SynthSummary:
     """Write a deterministic synthetic dataset under ``out`` (see the module docstring).
 
     Splits ``train``/``val``/``test`` as ``out/<split>/<class>/*``, ``test_shifted``
     (the test tissue under a second centre's stain), ``manifest.csv``
     (``path,label,split``), ``pcam/<split>_x.h5`` and ``_y.h5`` rows in manifest
     order, ``synth.json`` last, and with ``slide`` ``slides/slide_0.tiff`` and masks.
+    ``label_noise`` files that share of train/val images under a wrong class
+    (``synth.json`` lists them); the file name keeps the true class.
     """
     from tqdm.auto import tqdm
 
     cfg = SynthConfig(classes=classes, per_class=per_class, imbalance=imbalance, size=size, fmt=fmt,
-                      seed=seed, slide=slide, slide_size=slide_size, split_fractions=tuple(split_fractions))
+                      seed=seed, slide=slide, slide_size=slide_size, split_fractions=tuple(split_fractions),
+                      overlap=overlap, label_noise=label_noise)
     out = Path(out)
     _check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,22 +212,26 @@ def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: f
     rows: list[tuple[str, str, str]] = []
     arrays: dict[str, list[np.ndarray]] = {s: [] for s in (*SPLITS, SHIFTED_SPLIT)}
     labels: dict[str, list[int]] = {s: [] for s in arrays}
+    flipped: list[str] = []
     for d in (*SPLITS, SHIFTED_SPLIT):
         for name in names:
             (out / d / name).mkdir(parents=True, exist_ok=True)
-    for split, c, i in tqdm(plan, desc="synth patches", unit="img", disable=not progress):
+    for split, c, i in tqdm(plan, desc="synth patches", unit="img", disable=bar_disable(progress)):
         # One generator per image, keyed by its place: the data set does not
         # depend on iteration order, and the shifted copy replays the same draws.
         key = [seed, _SPLIT_KEYS[split], c, i]
         variants = [(split, 0.0)] + ([(SHIFTED_SPLIT, SHIFTED_STAIN)] if split == "test" else [])
+        label = _noisy_label(key, c, classes, label_noise) if split in NOISY_SPLITS else c
         for where, shift in variants:
-            patch = make_patch(np.random.default_rng(key), c, size, shift, num_classes=classes)
-            rel = f"{where}/{names[c]}/{names[c]}_{i:04d}{ext}"
+            patch = make_patch(np.random.default_rng(key), c, size, shift, num_classes=classes, overlap=overlap)
+            rel = f"{where}/{names[label]}/{names[c]}_{i:04d}{ext}"
             (out / rel).write_bytes(_encode(patch, fmt))
             files.append(out / rel)
-            rows.append((rel, names[c], where))
+            rows.append((rel, names[label], where))
             arrays[where].append(patch)
-            labels[where].append(c)
+            labels[where].append(label)
+            if label != c:
+                flipped.append(rel)
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -229,6 +263,7 @@ def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: f
         "class_names": list(names),
         "counts": counts,
         "stain_shift": {SHIFTED_SPLIT: SHIFTED_STAIN, **{s: 0.0 for s in SPLITS}},
+        "mislabelled": flipped,
         "manifest": manifest.relative_to(out).as_posix(),
         "hdf5": {s: [p.relative_to(out).as_posix() for p in xy] for s, xy in hdf5.items()},
         **slide_meta,

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from serving.synth.texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, to_rgb
+from serving.progress import bar_disable
 
 MPP = 0.5  # level 0, micrometres per pixel (a 20x scan)
 LEVEL_DOWNSAMPLE = 4
@@ -107,7 +108,7 @@ def render_level0(seed: int, patch_size: int, height: int, width: int, progress:
     stain = Stain()  # one scan, one stain: no per-patch jitter inside a slide
     rgb = np.empty((height, width, 3), dtype=np.uint8)
     zero = np.zeros((STRIP_ROWS, width), dtype=np.float32)
-    for y0 in tqdm(range(0, height, STRIP_ROWS), desc="synth slide", unit="strip", disable=not progress):
+    for y0 in tqdm(range(0, height, STRIP_ROWS), desc="synth slide", unit="strip", disable=bar_disable(progress)):
         rows = min(STRIP_ROWS, height - y0)
         m0, m1 = y0 // MASK_DOWNSAMPLE, (y0 + rows) // MASK_DOWNSAMPLE
         t_mask = np.repeat(np.repeat(tissue[m0:m1], MASK_DOWNSAMPLE, 0), MASK_DOWNSAMPLE, 1)

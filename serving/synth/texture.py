@@ -25,10 +25,13 @@ COLORECTAL_CLASSES = ("tumour", "stroma", "complex", "lympho", "debris", "mucosa
 # eosin tuned towards the pink of scanned H&E.
 HAEMATOXYLIN = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 EOSIN = np.array([0.10, 0.85, 0.35], dtype=np.float32)
-# The second centre: bluer haematoxylin, more magenta eosin, rotated hue.
-SHIFTED_HAEMATOXYLIN = np.array([0.80, 0.62, 0.16], dtype=np.float32)
-SHIFTED_EOSIN = np.array([0.02, 1.00, 0.18], dtype=np.float32)
-SHIFT_HUE_DEG = 14.0
+# The second centre stains with much more haematoxylin (about 1.6x its optical
+# density, bluer) and less eosin: a change of how much of each stain a pixel
+# seems to hold, as between hospitals. Normal tissue then looks as dark as
+# tumour to a model that learnt colour, so accuracy on test_shifted drops.
+SHIFTED_HAEMATOXYLIN = np.array([1.05, 1.05, 0.45], dtype=np.float32)
+SHIFTED_EOSIN = np.array([0.06, 0.70, 0.25], dtype=np.float32)
+SHIFT_HUE_DEG = 0.0
 
 
 def class_names_for(n: int) -> tuple[str, ...]:
@@ -84,6 +87,36 @@ LOOKS = {
 
 def looks_for(n: int) -> tuple[Look, ...]:
     return tuple(LOOKS[c] for c in class_names_for(n))
+
+
+def blend(a: Look, b: Look, t: float) -> Look:
+    """The look a fraction ``t`` of the way from ``a`` to ``b`` (numbers and ranges interpolated)."""
+    def mix(x, y):
+        if isinstance(x, bool):
+            return x if t < 0.5 else y
+        if isinstance(x, tuple):
+            return tuple(mix(u, v) for u, v in zip(x, y))
+        return (1.0 - t) * x + t * y
+
+    return Look(**{f: mix(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__})
+
+
+# How far a patch's look strays towards another class: t ~ overlap * Beta(2, 5).
+# With overlap 1 about one patch in nine lies past the midpoint and looks more
+# like the other class (Bayes accuracy about 0.89 for two classes), so a model
+# cannot reach 1.0 however long it trains.
+OVERLAP_BETA = (2.0, 5.0)
+
+
+def patch_look(rng: np.random.Generator, class_index: int, num_classes: int, overlap: float) -> Look:
+    """The look of one patch: its class's, blended towards a random other class by ``overlap``."""
+    looks = looks_for(num_classes)
+    if overlap <= 0:
+        return looks[class_index]  # no draws: the patches of overlap 0 are those of earlier versions
+    other = int(rng.integers(num_classes - 1))
+    other += other >= class_index
+    t = overlap * float(rng.beta(*OVERLAP_BETA))
+    return blend(looks[class_index], looks[other], t)
 
 
 def _grid(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
@@ -259,7 +292,7 @@ class Stain:
         e = EOSIN + shift * (SHIFTED_EOSIN - EOSIN)
         h = np.clip(h * rng.uniform(0.9, 1.1, 3), 0.01, None)
         e = np.clip(e * rng.uniform(0.9, 1.1, 3), 0.01, None)
-        return cls(tuple(h.tolist()), tuple(e.tolist()), strength=float(rng.uniform(0.85, 1.15)) * (1 + 0.15 * shift),
+        return cls(tuple(h.tolist()), tuple(e.tolist()), strength=float(rng.uniform(0.85, 1.15)) * (1 + 0.1 * shift),
                    brightness=float(rng.uniform(0.95, 1.03)), hue_deg=float(rng.normal(0, 3)) + SHIFT_HUE_DEG * shift,
                    noise=float(rng.uniform(2.0, 5.0)))
 
@@ -290,13 +323,14 @@ def to_rgb(haem: np.ndarray, eosin: np.ndarray, mucus: np.ndarray, stain: Stain,
 
 
 def make_patch(rng: np.random.Generator, class_index: int, size: int, stain_shift: float = 0.0,
-               num_classes: int = 2) -> np.ndarray:
+               num_classes: int = 2, overlap: float = 0.0) -> np.ndarray:
     """One ``size`` x ``size`` uint8 RGB patch of class ``class_index``.
 
     ``stain_shift`` 0 is the training centre, 1 the second centre. The same
     ``rng`` state gives the same tissue under any stain (draws do not depend on it).
+    ``overlap`` > 0 blends the class's look towards another class's (:func:`patch_look`).
     """
-    look = looks_for(num_classes)[class_index]
+    look = patch_look(rng, class_index, num_classes, overlap)
     tex = Texture(rng, look, size, size, size / REFERENCE_SIZE)
     stain = Stain.jittered(rng, stain_shift)
     return to_rgb(*tex.render(0, 0, size, size), stain, rng)

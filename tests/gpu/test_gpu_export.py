@@ -36,7 +36,10 @@ def test_tensorrt_plan_has_a_profile_to_max_batch_a_manifest_and_matches_onnx_ru
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
     report = check_repository(repo, serve=False)
     statuses = {(r.check, r.model): r.status for r in report.rows}
-    assert statuses[("trt-profile", name)] == "ok" and statuses[("uint8-cast", name)] == "ok"
+    assert statuses[("uint8-cast", name)] == "ok"
+    (agree,) = [r for r in report.rows if r.check == "agree" and r.model == name]
+    assert agree.status == "ok" and "plan profile" in agree.detail  # the profile agrees with spec.json
+    assert report.passed, report.table()
 
 
 @pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "TensorrtExecutionProvider"])

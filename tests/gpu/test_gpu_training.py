@@ -13,13 +13,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_mixed_decoding_matches_cpu_decoding_within_one_level(synth_data):
     from serving.sources import discover
+    from serving.spec import ModelSpec
     from training.pipeline import build_eval_pipeline, iterate
 
     samples = discover(synth_data, split="val").samples
     out = {}
     for dev in ("cpu", "gpu"):
-        pipe = build_eval_pipeline(samples, source_hw=(48, 48), crop_hw=(48, 48), batch_size=16, num_threads=1,
-                                   device=dev, device_id=0)
+        spec = ModelSpec(name="g", class_names=("a", "b"), input_height=48, input_width=48, mean=(0.5,) * 3,
+                         std=(0.25,) * 3)
+        pipe = build_eval_pipeline(samples, spec=spec, batch_size=16, num_threads=1, device=dev, device_id=0)
         (x, y), = list(iterate(pipe, samples))
         assert x.is_cuda == (dev == "gpu")
         out[dev] = x.cpu().numpy().astype(int)

@@ -39,7 +39,7 @@ def _odd_folder(root):
     bad = {"v_zero.png": (b"", "empty file (0 bytes)"),
            "w_cut.jpg": (jpeg_bytes()[:600], "cannot decode image"),
            "x_text.png": (b"patient notes, not pixels\n", "not an image file PIL can decode"),
-           "y_huge.png": (png_header_only(45_000, 45_000), "image too large (45000x45000 pixels")}
+           "y_huge.png": (png_header_only(45_000, 45_000), "image too large: 45000x45000 = 2025000000 pixels")}
     for name, (data, _) in bad.items():
         (root / name).write_bytes(data)
     return {name: why for name, (_, why) in bad.items()}
@@ -63,7 +63,7 @@ def test_odd_and_broken_images_score_or_are_recorded_with_the_reason(triton_serv
     by_name = {p.name: i for i, p in enumerate(good)}
     # The PNG named .jpg was read as the PNG it is: the same row as the real PNG.
     np.testing.assert_array_equal(probs[by_name["f_png_named.jpg"]], probs[by_name["a_rgb.png"]])
-    errors = (tmp_path / "results.errors.csv").read_text().splitlines()[1:]
+    errors = (tmp_path / "results.csv.errors.csv").read_text().splitlines()[1:]
     assert [e.split(",")[0] for e in errors] == [str(folder / n) for n in sorted(bad)]
     for line, name in zip(errors, sorted(bad)):
         assert f"{name}: {bad[name]}" in line, line
@@ -88,14 +88,14 @@ def test_unreadable_slide_and_slide_without_mpp_are_recorded_and_the_rest_scores
     out = tmp_path / "results.csv"
     assert _score(triton_server, garbage, no_mpp, folder, "--out", out) == 0
     assert len(read_results(out)) == len(list(folder.glob("*.png")))
-    errors = (tmp_path / "results.errors.csv").read_text().splitlines()[1:]
+    errors = (tmp_path / "results.csv.errors.csv").read_text().splitlines()[1:]
     assert errors[0].startswith(f"{garbage},") and "OpenSlide cannot open it" in errors[0]
     assert errors[1].startswith(f"{no_mpp},") and "records no microns per pixel" in errors[1] and "pass --mpp" in errors[1]
     # Given --mpp, the same slide tiles and scores.
     out2 = tmp_path / "slide.csv"
     assert _score(triton_server, no_mpp, "--out", out2, "--mpp", "0.5") == 0
     assert [(r["col"], r["row"]) for r in read_results(out2)] == [(0, 0), (0, 1), (0, 2)]  # the tissue column
-    assert (tmp_path / "slide.errors.csv").read_text() == "source,reason\n"
+    assert (tmp_path / "slide.csv.errors.csv").read_text() == "source,reason\n"
 
 
 def test_malformed_manifest_rows_are_recorded_and_good_rows_scored(triton_server, synth_data, tmp_path):
@@ -108,7 +108,7 @@ def test_malformed_manifest_rows_are_recorded_and_good_rows_scored(triton_server
     assert [r["source"] for r in read_results(out)] == [str(good[0]), str(good[2])]
     import csv
 
-    with open(tmp_path / "results.errors.csv", newline="") as fh:
+    with open(tmp_path / "results.csv.errors.csv", newline="") as fh:
         errors = {r["source"]: r["reason"] for r in csv.DictReader(fh)}
     assert errors == {f"{manifest}:3": "malformed manifest row: empty path",
                       f"{manifest}:4": "malformed manifest row: label 'cat' is not one of ['normal', 'tumour']",

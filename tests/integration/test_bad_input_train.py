@@ -64,7 +64,11 @@ def test_scan_skips_broken_files_and_dali_decodes_the_rest_like_serving(odd_tree
     for p, why in scan.bad:
         assert why.startswith(BAD[p.rsplit("/", 1)[-1]]), (p, why)
     assert (len(scan.samples), scan.converted) == (GOOD, 3)  # RGBA, palette and 16-bit go through the cache
-    pipe = build_eval_pipeline(scan.samples, source_hw=(40, 40), crop_hw=None, batch_size=GOOD, num_threads=1)
+    from serving.spec import ModelSpec
+
+    spec = ModelSpec(name="odd", class_names=("a", "b"), input_height=40, input_width=40, mean=(0.5,) * 3,
+                     std=(0.25,) * 3)
+    pipe = build_eval_pipeline(scan.samples, spec=spec, batch_size=GOOD, num_threads=1)
     (images, _), = list(iterate(pipe, scan.samples))
     assert tuple(images.shape) == (GOOD, 40, 40, 3)
     at = {o.rsplit("/", 1)[-1]: i for i, o in enumerate(scan.origins)}
@@ -77,13 +81,18 @@ def test_scan_skips_broken_files_and_dali_decodes_the_rest_like_serving(odd_tree
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_training_with_skip_bad_trains_on_the_rest_and_lists_what_it_skipped(odd_tree, tmp_path):
+def test_training_with_skip_bad_trains_on_the_rest_and_lists_what_it_skipped(odd_tree, tmp_path, capsys):
     import torch
 
     from training.train import train
 
     torch.set_num_threads(1)
     result = train(small_train_config(odd_tree, tmp_path / "run", val_fraction=0.5, skip_bad=True))
+    said = capsys.readouterr().out
+    assert (f"--skip-bad: left out {len(BAD)} unusable image file(s), all listed in "
+            f"{tmp_path / 'run' / 'bad_files.csv'}:") in said
+    for name in BAD:
+        assert name in said
     assert len(result.history) == 1
     assert result.history[0]["train_samples"] + result.history[0]["val_samples"] == GOOD
     assert sorted(_bad_list(tmp_path / "run" / "bad_files.csv")) == sorted(BAD)

@@ -9,18 +9,29 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.check import check_repository
+from export.manifest import read_manifest, write_manifest
 from export.triton_config import read_config
 from patchserve.cli import main as cli_main
 from tests.fixtures_export import link_copy
 
 
-def test_good_repository_passes_every_check_including_real_inference(exported_repo, capsys):
+def _rehash(folder, version=1):
+    """What an attacker who knows the manifest format does after an edit: rewrite the manifest."""
+    write_manifest(folder, version, read_manifest(folder, version).weights_sha256)
+
+
+def test_good_repository_passes_every_check_including_real_inference_and_the_run_proof(
+        exported_repo, export_run_dir, capsys):
     repo, spec = exported_repo
-    assert cli_main(["check-export", str(repo)]) == 0
+    assert cli_main(["check-export", str(repo), "--run", str(export_run_dir)]) == 0
     out = capsys.readouterr().out
     assert "check-export: PASSED" in out
     for model in (spec.name, spec.tta_model_name, spec.preprocess_model_name, spec.ensemble_model_name):
         assert f"serve          {model}" in out
+        assert f"manifest       {model}" in out
+    for model in (spec.name, spec.tta_model_name, spec.ensemble_model_name):
+        assert f"run            {model}" in out
+    assert "32 images" in out
     assert "FAIL" not in out
 
 
@@ -77,7 +88,9 @@ def test_cli_prints_a_table_and_exits_1_on_a_broken_repository_without_starting_
     assert cli_main(["check-export", str(broken), "--models", f"{spec.name},{spec.tta_model_name}"]) == 1
     out = capsys.readouterr().out
     assert "labels         " in out and "FAIL" in out and "static checks failed; the server was not started" in out
-    assert "check-export: FAILED (1 check(s))" in out
+    # The edited labels.txt also differs from the export manifest.
+    assert "labels.txt: sha256 differs from the manifest" in out
+    assert "check-export: FAILED (2 check(s))" in out
 
 
 def test_unknown_model_in_models_flag_is_an_error_naming_the_flag(exported_repo, capsys):

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from serving.sources import Sample, discover
-from training.pipeline import (AugmentConfig, EvalLoader, TrainLoader, build_eval_pipeline,
-                               build_train_pipeline, iterate)
+from serving.spec import ModelSpec
+from training.pipeline import (AugmentConfig, EvalLoader, TrainLoader, build_eval_pipeline, build_train_pipeline,
+                               iterate, unpad)
 
 NO_AUG = AugmentConfig(hflip_prob=0.0, vflip_prob=0.0, scale_min=1.0)
 
@@ -23,15 +24,30 @@ def _all(pipe, samples):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _train(samples, augment, seed=1, **kw):
-    return _all(build_train_pipeline(samples, input_hw=(32, 32), augment=augment, batch_size=8, num_threads=1,
+def _train(samples, augment, seed=1, input_hw=(32, 32), **kw):
+    return _all(build_train_pipeline(samples, input_hw=input_hw, augment=augment, batch_size=8, num_threads=1,
                                      seed=seed, **kw), samples)
 
 
-def _val(samples, **kw):
-    kw.setdefault("source_hw", (32, 32))
-    kw.setdefault("crop_hw", (32, 32))
-    return _all(build_eval_pipeline(samples, batch_size=8, num_threads=1, **kw), samples)
+def _spec(input_hw=(32, 32), source_hw=None, grey=False) -> ModelSpec:
+    sh, sw = source_hw or input_hw
+    return ModelSpec(name="t", class_names=("a", "b"), input_height=input_hw[0], input_width=input_hw[1],
+                     source_height=sh, source_width=sw, mean=(0.5,) * 3, std=(0.25,) * 3,
+                     extra={"grayscale_equalize": True} if grey else {})
+
+
+def _val(samples, input_hw=(32, 32), source_hw=None, grey=False, **kw):
+    spec = _spec(input_hw, source_hw, grey)
+    return _all(build_eval_pipeline(samples, spec=spec, batch_size=8, num_threads=1, **kw), samples)
+
+
+def _val_views(samples, spec):
+    """The geometry's output per sample (views=True), cut back to each image's own size."""
+    out = []
+    for x, _, shapes in iterate(build_eval_pipeline(samples, spec=spec, views=True, batch_size=8, num_threads=1),
+                                samples, with_shapes=True):
+        out += unpad(x.numpy(), shapes.numpy())
+    return out
 
 
 def test_train_pipeline_outputs_uint8_nhwc_batches_with_labels(train_samples):
@@ -89,9 +105,10 @@ def test_grayscale_equalize_outputs_equal_channels(train_samples):
 def test_validation_centre_crop_is_the_serving_view_box(train_samples):
     from serving.views import view_boxes
 
-    full, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=None)
-    crop, _ = _val(train_samples[:5], source_hw=(37, 37), crop_hw=(32, 32))
+    full = np.stack(_val_views(train_samples[:5], _spec((32, 32), (37, 37))))
+    crop, _ = _val(train_samples[:5], source_hw=(37, 37))
     (top, left, _), = view_boxes("none", (37, 37), (32, 32))
+    assert full.shape == (5, 37, 37, 3)
     np.testing.assert_array_equal(crop, full[:, top:top + 32, left:left + 32])
 
 
@@ -104,7 +121,7 @@ def test_validation_shards_cover_every_sample_exactly_once_with_a_partial_last_b
         files.append(Sample(str(f), i))
     seen = []
     for shard in range(num_shards):
-        x, y = _val(files, source_hw=(8, 8), crop_hw=(8, 8), shard_id=shard, num_shards=num_shards)
+        x, y = _val(files, input_hw=(8, 8), shard_id=shard, num_shards=num_shards)
         assert x[:, 0, 0, 0].tolist() == y.tolist()  # pixel value encodes the sample
         seen += y.tolist()
     assert sorted(seen) == list(range(13))
@@ -116,7 +133,7 @@ def test_hdf5_rows_flow_through_external_source_sharded_once(synth_data):
     ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
     seen = []
     for shard in range(2):
-        x, y = _val(ds.samples, source_hw=(48, 48), crop_hw=(48, 48), shard_id=shard, num_shards=2)
+        x, y = _val(ds.samples, input_hw=(48, 48), shard_id=shard, num_shards=2)
         seen.append(x)
         assert y.tolist() == [s.label for s in ds.samples][shard * 8:(shard + 1) * 8]
     import h5py
@@ -141,7 +158,7 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
         path = tmp_path / f"tissue_{i}.png"
         Image.fromarray(make_patch(rng, i % 2, 150)).save(path)
         samples.append(Sample(str(path), 0))
-    got, _ = _val(samples, source_hw=(73, 73), crop_hw=(64, 64))
+    got, _ = _val(samples, input_hw=(64, 64), source_hw=(73, 73))
     (top, left, _), = view_boxes("none", (73, 73), (64, 64))
     want = np.stack([resize_u8(load_rgb_u8(s.source), (73, 73))[top:top + 64, left:left + 64] for s in samples])
     diff = np.abs(got.astype(int) - want.astype(int))
@@ -149,17 +166,20 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
 
 
 FULL_AUG = AugmentConfig(rotation_deg=20.0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, scale_min=0.5)
+# Random windows and HED stain jitter: their draws come from the epoch's seed too, not from DALI's state.
+CROP_STAIN_AUG = AugmentConfig(rotation_deg=20.0, random_crop=True, stain_augment=True)
 
 
-def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_pipeline(train_samples):
+@pytest.mark.parametrize("aug", [FULL_AUG, CROP_STAIN_AUG], ids=["resized-crop-colour", "random-crop-stain"])
+def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_pipeline(train_samples, aug):
     samples = train_samples[:20]
     orders = [samples, samples[::-1], samples[5:] + samples[:5]]
-    loader = TrainLoader(samples, input_hw=(32, 32), augment=FULL_AUG, batch_size=8, num_threads=1)
+    loader = TrainLoader(samples, input_hw=(24, 24), augment=aug, batch_size=8, num_threads=1)
     epochs = []
     for seed, order in zip((11, 12, 13), orders):
         got = [(x.numpy(), y.numpy()) for x, y in loader.epoch(order, seed)]
         x, y = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
-        fresh_x, fresh_y = _train(order, FULL_AUG, seed=seed)
+        fresh_x, fresh_y = _train(order, aug, seed=seed, input_hw=(24, 24))
         np.testing.assert_array_equal(x, fresh_x)  # epoch k depends only on (order, seed): resume holds
         assert y.tolist() == fresh_y.tolist() == [s.label for s in order]
         epochs.append(x)
@@ -168,7 +188,7 @@ def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_
 
 
 def test_eval_loader_passes_are_identical_and_built_once(train_samples):
-    loader = EvalLoader(train_samples[:20], source_hw=(32, 32), crop_hw=(32, 32), batch_size=8, num_threads=1)
+    loader = EvalLoader(train_samples[:20], spec=_spec(), batch_size=8, num_threads=1)
     passes = [np.concatenate([x.numpy() for x, _ in loader]) for _ in range(3)]
     assert [p.shape[0] for p in passes] == [20, 20, 20]
     np.testing.assert_array_equal(passes[0], passes[2])
@@ -204,7 +224,7 @@ def test_hdf5_loaders_reset_per_pass_give_every_row_each_time(synth_data):
     ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
     with h5py.File(synth_data / "pcam" / "val_x.h5") as f:
         rows = f["x"][:]
-    evals = EvalLoader(ds.samples, source_hw=(48, 48), crop_hw=(48, 48), batch_size=6, num_threads=1)
+    evals = EvalLoader(ds.samples, spec=_spec((48, 48)), batch_size=6, num_threads=1)
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in evals]), rows)
     train = TrainLoader(ds.samples, input_hw=(48, 48), augment=NO_AUG, batch_size=6, num_threads=1)

@@ -41,7 +41,7 @@ def test_max_queue_delay_flag_lands_in_every_generated_config(int8_repo):
 def test_default_queue_delay_is_the_measured_one_in_options_and_cli():
     from patchserve.commands.export import get_args_parser
 
-    assert tc.ExportOptions(max_batch_size=8).max_queue_delay_us == tc.DEFAULT_MAX_QUEUE_DELAY_US == 200
+    assert tc.ExportOptions().max_queue_delay_us == tc.DEFAULT_MAX_QUEUE_DELAY_US == 200
     assert get_args_parser().parse_args(["r", "--repo", "x"]).max_queue_delay_us == 200
 
 

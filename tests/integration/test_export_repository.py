@@ -18,7 +18,7 @@ def test_exported_repo_holds_every_flavour_weights_labels_and_spec(exported_repo
     repo, spec = exported_repo
     n = spec.name
     for rel in (f"{n}/config.pbtxt", f"{n}/configs/onnxruntime.pbtxt", f"{n}/labels.txt", f"{n}/spec.json",
-                f"{n}/1/model.onnx", f"{n}/1/model.py", f"{n}/1/parity.npz",
+                f"{n}/1/model.onnx", f"{n}/1/model.py", f"{n}/1/fixture.npz", f"{n}/1/manifest.json",
                 f"{n}_tta/config.pbtxt", f"{n}_tta/1/model.onnx",
                 f"{n}_preprocess/config.pbtxt", f"{n}_preprocess/configs/dali.pbtxt", f"{n}_preprocess/1/model.dali",
                 f"{n}_preprocess/1/model.py", f"{n}_ensemble/config.pbtxt", f"{n}_ensemble/1"):
@@ -27,6 +27,25 @@ def test_exported_repo_holds_every_flavour_weights_labels_and_spec(exported_repo
     assert (repo / n / "labels.txt").read_text().splitlines() == list(spec.class_names)
     assert read_config(repo / n / "configs" / "onnxruntime.pbtxt").platform == "onnxruntime_onnx"
     assert compare_generated(repo) == []
+    assert "max_batch_size" not in (repo / n / "export.json").read_text()  # the spec's only
+
+
+def test_fixture_holds_32_real_validation_images_stratified_with_logits_and_encoded_files(exported_repo, synth_data):
+    from export.fixture import load_fixture, unpack_encoded
+    from export.patches import centre_crop
+    from serving.imageio import load_rgb_u8
+
+    repo, spec = exported_repo
+    cls = load_fixture(repo / spec.name / "1" / "fixture.npz", ("pixels", "logits"))
+    assert cls["pixels"].shape == (32, *spec.input_hw, 3) and cls["pixels"].dtype == np.uint8
+    pre = load_fixture(repo / spec.preprocess_model_name / "1" / "fixture.npz", ("encoded", "encoded_offsets", "pixels"))
+    files = unpack_encoded(pre)
+    real = {p.read_bytes(): p for p in synth_data.rglob("*.png")}
+    picked = [real[f.tobytes()] for f in files]  # every fixture image is a file of the data, as it was stored
+    assert sum(p.parent.parent.name == "val" for p in picked) == 16  # the whole validation split first
+    assert sorted(p.parent.name for p in picked).count("tumour") == 16
+    for f, pixels in zip(files, cls["pixels"]):
+        assert np.array_equal(centre_crop(load_rgb_u8(f.tobytes()), spec), pixels)
 
 
 def test_existing_version_is_refused_without_overwrite(exported_repo, export_run_dir):
@@ -69,14 +88,18 @@ def test_tensorrt_without_gpu_is_skipped_with_a_note_and_real_patches_agree_then
     before = (repo / "agree" / "1" / "model.onnx").stat().st_mtime_ns
     export_run(export_run_dir, repo, overwrite=True, **kw)
     assert (repo / "agree" / "1" / "model.onnx").stat().st_mtime_ns != before
-    fixture = np.load(repo / "agree" / "1" / "parity.npz")
-    assert fixture["inputs"].shape[0] == 3 and fixture["probabilities"].shape == (3, spec.num_classes)
+    fixture = np.load(repo / "agree" / "1" / "fixture.npz")
+    assert fixture["pixels"].shape == (32, *spec.input_hw, 3) and fixture["logits"].shape == (32, spec.num_classes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no work folder left beside the repository
 
 
-def test_run_trained_with_grayscale_equalisation_exports_the_classifier_only(tmp_path, tiny_spec):
+def test_run_trained_with_grayscale_equalisation_exports_every_model(tmp_path, tiny_spec):
     from training.checkpoint import write_random_run
 
     run = write_random_run(tmp_path / "run", tiny_spec.replace(extra={"grayscale_equalize": True}))
     result = export_run(run, tmp_path / "repo", formats=("python",))
-    assert sorted(result.models) == [tiny_spec.name]  # no TTA, preprocess or ensemble model
+    # The DALI preprocessing equalises before its geometry, and the client sends the TTA model equalised
+    # patches: grey-scale models get every flavour (parity: tests/integration/test_grayscale_serving.py).
+    assert sorted(result.models) == sorted([tiny_spec.name, tiny_spec.tta_model_name,
+                                            tiny_spec.preprocess_model_name, tiny_spec.ensemble_model_name])
     assert result.spec.grayscale_equalize

@@ -195,7 +195,7 @@ def test_server_killed_and_restarted_during_a_waiting_job_gives_one_row_per_patc
             proc.kill()
     assert proc.returncode == 0, err
     _assert_one_row_per_patch(out, h5, expected, spec)
-    assert (tmp_path / "results.errors.csv").read_text() == "source,reason\n"
+    assert (tmp_path / "results.csv.errors.csv").read_text() == "source,reason\n"
 
 
 def test_scorer_killed_leaves_only_committed_parts_and_resume_completes(server, fault_repo, patches_h5, tmp_path):
@@ -244,6 +244,6 @@ def test_patches_the_server_refuses_are_listed_as_errors_never_dropped(server, f
     names = sorted(p.name for p in folder.iterdir())  # p00..p05, p05_marked, p06..p09
     refused = names[4:8]  # the request of four that holds the marked patch
     assert [Path(r["source"]).name for r in read_results(out)] == [n for n in names if n not in refused]
-    errors = (tmp_path / "results.errors.csv").read_text().splitlines()[1:]
+    errors = (tmp_path / "results.csv.errors.csv").read_text().splitlines()[1:]
     assert [Path(e.split(",")[0]).name for e in errors] == refused
     assert all("server error: " in e and "marked patch refused" in e for e in errors)

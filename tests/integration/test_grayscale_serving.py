@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.errors import SpecMismatchError
 from serving.imageio import grey_equalize_u8
 from serving.synth.dataset import make_patch
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -70,8 +79,12 @@ def test_served_scores_are_the_model_on_equalised_pixels(grey_server):
     with PatchClient(server.urls.grpc, spec.name) as client:
         assert client.spec.grayscale_equalize
         got = client.predict(images)
-        with pytest.raises(SpecMismatchError, match="--tta server: model 'grey' was trained on grey-scale"):
-            client.predict(images, tta="server")
+        # Every path equalises before its geometry: server-side TTA and the ensemble agree with the client.
+        larger = _patches(4, 45, seed=2)
+        five = client.predict(larger, tta="five")
+        np.testing.assert_allclose(client.predict(larger, tta="server"), five, atol=1e-5)
+        encoded = [_png(im) for im in larger]
+        np.testing.assert_allclose(client.predict(encoded, tta="encoded"), client.predict(larger), atol=0.01)
     session = ort_session(onnx_path)
     want = session.run([spec.output_name], {spec.input_name: grey_equalize_u8(images)})[0]
     raw = session.run([spec.output_name], {spec.input_name: images})[0]

@@ -52,7 +52,7 @@ def test_score_skips_corrupt_files_records_them_and_writes_metrics(triton_server
     assert {r["label"] for r in rows} == set(spec.class_names)
     assert rows[0]["predicted"] == spec.class_names[int(probs[0].argmax())]
     assert (rows[0]["tta"], rows[0]["model"], rows[0]["version"], rows[0]["x"]) == ("none", spec.name, 1, None)
-    errors = (tmp_path / "results.errors.csv").read_text().splitlines()
+    errors = (tmp_path / "results.parquet.errors.csv").read_text().splitlines()
     assert errors[0] == "source,reason" and len(errors) == 3
     assert errors[1].startswith(f"{class_tree / 'normal' / 'zero.png'},") and errors[1].endswith("empty file (0 bytes)")
     assert errors[2].startswith(f"{class_tree / 'tumour' / 'truncated.png'},") and "cannot decode image" in errors[2]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from patchserve.cli import main as cli
-from serving.heatmap import probability_grid
+from serving.heatmap import LEGEND_BAR_H, colormap, legend_layout, probability_grid
 from serving.output import read_results
 from serving.slides import open_slide
 
@@ -63,9 +63,15 @@ def test_slide_heatmap_and_geojson_are_written_from_the_grid(scored_slide, trito
     out, _, rows = scored_slide
     spec = triton_server.spec
     heat = out.with_name("slides.slide_0.heatmap.png")
+    _, title_h, legend_h = legend_layout(1024)
     with Image.open(heat) as im:
-        # The thumbnail of the 2048x1536 slide, capped to HEATMAP_MAX_SIDE on its long side.
-        assert im.size == (1024, 768)
+        # The thumbnail of the 2048x1536 slide, capped to HEATMAP_MAX_SIDE on its long side,
+        # between a title band (slide, class) and a colour bar.
+        assert im.size == (1024, title_h + 768 + legend_h)
+        bar_row = np.asarray(im.convert("RGB"))[title_h + 768 + 6 + LEGEND_BAR_H // 2]
+    # The colour bar runs from the colour of 0 to the colour of 1.
+    assert (bar_row == colormap(np.array([0.0]))[0]).all(axis=1).any()
+    assert (bar_row == colormap(np.array([1.0]))[0]).all(axis=1).any()
     geo = json.loads(out.with_name("slides.slide_0.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(rows)
     f, r = geo["features"][0], rows[0]

@@ -66,17 +66,20 @@ def test_five_crop_tta_equals_the_average_of_five_independently_computed_views(t
     from serving.views import view_boxes
     from training.checkpoint import load_for_inference
     from training.data import resolve_eval_samples
-    from training.pipeline import build_eval_pipeline, iterate
+    from training.pipeline import build_eval_pipeline, iterate, unpad
 
     r = _evaluate(trained_run, synth_data, tmp_path / "eval", tta="five")
     model, spec, _ = load_for_inference(trained_run)
     samples = resolve_eval_samples(synth_data, "test", spec.class_names)
-    pipe = build_eval_pipeline(samples, source_hw=spec.source_hw, crop_hw=None, batch_size=16, num_threads=1)
-    (images, _), = list(iterate(pipe, samples))
+    pipe = build_eval_pipeline(samples, spec=spec, views=True, batch_size=16, num_threads=1)
+    (padded, _, shapes), = list(iterate(pipe, samples, with_shapes=True))
+    prepared = unpad(padded.numpy(), shapes.numpy())
+    assert len({im.shape for im in prepared}) == 1
+    images = torch.from_numpy(np.stack(prepared))
     ch, cw = spec.input_hw
     per_view = []
     with torch.no_grad():
-        for top, left, flip in view_boxes("five", spec.source_hw, spec.input_hw):
+        for top, left, flip in view_boxes("five", images.shape[1:3], spec.input_hw):
             crop = images[:, top:top + ch, left:left + cw, :].contiguous()
             per_view.append(torch.softmax(model(crop).float(), dim=1).numpy())
     np.testing.assert_allclose(r.probs, np.mean(per_view, axis=0), rtol=1e-5, atol=1e-6)

@@ -82,7 +82,7 @@ def test_queue_delay_variants_differ_from_the_model_only_in_name_and_delay(tmp_p
     from export import triton_config as tc
     from export.repository import render_repository, write_generated
 
-    write_generated(tmp_path, render_repository(tiny_spec, tc.ExportOptions(max_batch_size=8, with_dali=False)))
+    write_generated(tmp_path, render_repository(tiny_spec, tc.ExportOptions(with_dali=False)))
     version = tmp_path / tiny_spec.name / "1"
     version.mkdir()
     (version / "model.onnx").write_bytes(b"weights")

@@ -11,7 +11,7 @@ from export.repository import render_repository, resolve_spec
 
 @pytest.fixture
 def opts():
-    return tc.ExportOptions(max_batch_size=8, formats=("python", "onnxruntime"), tta_views="ten")
+    return tc.ExportOptions(formats=("python", "onnxruntime"), tta_views="ten")
 
 
 @pytest.mark.parametrize("role", ["classifier", "tta", "preprocess", "ensemble"])
@@ -38,11 +38,11 @@ def test_classifier_config_takes_its_names_dims_and_spec_from_the_spec(tiny_spec
 
 
 def test_onnxruntime_flavour_runs_on_gpu_with_optional_tensorrt_fp16_accelerator(tiny_spec):
-    plain = tc.classifier_config(tiny_spec, tc.ExportOptions(max_batch_size=8), "onnxruntime")
+    plain = tc.classifier_config(tiny_spec, tc.ExportOptions(), "onnxruntime")
     assert plain.platform == "onnxruntime_onnx" and plain.default_model_filename == "model.onnx"
     assert plain.instance_group[0].kind == plain.instance_group[0].KIND_GPU
     assert not plain.optimization.execution_accelerators.gpu_execution_accelerator
-    accel = tc.classifier_config(tiny_spec, tc.ExportOptions(max_batch_size=8, trt_accelerator=True), "onnxruntime")
+    accel = tc.classifier_config(tiny_spec, tc.ExportOptions(trt_accelerator=True), "onnxruntime")
     (block,) = accel.optimization.execution_accelerators.gpu_execution_accelerator
     assert block.name == "tensorrt" and block.parameters["precision_mode"] == "FP16"
 
@@ -75,14 +75,14 @@ def test_render_lays_out_flavours_side_by_side_in_one_model_folder(tiny_spec, op
 
 def test_invalid_format_names_the_flag_and_the_accepted_values():
     with pytest.raises(ExportInputError, match=r"--formats: invalid format\(s\) \['onnx'\]. Only python, onnxruntime, tensorrt"):
-        tc.ExportOptions(max_batch_size=8, formats=("python", "onnx"))
+        tc.ExportOptions(formats=("python", "onnx"))
 
 
 def test_invalid_tta_views_and_batch_size_are_refused_naming_the_flag():
     with pytest.raises(ExportInputError, match="--tta-views: invalid value 'flip'. Only five, ten"):
-        tc.ExportOptions(max_batch_size=8, tta_views="flip")
+        tc.ExportOptions(tta_views="flip")
     with pytest.raises(ExportInputError, match="--max-queue-delay-us: expected an integer >= 0"):
-        tc.ExportOptions(max_batch_size=8, max_queue_delay_us=-1)
+        tc.ExportOptions(max_queue_delay_us=-1)
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "x..y", ""])

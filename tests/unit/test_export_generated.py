@@ -24,7 +24,7 @@ def test_checked_in_configs_parse_and_carry_the_checked_in_spec():
 
 
 def test_a_hand_edited_config_is_reported_and_regenerate_restores_it(tmp_path, tiny_spec):
-    opts = ExportOptions(max_batch_size=8)
+    opts = ExportOptions()
     for rel, text in render_repository(tiny_spec, opts).items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)

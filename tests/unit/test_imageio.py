@@ -105,7 +105,7 @@ def test_missing_file_and_bad_bytes_are_named(tmp_path):
 def test_inspect_image_returns_the_mode_and_refuses_bad_files(tmp_path):
     p = tmp_path / "p.png"
     _grey_as("P").save(p)
-    assert inspect_image(p) == "P"
+    assert inspect_image(p).mode == "P"
     (tmp_path / "t.png").write_bytes(_png_bytes()[:400])
     with pytest.raises(ImageReadError, match=r"t\.png: truncated or corrupt image"):
         inspect_image(tmp_path / "t.png")

@@ -88,3 +88,60 @@ def test_a_failed_run_read_falls_back_to_single_tiles_and_only_the_damaged_tile_
     for i, (g, e) in enumerate(zip(got, expected)):
         if i not in failed:
             np.testing.assert_array_equal(g, e)
+
+
+class StickySlide(CountingSlide):
+    """OpenSlide's behaviour after a read error: the handle keeps failing."""
+
+    broken = False
+
+    def read_region(self, location, level, size):
+        if self.broken:
+            raise OSError("handle in error state")
+        try:
+            return super().read_region(location, level, size)
+        except OSError:
+            self.broken = True
+            raise
+
+
+def test_after_a_failed_read_a_fresh_handle_reads_the_remaining_tiles(synth_slide):
+    path = synth_slide / "slides" / "slide_0.tiff"
+    grid = plan_tiles(path, (48, 48), TilingConfig(min_tissue=0.5))
+    slide = open_slide(path)
+    try:
+        bad = grid.tiles[max(plan_runs(slide, grid, grid.tiles), key=len)[1]]
+        handles = []
+
+        def reopen():
+            handles.append(StickySlide(slide, fail_x=bad.x + 1))
+            return handles[-1]
+
+        got = read_tiles(StickySlide(slide, fail_x=bad.x + 1), grid, grid.tiles, reopen=reopen)
+        stuck = read_tiles(StickySlide(slide, fail_x=bad.x + 1), grid, grid.tiles)
+        expected = [read_tile(slide, grid, t.x, t.y) for t in grid.tiles]
+    finally:
+        slide.close()
+    damaged = [t for t in grid.tiles if t.x <= bad.x + 1 < t.x + 48]
+    assert [t for t, g in zip(grid.tiles, got) if isinstance(g, Exception)] == damaged
+    assert handles  # a fresh handle after each failure
+    for g, e in zip(got, expected):
+        if not isinstance(g, Exception):
+            np.testing.assert_array_equal(g, e)
+    # Without reopen the sticky handle fails every tile after the first failure.
+    assert sum(isinstance(g, Exception) for g in stuck) > len(damaged)
+
+
+def test_equalised_run_reading_is_byte_identical_to_equalised_tile_reading(synth_slide):
+    path = synth_slide / "slides" / "slide_0.tiff"
+    grid = plan_tiles(path, (48, 48), TilingConfig(min_tissue=0.0))
+    slide = open_slide(path)
+    try:
+        got = read_tiles(slide, grid, grid.tiles, equalize=True)
+        expected = [read_tile(slide, grid, t.x, t.y, equalize=True) for t in grid.tiles]
+        plain = read_tiles(slide, grid, grid.tiles)
+    finally:
+        slide.close()
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    assert any(not np.array_equal(g, p) for g, p in zip(got, plain))

@@ -48,7 +48,7 @@ def test_given_class_order_wins_and_foreign_class_folders_are_refused(tmp_path):
         discover(tmp_path, classes=("tumour", "x"))
 
 
-def test_split_folders_pick_the_split_and_default_to_train(tmp_path):
+def test_split_folders_pick_the_split_and_without_one_are_refused_naming_the_splits(tmp_path):
     for split, n in (("train", 2), ("val", 1), ("test", 3)):
         for i in range(n):
             _png(tmp_path / split / "normal" / f"{i}.png")
@@ -56,7 +56,8 @@ def test_split_folders_pick_the_split_and_default_to_train(tmp_path):
     assert has_splits(tmp_path) and split_root(tmp_path, "val") == tmp_path / "val"
     assert len(discover(tmp_path, split="test").samples) == 6
     assert len(discover(tmp_path, split="val").samples) == 2
-    assert len(discover(tmp_path).samples) == 4
+    with pytest.raises(InputError, match=r"holds the splits test, train, val; pass --split to pick one"):
+        discover(tmp_path)  # not silently train/: scores of the wrong split look plausible
     assert split_root(tmp_path / "train", "val") == tmp_path / "train"
 
 
@@ -177,7 +178,11 @@ def test_hdf5_without_labels_is_unlabelled(tmp_path):
     ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.zeros((3, 1, 1, 1), np.uint8)},
      r"dataset 'y' has 3 labels for 2 images in 'x'"),
     ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([0, 5], np.uint8)},
-     r"labels in 'y' must be in 0\.\.1 for classes \['normal', 'tumour'\]"),
+     r"labels in dataset 'y' must be in 0\.\.1 for classes \['normal', 'tumour'\]; row 1 is 5"),
+    ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([1.0, 0.7], np.float32).reshape(2, 1, 1, 1)},
+     r"dataset 'y' must hold integer labels; row 1 is 0\.7"),
+    ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([b"a", b"b"])},
+     r"dataset 'y' must hold integer labels, got dtype \|S1"),
 ])
 def test_hdf5_with_wrong_shapes_gives_a_clear_error_naming_the_file(tmp_path, datasets, match):
     f = _h5(tmp_path / "bad.h5", **datasets)
@@ -185,8 +190,47 @@ def test_hdf5_with_wrong_shapes_gives_a_clear_error_naming_the_file(tmp_path, da
         discover(f)
 
 
+def test_hdf5_float_labels_that_are_whole_numbers_are_accepted(tmp_path):
+    f = _h5(tmp_path / "f.h5", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([1.0, 0.0], np.float32))
+    assert discover(f).labels().tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("group", ["x", "y"])
+def test_hdf5_group_where_a_dataset_belongs_is_named(tmp_path, group):
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        if group == "x":
+            f.create_group("x").create_dataset("inner", data=np.zeros((2, 4, 4, 3), np.uint8))
+        else:
+            f.create_dataset("x", data=np.zeros((2, 4, 4, 3), np.uint8))
+            f.create_group("y")
+    want = (r"g\.h5: 'x' is a Group, expected a dataset of N x H x W x 3 uint8 images" if group == "x"
+            else r"g\.h5: 'y' is a Group, expected a dataset of N labels")
+    with pytest.raises(InputError, match=want):
+        discover(tmp_path / "g.h5")
+
+
 def test_file_that_is_not_hdf5_is_named(tmp_path):
     f = tmp_path / "fake.h5"
     f.write_bytes(b"not hdf5 at all")
     with pytest.raises(InputError, match=r"fake\.h5: not a readable HDF5 file"):
         discover(f)
+
+
+def test_official_patchcamelyon_file_names_are_read_as_train_val_and_test(tmp_path):
+    import h5py
+
+    from training.data import resolve_eval_samples, resolve_training_data
+
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        stem = tmp_path / f"camelyonpatch_level_2_split_{split}"
+        with h5py.File(f"{stem}_x.h5", "w") as fx:
+            fx.create_dataset("x", data=np.zeros((n, 8, 8, 3), np.uint8))
+        with h5py.File(f"{stem}_y.h5", "w") as fy:
+            fy.create_dataset("y", data=(np.arange(n) % 2).astype(np.uint8).reshape(-1, 1, 1, 1))
+    for data in (tmp_path, tmp_path / "camelyonpatch_level_2_split_train_x.h5"):
+        split = resolve_training_data(data)
+        assert (len(split.train), len(split.val)) == (6, 2)
+        assert split.val[0].source.startswith(str(tmp_path / "camelyonpatch_level_2_split_valid_x.h5"))
+    test = resolve_eval_samples(tmp_path, "test", ("normal", "tumour"))
+    assert [s.label for s in test] == [0, 1, 0]
+    assert test[0].source == f"{tmp_path / 'camelyonpatch_level_2_split_test_x.h5'}#0"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from serving.errors import InputError
 from serving.sources import discover, read_hdf5_rows
-from serving.synth.dataset import class_names_for, make_patch, synthesize
+from serving.synth.dataset import DEFAULT_OVERLAP, class_names_for, make_patch, synthesize
+from serving.synth.texture import LOOKS, blend
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
@@ -114,7 +115,9 @@ def test_shifted_test_set_has_same_tissue_and_labels_under_a_visibly_different_s
     s = three_class
     a = np.asarray(Image.open(s.out / "test/tumour/tumour_0000.png")).astype(np.float64)
     b = np.asarray(Image.open(s.out / "test_shifted/tumour/tumour_0000.png")).astype(np.float64)
-    assert np.abs(a - b).mean() > 10.0  # mean of several grey levels per channel
+    # More haematoxylin at the second centre: it absorbs red, so red drops by many grey levels.
+    assert (a[..., 0] - b[..., 0]).mean() > 12.0
+    assert np.abs(a - b).mean() > 8.0
     # Same nuclei under either stain: dark pixels overlap far more than by chance.
     da, db = a.sum(-1) < a.sum(-1).mean() - 60, b.sum(-1) < b.sum(-1).mean() - 60
     assert (da & db).sum() > 0.5 * da.sum() > 0
@@ -124,6 +127,51 @@ def test_tumour_patches_have_more_dark_nuclear_pixels_than_normal_on_average():
     normal = [_dark_fraction(make_patch(np.random.default_rng([1, i]), 0, 48)) for i in range(20)]
     tumour = [_dark_fraction(make_patch(np.random.default_rng([2, i]), 1, 48)) for i in range(20)]
     assert np.mean(tumour) > 3 * np.mean(normal)
+
+
+def test_default_overlap_makes_some_patches_look_like_the_other_class_and_overlap_0_keeps_them_apart():
+    def dark(c, overlap):
+        return np.array([_dark_fraction(make_patch(np.random.default_rng([c, i]), c, 48, overlap=overlap))
+                         for i in range(60)])
+
+    def errors(n, t):
+        """Fewest patches the best single threshold on nuclear darkness gets wrong."""
+        return min(int((n > c).sum() + (t <= c).sum()) for c in np.r_[n, t])
+
+    n, t = dark(0, DEFAULT_OVERLAP), dark(1, DEFAULT_OVERLAP)
+    assert np.mean(t) > 2 * np.mean(n)  # still different on average...
+    assert errors(dark(0, 0.0), dark(1, 0.0)) <= 2  # classes apart: one threshold sorts almost all
+    assert errors(n, t) >= 12  # overlapping: at least a tenth of 120 patches on the wrong side
+
+
+def test_blend_interpolates_every_number_of_a_look_from_one_class_to_the_other():
+    a, b = LOOKS["normal"], LOOKS["tumour"]
+    assert blend(a, b, 0.0) == a and blend(a, b, 1.0) == b
+    mid = blend(a, b, 0.5)
+    assert mid.eosin == pytest.approx((a.eosin + b.eosin) / 2)
+    assert mid.nuclei == pytest.approx(((a.nuclei[0] + b.nuclei[0]) / 2, (a.nuclei[1] + b.nuclei[1]) / 2))
+
+
+def test_label_noise_files_train_and_val_images_under_another_class_keeps_test_true_and_pixels_same(tmp_path):
+    clean = synthesize(tmp_path / "clean", per_class=40, size=16, seed=5)
+    noisy = synthesize(tmp_path / "noisy", per_class=40, size=16, seed=5, label_noise=0.25)
+    doc = json.loads(noisy.info.read_text())
+    flipped = doc["mislabelled"]
+    assert 8 <= len(flipped) <= 30  # 0.25 of 64 train+val images, give or take chance
+    assert all(p.split("/")[0] in ("train", "val") for p in flipped)
+    for rel in flipped:  # filed under the other class, named (and drawn) as its true class
+        split, label, name = rel.split("/")
+        true = name.split("_")[0]
+        assert label != true
+        assert (noisy.out / rel).read_bytes() == (clean.out / split / true / name).read_bytes()
+    assert _all_files(noisy.out / "test") == _all_files(clean.out / "test")
+    assert sum(noisy.counts["train"].values()) == sum(clean.counts["train"].values())
+
+
+def test_imbalance_three_to_one_like_the_chest_xray_study(tmp_path):
+    s = synthesize(tmp_path / "x", per_class=30, size=16, imbalance=3.0)
+    totals = [sum(s.counts[sp][c] for sp in ("train", "val", "test")) for c in s.class_names]
+    assert totals == [30, 10]
 
 
 def test_make_patch_is_deterministic_uint8_and_every_colorectal_class_looks_different():
@@ -161,6 +209,8 @@ def test_class_names_for_two_is_normal_tumour_and_more_are_colorectal_tissue():
     ({"seed": -1}, r"--seed"),
     ({"slide_size": 100}, r"--slide-size: expected an integer in 512\.\."),
     ({"split_fractions": (0.8, 0.2, 0.0)}, r"split_fractions"),
+    ({"overlap": 1.5}, r"--overlap: expected a number in \[0, 1\]"),
+    ({"label_noise": 0.5}, r"--label-noise: expected a fraction in \[0, 0.5\)"),
 ])
 def test_invalid_options_raise_input_error_naming_the_flag(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):

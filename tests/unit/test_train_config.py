@@ -31,6 +31,9 @@ def test_invalid_optimizer_lists_the_supported_ones():
     ({"nesterov": True}, "--nesterov works only with --optimizer sgd"),
     ({"mean": (0.5, 0.5)}, "--mean: expected three values"),
     ({"class_weights": True, "balanced_sampling": True}, "pick one"),
+    ({"balanced_sampling": True, "undersample": True}, "--balanced-sampling and --undersample each correct"),
+    ({"stain_scale": 1.0}, r"--stain-scale: expected a concentration scale jitter in \[0, 1\)"),
+    ({"stain_shift": -0.1}, "--stain-shift"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(kw, match):
     with pytest.raises(TrainingError, match=match):
@@ -116,3 +119,17 @@ def test_model_name_is_derived_from_the_data_folder_and_made_safe(tmp_path):
     d.mkdir()
     assert default_model_name(d) == "Chest_X-ray_v2_"
     assert check_model_name(default_model_name(d))
+
+
+def test_undersampling_keeps_the_smallest_class_count_of_every_class_drawn_afresh_each_epoch():
+    from training.sampling import epoch_order
+
+    labels = np.array([0] * 30 + [1] * 10)
+    a = epoch_order(labels, seed=3, epoch=0, batch_size=4, undersample=True)
+    b = epoch_order(labels, seed=3, epoch=1, batch_size=4, undersample=True)
+    assert np.bincount(labels[a]).tolist() == [10, 10]
+    assert np.bincount(labels[b]).tolist() == [10, 10]
+    assert len(set(a.tolist())) == 20  # without replacement
+    assert set(a[labels[a] == 1].tolist()) == set(range(30, 40))  # the minority is kept whole
+    assert set(a[labels[a] == 0].tolist()) != set(b[labels[b] == 0].tolist())  # another majority draw
+    np.testing.assert_array_equal(a, epoch_order(labels, seed=3, epoch=0, batch_size=4, undersample=True))

@@ -1,0 +1,97 @@
+"""One source for each value: the spec's copy in the model folder against everything that repeats it.
+
+``spec.json`` is the model folder's copy of the spec. Every config's spec
+parameter and ``max_batch_size``, the version folder, the manifest and the
+TensorRT plan's profile must agree with it, and the models of one family
+(classifier, ``_tta``, ``_preprocess``, ``_ensemble``) with each other; each
+problem names the field that differs and where.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export import triton_config as tc
+from serving.errors import PatchserveError
+from serving.spec import ModelSpec
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def spec_field_diffs(got: dict, want: dict, where: str, reference: str = "spec.json") -> list[str]:
+    return [f"field {k}: {where} says {_short(got.get(k))}, {reference} says {_short(want.get(k))}"
+            for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+
+
+def agreement_problems(spec: ModelSpec, configs: dict[str, object], version: int | None, manifest,
+                       plan_max_batch: int | None) -> list[str]:
+    want = spec.to_dict()
+    problems = []
+    for rel, cfg in configs.items():
+        try:
+            other = tc.config_spec(cfg)
+        except PatchserveError as exc:
+            problems.append(f"{rel}: its spec parameter is invalid ({exc})")
+            continue
+        if other is None:
+            problems.append(f"{rel}: no '{tc.SPEC_PARAMETER}' parameter")
+            continue
+        problems += spec_field_diffs(other.to_dict(), want, f"{rel} (spec parameter)")
+        if cfg.max_batch_size != spec.max_batch_size:
+            problems.append(f"field max_batch_size: {rel} says {cfg.max_batch_size}, "
+                            f"spec.json says {spec.max_batch_size}")
+    if version is not None and version != spec.version:
+        problems.append(f"field version: the version folder is {version}, spec.json says {spec.version}")
+    if manifest is not None and version is not None and manifest.version != version:
+        problems.append(f"field version: {version}/manifest.json says {manifest.version}, "
+                        f"the version folder is {version}")
+    if plan_max_batch is not None and plan_max_batch != spec.max_batch_size:
+        problems.append(f"field max_batch_size: the TensorRT plan's profile says {plan_max_batch}, "
+                        f"spec.json says {spec.max_batch_size}")
+    return problems
+
+
+def weights_problems(configs: dict[str, object], manifest, carries_weights: bool) -> list[str]:
+    """Every config of a model with weights names the manifest's weights; the preprocessing model names none."""
+    problems = []
+    for rel, cfg in configs.items():
+        got = tc.config_weights(cfg)
+        if not carries_weights:
+            if got is not None:
+                problems.append(f"{rel}: has a '{tc.WEIGHTS_PARAMETER}' parameter but the model has no weights")
+        elif got is None:
+            problems.append(f"{rel}: no '{tc.WEIGHTS_PARAMETER}' parameter")
+        elif manifest is not None and got != manifest.weights_sha256:
+            problems.append(f"{rel}: {tc.WEIGHTS_PARAMETER} {got[:12]}..., the manifest says "
+                            f"{manifest.weights_sha256[:12]}...")
+    return problems
+
+
+def plan_max_batch(version_dir: Path | None) -> tuple[int | None, str | None]:
+    """(profile max batch, problem) from a version's plan.json; (None, None) when there is no plan."""
+    path = version_dir / "plan.json" if version_dir else None
+    if path is None or not path.is_file():
+        return None, None
+    try:
+        return int(json.loads(path.read_text())["profile"]["max_batch"]), None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{path.parent.name}/{path.name}: unreadable plan manifest ({exc})"
+
+
+def family_problems(need: dict, family: list[dict]) -> list[str]:
+    """A model against the other models of its family: same spec, same weights."""
+    problems = []
+    ref = next((n for n in family if n["role"] == "classifier"), family[0])
+    if ref is need:
+        return problems
+    problems += spec_field_diffs(need["spec"].to_dict(), ref["spec"].to_dict(), f"{need['name']}/spec.json",
+                                 f"{ref['name']}/spec.json")
+    mine, theirs = need.get("manifest"), ref.get("manifest")
+    if mine is not None and theirs is not None and mine.weights_sha256 != theirs.weights_sha256:
+        problems.append(f"serves weights {mine.weights_sha256[:12]}..., {ref['name']} serves "
+                        f"{theirs.weights_sha256[:12]}... (models of one export mixed)")
+    return problems

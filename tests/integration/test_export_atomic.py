@@ -1,0 +1,123 @@
+"""export --overwrite is atomic: SIGINT (as a terminal sends it, to the process group) or SIGKILL at
+several moments of a real export process leaves every model old or new and complete, the family
+unmixed, the gate green; the next export removes what the killed one left beside the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from export.build import export_run
+from export.check import check_repository
+from export.manifest import read_manifest
+
+
+def _sigint_default():
+    # A background job of a non-interactive shell starts with SIGINT ignored and
+    # would pass this test without testing anything: give the child the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError(f"no SigIgn line for {pid}")
+
+
+def _weights(run) -> str:
+    from training.checkpoint import read_checkpoint, weights_sha256
+
+    return weights_sha256(read_checkpoint(run)["model"])
+
+
+def _moments(spec):
+    """Paths whose appearance in the export's work folder marks a moment of the export."""
+    return {
+        "staging-created": lambda w: (w / "staging").is_dir(),
+        "classifier-onnx-written": lambda w: (w / "staging" / spec.name / "1" / "model.onnx").is_file(),
+        "tta-onnx-written": lambda w: (w / "staging" / spec.tta_model_name / "1" / "model.onnx").is_file(),
+        "manifests-written": lambda w: (w / "staging" / spec.tta_model_name / "1" / "manifest.json").is_file(),
+        "swapping": lambda w: (w / "trash").is_dir(),
+    }
+
+
+def _interrupt(cmd, parent: Path, repo: Path, reached, sig) -> tuple[int, bool]:
+    """Start the export, wait until ``reached(work folder)``, send ``sig`` to its process group."""
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_sigint_default,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert not _ignores_sigint(proc.pid)
+        work = parent / f".{repo.name}.export-{proc.pid}"
+        hit = False
+        while proc.poll() is None:
+            if work.is_dir() and reached(work):
+                os.killpg(proc.pid, sig)
+                hit = True
+                break
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode in (0, 130, -signal.SIGKILL), err.decode()[-2000:]
+    return proc.returncode, hit
+
+
+def _state(repo: Path, spec, a: str, b: str) -> str:
+    names = sorted(p.name for p in repo.iterdir())
+    assert names == sorted([spec.name, spec.tta_model_name])  # nothing half-written inside the repository
+    seen = {read_manifest(repo / n, 1).weights_sha256 for n in names}
+    assert len(seen) == 1 and seen <= {a, b}, "models of two exports mixed"
+    report = check_repository(repo, serve=False)
+    assert report.passed, report.table()
+    return "new" if seen == {b} else "old"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_interrupted_overwrite_leaves_old_or_new_complete_and_the_next_export_cleans_up(
+        export_run_dir, synth_data, tmp_path, sig):
+    from training.checkpoint import read_checkpoint, write_random_run
+
+    spec = read_checkpoint(export_run_dir)["spec"]
+    other = write_random_run(tmp_path / "other_run", spec, seed=1)
+    a, b = _weights(export_run_dir), _weights(other)
+    assert a != b
+    parent = tmp_path / "repos"
+    repo = parent / "repo"
+    export_run(export_run_dir, repo, with_dali=False, data=synth_data)
+    snapshot = shutil.copytree(repo, tmp_path / "snapshot")
+    cmd = [sys.executable, "-m", "patchserve", "export", str(other), "--repo", str(repo), "--overwrite",
+           "--no-dali", "--no-progress", "--data", str(synth_data)]
+    moments = _moments(spec)
+    if sig == signal.SIGKILL:
+        moments = {k: moments[k] for k in ("classifier-onnx-written", "manifests-written")}
+    outcomes = {}
+    for moment, reached in moments.items():
+        rc, hit = _interrupt(cmd, parent, repo, reached, sig)
+        outcomes[moment] = (rc, hit, _state(repo, spec, a, b))
+        # Put the old export back for the next moment.
+        shutil.rmtree(repo)
+        shutil.copytree(snapshot, repo)
+    for moment, (rc, hit, state) in outcomes.items():
+        if rc == 0:
+            assert state == "new", (moment, outcomes)  # it finished before the signal
+        elif moment != "swapping":
+            assert state == "old", (moment, outcomes)  # interrupted before the swap: nothing changed
+    assert any(hit and rc != 0 for rc, hit, _ in outcomes.values()), outcomes
+    if sig == signal.SIGINT:
+        # Ctrl-C cleans up after itself; SIGKILL leaves its work folder to the next export.
+        assert [p.name for p in parent.iterdir()] == ["repo"]
+    else:
+        export_run(other, repo, with_dali=False, data=synth_data, overwrite=True)
+        assert [p.name for p in parent.iterdir()] == ["repo"]
+        report = check_repository(repo, serve=True, run=other)
+        assert report.passed, report.table()

@@ -1,0 +1,79 @@
+"""Readable plots (whole epochs, the best epoch marked, a heatmap legend) and files that follow the umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+
+def _history(n: int, best: int) -> list[dict]:
+    # As history.csv reads back: strings, best_epoch "so far" on each row.
+    return [{"epoch": str(e), "train_loss": str(1 / e), "train_accuracy": str(1 - 0.5 / e), "val_loss": str(1.2 / e),
+             "val_accuracy": str(0.6 + 0.03 * e), "test_loss": str(1.3 / e), "test_accuracy": str(0.55 + 0.03 * e),
+             "balanced_accuracy": "0.5", "best_epoch": str(min(e, best))} for e in range(1, n + 1)]
+
+
+def test_learning_curves_have_whole_epoch_ticks_every_series_and_the_best_epoch_marked():
+    from serving.plots import curve_prefixes, training_curves_figure
+
+    assert curve_prefixes(list(_history(2, 1)[0])) == ["train", "val", "test"]
+    fig = training_curves_figure(_history(3, 2))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks == [1.0, 2.0, 3.0]  # 3 epochs: no 1.5, 2.5
+        labels = ax.get_legend_handles_labels()[1]
+        assert labels == ["train", "val", "test", "best epoch (2)"]
+        star = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+        assert len(star) == 1 and list(star[0].get_xdata()) == [2]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "epoch"]
+
+
+def test_heatmap_has_a_title_band_and_a_colour_bar_from_0_to_1():
+    from serving.heatmap import LEGEND_BAR_H, _with_legend, colormap, legend_layout
+
+    heat = np.full((300, 400, 3), 200, np.uint8)
+    img = np.asarray(_with_legend(heat, "slide_0.tiff", "tumour"))
+    _, title_h, legend_h = legend_layout(400)
+    assert img.shape == (title_h + 300 + legend_h, 400, 3)
+    np.testing.assert_array_equal(img[title_h:title_h + 300], heat)
+    assert (img[:title_h] < 128).any()  # the title's text
+    bar = img[title_h + 300 + 6 + LEGEND_BAR_H // 2]
+    lo, hi = colormap(np.array([0.0]))[0], colormap(np.array([1.0]))[0]
+    first, last = np.flatnonzero((bar == lo).all(1))[0], np.flatnonzero((bar == hi).all(1))[-1]
+    assert first < last  # 0 on the left, 1 on the right
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_files_follow_the_umask(tmp_path, umask, mode):
+    from serving.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary file left
+
+
+def test_demo_prints_test_and_shifted_metrics_side_by_side():
+    from patchserve.demo import side_by_side
+
+    text = side_by_side({"accuracy": 0.9, "auc": 0.95}, {"accuracy": 0.7, "auc": 0.8})
+    assert text.splitlines() == ["    metric                  test  test_shifted",
+                                 "    accuracy               0.900         0.700",
+                                 "    auc                    0.950         0.800"]
+
+
+def test_score_accepts_any_split_folder_name_but_not_a_path():
+    from serving.errors import InputError
+    from serving.score import ScoreConfig
+
+    assert ScoreConfig(inputs=("d",), urls=("localhost:1",), model="m", out="o.parquet",
+                       split="test_shifted").split == "test_shifted"
+    with pytest.raises(InputError, match="--split: expected the name of a split folder"):
+        ScoreConfig(inputs=("d",), urls=("localhost:1",), model="m", out="o.parquet", split="../x")
