@@ -63,7 +63,7 @@ def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile], *, equalize: bool 
     """Every tile's patch (as :func:`read_tile` gives it) or the exception its reading raised.
 
     ``equalize``: grey models' equalisation at the read resolution, as read_tile.
-    ``reopen``: returns a fresh handle; called before the next read after any failure.
+    ``reopen``: returns a fresh handle; called after any failure.
     """
     out: list[np.ndarray | Exception | None] = [None] * len(tiles)
     handle = [slide]
@@ -74,8 +74,13 @@ def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile], *, equalize: bool 
         return handle[0]
 
     def failed() -> None:
+        # The error state is sticky: reopen at once, so no broken handle outlives this call.
         if reopen is not None:
-            handle[0] = None  # the error state is sticky: the next read gets a fresh handle
+            handle[0] = None
+            try:
+                handle[0] = reopen()
+            except Exception:  # noqa: BLE001 - the next read retries and records its own error
+                pass
 
     def alone(i: int) -> None:
         try:
@@ -84,11 +89,13 @@ def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile], *, equalize: bool 
             out[i] = exc
             failed()
 
+    # Planned up front: after a failure ``slide`` may be closed (reopen drops it).
+    all_boxes = [_level_box(slide, grid, t) for t in tiles]
     for run in plan_runs(slide, grid, tiles):
         if len(run) == 1:
             alone(run[0])
             continue
-        boxes = [_level_box(slide, grid, tiles[i]) for i in run]
+        boxes = [all_boxes[i] for i in run]
         x0, y0, _, h = boxes[0]
         width = boxes[-1][0] + boxes[-1][2] - x0
         try:
