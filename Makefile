@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/patchserve bench all --quick
+	$(VENV)/bin/patchserve bench all --quick --out bench-results --update-results
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from benchmarks.common import Target, Timing, bar_plot, export_random_model, wri
 THREADS_PER_WORKER = 2  # patchserve score's default: one unit's reading overlaps another's requests
 
 
-def run(quick: bool, command: str) -> dict:
+def run(quick: bool, command: str, out: Path) -> dict:
     from distributed import LocalCluster
 
     from serving.dask_config import DaskConfig
@@ -93,11 +92,8 @@ def run(quick: bool, command: str) -> dict:
         bar_plot(png, [r["path"] for r in rows], [r["patches/s"] for r in rows], title="Bulk scoring: Dask path",
                  xlabel="patches/s (median)", errors=[(r["min"], r["max"]) for r in rows])
 
-    write_results("dask", command=command, rows=rows, columns=["path", "patches", "patches/s", "min", "max"],
-                  targets=targets, notes=notes, payload={"results": results}, quick=quick, plot=plot)
+    summary = [{"what": "Dask path, 1 worker / in-process, patches/s", "ratio": timings["1 worker"].rate / base,
+                "target": ">= 0.9"}]
+    write_results("dask", out=out, command=command, rows=rows, columns=["path", "patches", "patches/s", "min", "max"],
+                  targets=targets, notes=notes, payload={"results": results}, quick=quick, plot=plot, summary=summary)
     return {"rows": rows, "targets": [t.to_dict() for t in targets]}
-
-
-if __name__ == "__main__":
-    quick = "--quick" in sys.argv
-    run(quick=quick, command="python -m benchmarks.bench_dask" + (" --quick" if quick else ""))

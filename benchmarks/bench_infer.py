@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import measure, write_results
+from benchmarks.common import interleave, write_results
 
 
 def _variants(arch: str, size: int, tmp: Path):
@@ -54,7 +54,7 @@ def _variants(arch: str, size: int, tmp: Path):
     return variants, providers
 
 
-def run(quick: bool, command: str) -> dict:
+def run(quick: bool, command: str, out: Path) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -72,11 +72,16 @@ def run(quick: bool, command: str) -> dict:
                 x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
                 # Enough calls per repeat to process at least ~64 images.
                 calls = max(1, 64 // batch)
-                for name, fn in variants.items():
-                    def step(fn=fn, x=x, calls=calls):
+                def stepper(fn, x=x, calls=calls):
+                    def step():
                         for _ in range(calls):
                             fn(x)
-                    t = measure(name, step, items=batch * calls, warmup=1, repeats=repeats)
+                    return step
+
+                # Runtimes interleaved at each batch size: drifts hit them alike.
+                got = interleave({name: stepper(fn) for name, fn in variants.items()}, items=batch * calls,
+                                 warmup=1, repeats=repeats)
+                for name, t in got.items():
                     latency_ms = t.median_s / calls * 1e3
                     row = {"model": f"{arch} {size}px", "runtime": name, "batch": batch,
                            "images/s": t.rate, "min": t.rate_min, "max": t.rate_max, "latency ms": latency_ms}
@@ -88,13 +93,14 @@ def run(quick: bool, command: str) -> dict:
     for r in rows:
         key = (r["model"], r["runtime"])
         best[key] = max(best.get(key, 0.0), r["images/s"])
-    targets = []
+    targets, summary = [], []
     notes = [f"ONNX Runtime providers: {', '.join(providers)}; torch threads {torch.get_num_threads()}."]
     for (model, runtime), rate in best.items():
         if runtime == "onnxruntime cpu":
             eager = best[(model, "torch eager")]
             notes.append(f"{model}: best ONNX Runtime / best torch eager = {rate / eager:.2f}, "
                          f"channels-last / eager = {best[(model, 'torch channels-last')] / eager:.2f}.")
+            summary.append({"what": f"{model}: ONNX Runtime / torch eager, best batch", "ratio": f"{rate / eager:.2f}"})
 
     def plot(png: Path) -> None:
         import matplotlib
@@ -102,28 +108,30 @@ def run(quick: bool, command: str) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (ax, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for model in dict.fromkeys(r["model"] for r in rows):
             for runtime in dict.fromkeys(r["runtime"] for r in rows):
-                pts = [(r["batch"], r["images/s"]) for r in rows if r["model"] == model and r["runtime"] == runtime]
+                pts = [r for r in rows if r["model"] == model and r["runtime"] == runtime]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{model}, {runtime}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
+                    ax.plot([r["batch"] for r in pts], [r["images/s"] for r in pts], marker="o",
+                            label=f"{model}, {runtime}")
+                    a2.plot([r["batch"] for r in pts], [r["latency ms"] for r in pts], marker="o",
+                            label=f"{model}, {runtime}")
+        for axis in (ax, a2):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("batch size")
+            axis.legend(fontsize=7)
         ax.set_ylabel("images/s (median)")
-        ax.set_title("Inference throughput")
-        ax.legend(fontsize=7)
+        ax.set_title("Inference throughput against batch size")
+        a2.set_yscale("log")
+        a2.set_ylabel("latency per call, ms (median)")
+        a2.set_title("Latency against batch size")
         fig.tight_layout()
         fig.savefig(png, dpi=100)
         plt.close(fig)
 
-    write_results("infer", command=command, rows=rows,
+    write_results("infer", out=out, summary=summary, command=command, rows=rows,
                   columns=["model", "runtime", "batch", "images/s", "min", "max", "latency ms"],
                   targets=targets, notes=notes, payload={"results": results}, quick=quick, plot=plot)
     return {"rows": rows}
 
-
-if __name__ == "__main__":
-    import sys
-
-    run(quick="--quick" in sys.argv, command="python -m benchmarks.bench_infer" + (" --quick" if "--quick" in sys.argv else ""))

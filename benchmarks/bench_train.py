@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import bar_plot, measure, write_results
+from benchmarks.common import bar_plot, interleave, measure, write_results
 
 
 def _step_fn(model, device, amp: bool):
@@ -58,13 +58,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run(quick: bool, command: str) -> dict:
+def run(quick: bool, command: str, out: Path, interpolation: str = "nearest") -> dict:
     import torch
 
     from benchmarks.bench_data import AUGMENT, torchvision_loader
     from serving.sources import discover
-    from training.pipeline import AugmentConfig, build_train_pipeline, iterate
     from serving.synth.dataset import synthesize
+    from training.pipeline import AugmentConfig, TrainLoader
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,21 +112,23 @@ def run(quick: bool, command: str) -> dict:
             samples = discover(data, split="train").samples
             model = _model(arch, size, True, device)
             step = _step_fn(model, device, True)
+            # One pipeline for every epoch, reset in between, as training does.
+            dali = TrainLoader(samples, input_hw=(size, size),
+                               augment=AugmentConfig(**AUGMENT, interpolation=interpolation), batch_size=batch,
+                               num_threads=workers, device="gpu" if device.type == "cuda" else "cpu",
+                               device_id=0 if device.type == "cuda" else None)
+            epoch = [0]
 
-            def dali_fed(samples=samples, step=step):
-                pipe = build_train_pipeline(samples, input_hw=(size, size), augment=AugmentConfig(**AUGMENT),
-                                            batch_size=batch, num_threads=workers, seed=0,
-                                            device="gpu" if device.type == "cuda" else "cpu",
-                                            device_id=0 if device.type == "cuda" else None)
-                pipe.build()
+            def dali_fed(samples=samples, step=step, dali=dali):
+                epoch[0] += 1
                 n = 0
-                for images, labels in iterate(pipe, samples):
+                for images, labels in dali.epoch(samples, seed=epoch[0]):
                     step(images, labels)
                     n += images.shape[0]
                 _sync(device)
                 return n
 
-            loader = torchvision_loader(samples, size, batch, workers)
+            loader = torchvision_loader(samples, size, batch, workers, AUGMENT, interpolation)
 
             def loader_fed(loader=loader, step=step):
                 n = 0
@@ -137,14 +139,16 @@ def run(quick: bool, command: str) -> dict:
                 return n
 
             precision = "autocast " + ("fp16" if device.type == "cuda" else "bf16")
-            for name, fn in (("DALI-fed", dali_fed), ("DataLoader-fed", loader_fed)):
-                t = measure(name, fn, items=len(samples), warmup=1, repeats=repeats)
+            fed = interleave({"DALI-fed": dali_fed, "DataLoader-fed": loader_fed}, items=len(samples), warmup=1,
+                             repeats=repeats)
+            for name, t in fed.items():
                 record(t, model=f"{arch} {size}px", input=name, precision=precision, memory="channels-last")
             del loader
 
     notes = [f"Device {device.type}, batch {batch}, {steps} steps per repeat, SGD with momentum; "
-             f"{workers} loader workers; the loaders run the augmentations of the data benchmark; "
-             "loader-fed rows are one epoch per repeat, the DALI pipeline built anew each epoch as training does."]
+             f"{workers} loader workers; the loaders run the equal-work augmentations of the data benchmark "
+             f"({interpolation}); loader-fed rows are one epoch per repeat, arms interleaved, one DALI pipeline "
+             "reset per epoch as training does."]
     for model_name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model_name]
         ceiling = max(r["images/s"] for r in mine if r["input"].startswith("synthetic"))
@@ -165,14 +169,16 @@ def run(quick: bool, command: str) -> dict:
         bar_plot(png, labels, [r["images/s"] for r in rows], title="Training throughput",
                  xlabel="images/s (median)", errors=[(r["min"], r["max"]) for r in rows])
 
-    write_results("train", command=command, rows=rows,
+    summary = []
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model_name]
+        ceiling = max(r["images/s"] for r in mine if r["input"].startswith("synthetic"))
+        fp32 = next(r["images/s"] for r in mine if r["precision"] == "fp32" and r["memory"] == "contiguous")
+        dali = next(r["images/s"] for r in mine if r["input"] == "DALI-fed")
+        summary.append({"what": f"{model_name}: autocast + channels-last / fp32 contiguous, model only",
+                        "ratio": f"{ceiling / fp32:.2f}"})
+        summary.append({"what": f"{model_name}: DALI-fed / model-only ceiling", "ratio": f"{dali / ceiling:.2f}"})
+    write_results("train", out=out, summary=summary, command=command + f" --interpolation {interpolation}", rows=rows,
                   columns=["model", "input", "precision", "memory", "images/s", "min", "max"], targets=[],
                   notes=notes, payload={"timings": timings}, quick=quick, plot=plot)
     return {"rows": rows}
-
-
-if __name__ == "__main__":
-    import sys
-
-    quick = "--quick" in sys.argv
-    run(quick=quick, command="python -m benchmarks.bench_train" + (" --quick" if quick else ""))

@@ -1,10 +1,13 @@
-"""What every benchmark shares: timing with warm-up and medians, the machine
-description, JSON results, the RESULTS.md table and a plot.
+"""What every benchmark shares: timing with warm-up, interleaved arms with
+min/median/max, the machine description, JSON results under ``--out``, plots,
+and the regeneration of RESULTS.md and the README table from such a folder.
 
-Each stage's table in ``benchmarks/RESULTS.md`` sits between
-``<!-- bench:STAGE -->`` and ``<!-- /bench:STAGE -->`` markers and is
-replaced whole on every run of that stage, so the file always holds the
-latest figures of each stage with the command that produced them.
+A run writes only into its ``--out`` folder (``STAGE.json`` and ``STAGE.png``
+per stage). ``update_results(out)`` then renders each stage's block of
+``benchmarks/RESULTS.md`` (between ``<!-- bench:STAGE -->`` and
+``<!-- /bench:STAGE -->``), copies the plots beside it and rewrites the
+README's table between ``<!-- bench:summary -->`` markers, so the checked-in
+figures always come from one run's folder.
 """
 
 from __future__ import annotations
@@ -13,15 +16,33 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.errors import BenchOutError
+
 BENCH_DIR = Path(__file__).resolve().parent
+SOURCE_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
+README_MD = SOURCE_ROOT / "README.md"
+DEFAULT_OUT = "bench-results"
+# The project's packages: results never go inside them (installed or checked out).
+PACKAGE_DIRS = tuple(SOURCE_ROOT / p for p in ("patchserve", "benchmarks", "export", "training", "serving"))
+
+
+def resolve_out(out: str | Path | None) -> Path:
+    """The results folder: ``--out`` or ``./bench-results``; never inside a package of the project."""
+    path = Path(out if out is not None else Path.cwd() / DEFAULT_OUT).resolve()
+    for pkg in PACKAGE_DIRS:
+        if path == pkg or pkg in path.parents:
+            raise BenchOutError(f"--out {path}: inside the project's package {pkg.name}/; "
+                                "give a folder outside the source tree and the installed package")
+    return path
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,10 @@ class Timing:
     def rate_max(self) -> float:
         return self.items / min(self.seconds)
 
+    @property
+    def rates(self) -> list[float]:
+        return [self.items / s for s in self.seconds]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["seconds"] = list(self.seconds)
@@ -63,16 +88,66 @@ def measure(name: str, fn: Callable[[], int | None], *, items: int, warmup: int 
 
     ``fn`` may return the number of items it processed (else ``items``).
     """
+    return interleave({name: fn}, items=items, warmup=warmup, repeats=repeats, unit=unit, **extra)[name]
+
+
+def interleave(arms: dict[str, Callable[[], int | None]], *, items: int, warmup: int = 1, repeats: int = 5,
+               unit: str = "images/s", **extra) -> dict[str, Timing]:
+    """Time the arms in turn, A, B, A, B, ...: drifts of a shared machine hit every arm alike.
+
+    Each arm is warmed up ``warmup`` times first. ``fn`` may return its item count.
+    """
     for _ in range(warmup):
-        fn()
-    seconds = []
+        for fn in arms.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    counts = {name: items for name in arms}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn()
-        seconds.append(time.perf_counter() - t0)
-        if isinstance(n, int) and n > 0:
-            items = n
-    return Timing(name, items, tuple(seconds), unit, dict(extra))
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            n = fn()
+            seconds[name].append(time.perf_counter() - t0)
+            if isinstance(n, int) and n > 0:
+                counts[name] = n
+    return {name: Timing(name, counts[name], tuple(seconds[name]), unit, dict(extra)) for name in arms}
+
+
+@dataclass
+class Target:
+    """A ratio the issue asks for: ``measured / baseline >= target`` (or <= when lower is better).
+
+    ``ratio`` is the ratio of the medians; ``low`` and ``high`` the smallest and
+    largest ratio of one repeat's pair (interleaved arms), when known.
+    """
+
+    name: str
+    ratio: float
+    target: float
+    higher_is_better: bool = True
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "ratio": round(self.ratio, 3), "target": self.target,
+             "comparison": ">=" if self.higher_is_better else "<=", "met": self.met}
+        if self.low is not None and self.high is not None:
+            d.update(low=round(self.low, 3), high=round(self.high, 3))
+        return d
+
+
+def ratio_target(name: str, a: Timing, b: Timing, target: float) -> Target:
+    """``a`` against ``b`` in rate: the ratio of medians, with the spread of the repeat-by-repeat ratios."""
+    pairs = [ra / rb for ra, rb in zip(a.rates, b.rates)]
+    return Target(name, a.rate / b.rate, target, low=min(pairs), high=max(pairs))
+
+
+def timing_row(t: Timing, **fields) -> dict:
+    """A table row: min / median / max rate of one arm."""
+    return {**fields, t.unit: t.rate, "min": t.rate_min, "max": t.rate_max}
 
 
 def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
@@ -109,38 +184,25 @@ def machine_line(info: dict) -> str:
     return f"{info['cpu']}, {info['cores']} cores, {gpu}"
 
 
-@dataclass
-class Target:
-    """A ratio the issue asks for: ``measured / baseline >= minimum`` (or <= maximum)."""
+def write_results(stage: str, *, out: Path, command: str, rows: list[dict], columns: list[str],
+                  targets: list[Target], notes: list[str], payload: dict, quick: bool,
+                  plot: Callable[[Path], None] | None = None, summary: list[dict] | None = None) -> Path:
+    """Write ``out/STAGE.json`` and ``out/STAGE.png``; nothing outside ``out``.
 
-    name: str
-    ratio: float
-    target: float
-    higher_is_better: bool = True
-
-    @property
-    def met(self) -> bool:
-        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "ratio": round(self.ratio, 3), "target": self.target,
-                "comparison": ">=" if self.higher_is_better else "<=", "met": self.met}
-
-
-def write_results(stage: str, *, command: str, rows: list[dict], columns: list[str], targets: list[Target],
-                  notes: list[str], payload: dict, quick: bool, plot: Callable[[Path], None] | None = None) -> Path:
-    """Write ``results/STAGE.json``, ``results/STAGE.png`` and the stage's table in RESULTS.md."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    doc = {"stage": stage, "command": command, "quick": quick, "machine": info,
-           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
-           "targets": [t.to_dict() for t in targets], "notes": notes, **payload}
-    json_path = RESULTS_DIR / f"{stage}.json"
-    json_path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    png = RESULTS_DIR / f"{stage}.png"
+    ``summary`` rows (``what``, ``ratio``, optional ``target``) feed the README table.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{stage}.png"
     if plot is not None:
         plot(png)
-    _update_markdown(stage, doc, columns, png if plot is not None else None)
+    doc = {"stage": stage, "command": command, "quick": quick, "machine": machine_info(),
+           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "columns": columns, "rows": rows,
+           "targets": [t.to_dict() for t in targets], "notes": notes,
+           "plot": png.name if plot is not None else None, "summary": summary or [], **payload}
+    json_path = out / f"{stage}.json"
+    json_path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    print(f"  wrote {json_path}" + (f" and {png.name}" if plot is not None else ""))
     return json_path
 
 
@@ -150,37 +212,105 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _update_markdown(stage: str, doc: dict, columns: list[str], png: Path | None) -> None:
+def _ratio_text(t: dict) -> str:
+    if "low" in t:
+        return f"{t['ratio']:.2f} ({t['low']:.2f}-{t['high']:.2f})"
+    return f"{t['ratio']:.2f}"
+
+
+def render_block(doc: dict) -> str:
+    """A stage's RESULTS.md block from its JSON document."""
+    stage, columns = doc["stage"], doc["columns"]
     lines = [f"<!-- bench:{stage} -->", f"### {stage}", "",
              f"Machine: {machine_line(doc['machine'])}. Measured {doc['when']}"
              f"{' (quick mode)' if doc['quick'] else ''} with `{doc['command']}`.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in doc["rows"]:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    for table in doc.get("tables", []):
+        lines += ["", "| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table["rows"]]
     if doc["targets"]:
-        lines += ["", "| target | measured ratio | wanted | met |", "|---|---|---|---|"]
+        lines += ["", "| target | ratio of medians (min-max of paired repeats) | wanted | met |",
+                  "|---|---|---|---|"]
         for t in doc["targets"]:
-            lines.append(f"| {t['name']} | {t['ratio']:.2f} | {t['comparison']} {t['target']} | "
+            lines.append(f"| {t['name']} | {_ratio_text(t)} | {t['comparison']} {t['target']} | "
                          f"{'yes' if t['met'] else '**no**'} |")
     if doc["notes"]:
         lines += [""] + [f"- {n}" for n in doc["notes"]]
-    if png is not None:
-        lines += ["", f"![{stage}](results/{png.name})"]
+    if doc.get("plot"):
+        lines += ["", f"![{stage}](results/{doc['plot']})"]
     lines.append(f"<!-- /bench:{stage} -->")
-    block = "\n".join(lines)
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else _RESULTS_HEADER
-    pattern = re.compile(rf"<!-- bench:{stage} -->.*?<!-- /bench:{stage} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    RESULTS_MD.write_text(text)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, key: str, block: str) -> str:
+    """Replace the ``<!-- bench:KEY -->`` block of ``text`` (appended when missing)."""
+    pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->", re.S)
+    return pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+
+
+def render_summary(docs: list[dict]) -> str:
+    """The README's table: one row per summary line of each stage."""
+    lines = ["<!-- bench:summary -->", "| stage | what was measured | ratio | target |", "|---|---|---|---|"]
+    for doc in docs:
+        for s in doc.get("summary", []):
+            target = s.get("target") or ""
+            lines.append(f"| {doc['stage']} | {s['what']} | {s['ratio']} | {target} |")
+    lines.append("<!-- /bench:summary -->")
+    return "\n".join(lines)
+
+
+def update_results(out: str | Path, *, results_md: Path | None = None, results_dir: Path | None = None,
+                   readme: Path | None = None) -> list[str]:
+    """Regenerate RESULTS.md's blocks, its plots and the README table from ``out``'s JSON files.
+
+    Returns the stages updated. Only the stages found in ``out`` change.
+    """
+    out = Path(out)
+    results_md = results_md or RESULTS_MD
+    results_dir = results_dir or RESULTS_DIR
+    readme = readme or README_MD
+    docs = _stage_docs(out)
+    if not docs:
+        raise BenchOutError(f"--out {out}: no benchmark results (STAGE.json) to take the figures from")
+    text = results_md.read_text() if results_md.exists() else _RESULTS_HEADER
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for doc in docs:
+        text = replace_block(text, doc["stage"], render_block(doc))
+        if doc.get("plot") and (out / doc["plot"]).exists():
+            shutil.copyfile(out / doc["plot"], results_dir / doc["plot"])
+        shutil.copyfile(out / f"{doc['stage']}.json", results_dir / f"{doc['stage']}.json")
+    results_md.write_text(text)
+    if readme.exists():
+        # Every stage's latest figures: this run's, and the kept ones of stages it did not run.
+        order = {s: i for i, s in enumerate(("data", "train", "infer", "serve", "slide", "int8"))}
+        latest = sorted(_stage_docs(results_dir), key=lambda d: order.get(d["stage"], 99))
+        readme.write_text(replace_block(readme.read_text(), "summary", render_summary(latest)))
+    return [d["stage"] for d in docs]
+
+
+def _stage_docs(folder: Path) -> list[dict]:
+    """The stage results (STAGE.json written by :func:`write_results`) in ``folder``."""
+    docs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and "stage" in doc and "columns" in doc:
+            docs.append(doc)
+    return docs
 
 
 _RESULTS_HEADER = """# Benchmark results
 
 Every figure below was measured by the command shown with it, on the machine
-named with it: medians over repeats after a warm-up, min and max beside them,
-ratios measured within one run. Regenerate with `make bench` (all stages,
-quick mode) or `patchserve bench STAGE`. JSON with every repeat is in
-`benchmarks/results/`.
+named with it: arms interleaved (A, B, A, B, ...) after a warm-up, median
+with min and max per arm, ratios of medians within one run with the spread
+of the paired repeats. A run writes only into its `--out` folder; these
+blocks and plots are regenerated from one such folder with
+`patchserve bench report --out DIR`.
 """
 
 

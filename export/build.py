@@ -70,7 +70,7 @@ def dali_vs_pil(dali_path: Path, spec: ModelSpec, images: list[np.ndarray]) -> P
 
 def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views, with_tta, with_dali,
                      max_batch_size, instances, max_queue_delay_us, overwrite, fp16, trt_accelerator, data,
-                     progress) -> ExportResult:
+                     progress, precision="fp32") -> ExportResult:
     from tqdm import tqdm
 
     from training.checkpoint import weights_sha256
@@ -80,10 +80,13 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
     spec = resolve_spec(payload["spec"], name=name, version=version, max_batch_size=max_batch_size)
     opts = tc.ExportOptions(version=version, formats=formats, tta_views=tta_views, with_tta=with_tta,
                             with_dali=with_dali, instances=instances, max_queue_delay_us=max_queue_delay_us,
-                            fp16=fp16, trt_accelerator=trt_accelerator)
+                            fp16=fp16, trt_accelerator=trt_accelerator, precision=precision)
     if data is None:
         recorded = (payload.get("train_config") or {}).get("data")
         data = Path(recorded) if recorded and Path(recorded).exists() else None
+    if precision == "int8" and data is None:
+        raise ExportInputError("--precision int8: needs training images to calibrate on; pass --data (the run "
+                               "records no data folder that exists here)")
     names = [spec.name] + ([spec.tta_model_name] if with_tta else []) + \
             ([spec.preprocess_model_name, spec.ensemble_model_name] if with_dali else [])
     repo.mkdir(parents=True, exist_ok=True)
@@ -122,6 +125,14 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
         if with_tta:
             rows += _export_tta(classifier, spec, tta_views, stage, version, session, real, encoded)
             bar.update(2)
+        if precision == "int8":
+            rows += _to_int8(served, onnx_path, data, spec, real, source=False)
+            if with_tta:
+                from export.tta import TTAModel
+
+                rows += _to_int8(TTAModel(classifier, spec, tta_views).eval(),
+                                 stage / spec.tta_model_name / str(version) / tc.ONNX_FILE, data, spec, real,
+                                 source=True)
         if with_dali:
             rows += _export_dali(served, spec, stage, version, encoded, pixels)
             bar.update()
@@ -189,6 +200,31 @@ def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: li
     return rows
 
 
+def _to_int8(module, onnx_path: Path, data: Path, spec: ModelSpec, real, *, source: bool) -> list[ParityRow]:
+    """Replace ``onnx_path`` by its int8 graph; record its parity against the fp32 PyTorch module.
+
+    The files go into the staged version folder before its manifest is
+    written, so the manifest lists them. The version's fixture keeps the fp32
+    PyTorch answers: the gate holds the int8 graph to them with the int8 row
+    of export.fixture's tolerances.
+    """
+    from export.quantize import (INT8_PROB_ATOL, INT8_TOP1_MIN, calibration_images, int8_figures, quantize_int8,
+                                 write_int8_parity)
+
+    model = onnx_path.parent.parent.name
+    calib = calibration_images(data, spec, source=source)
+    images = (real[0] if source else real[1]) if real is not None else calib
+    reference = torch_outputs(module, images)[0]
+    quantize_int8(onnx_path, onnx_path, calib, input_name=spec.input_name)
+    session = ort_session(onnx_path)
+    figures = int8_figures(session, images, reference, input_name=spec.input_name, output_name=spec.output_name)
+    write_int8_parity(onnx_path.parent, images, reference, figures)
+    n = figures["images"]
+    return [ParityRow("int8 top-1 agreement", model, n, figures["top1_agreement"], INT8_TOP1_MIN,
+                      higher_is_better=True),
+            ParityRow("int8 max |p - p_fp32|", model, n, figures["max_prob_diff"], INT8_PROB_ATOL)]
+
+
 def _load_data(data: Path, spec: ModelSpec, notes: list[str]):
     from export.patches import load_real
 
@@ -227,12 +263,12 @@ def _export_tta(classifier, spec: ModelSpec, mode: str, stage: Path, version: in
 def export_run(run: Path, repo: Path, *, name: str | None = None, version: int = 1,
                formats: tuple[str, ...] = ("python", "onnxruntime"), tta_views: str = "five",
                with_tta: bool = True, with_dali: bool = True, max_batch_size: int | None = None,
-               instances: int = 1, max_queue_delay_us: int = 2000, overwrite: bool = False,
+               instances: int = 1, max_queue_delay_us: int = tc.DEFAULT_MAX_QUEUE_DELAY_US, overwrite: bool = False,
                fp16: bool = True, trt_accelerator: bool = False, data: Path | None = None,
-               progress: bool = False) -> ExportResult:
+               progress: bool = False, precision: str = "fp32") -> ExportResult:
     """Export a run (folder or checkpoint) into ``repo``: the steps of :func:`build_repository`."""
     return build_repository(Path(run), Path(repo), name=name, version=version, formats=tuple(formats),
                             tta_views=tta_views, with_tta=with_tta, with_dali=with_dali,
                             max_batch_size=max_batch_size, instances=instances,
                             max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, fp16=fp16,
-                            trt_accelerator=trt_accelerator, data=data, progress=progress)
+                            trt_accelerator=trt_accelerator, data=data, progress=progress, precision=precision)

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from export import triton_config as tc
 from export.check_agree import agreement_problems, family_problems, plan_max_batch, weights_problems
-from export.check_fixture import expected_of, fixture_of, in_process_row, run_rows
+from export.check_fixture import CPU_PRECISION, expected_of, fixture_of, in_process_row, run_rows
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
 from export.fixture import FIXTURE_FILE
@@ -181,7 +181,11 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         try:
             model = check_onnx(onnx_path)
             add("onnx", [], f"checker passed ({onnx_path.relative_to(folder.parent)})")
-            add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
+            if _is_int8(folder, spec):
+                # QDQ graphs carry uint8 activations by design; int8 exports have no TensorRT flavour.
+                add("uint8-cast", [], "int8 graph: ONNX Runtime only, no TensorRT flavour to feed")
+            else:
+                add("uint8-cast", uint8_feed_problems(model), "uint8 tensors feed only Cast nodes (TensorRT-ready)")
             add("io-onnx", [p for c in configs.values()
                             for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
@@ -190,8 +194,12 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
             add("onnx", [str(exc)])
     elif role in ("classifier", "tta"):
         add("onnx", [f"{onnx_path or folder / '<version>' / tc.ONNX_FILE} is missing"])
+    if onnx_ok and role in ("classifier", "tta"):
+        rows += _int8_rows(folder, version_dir, spec)
     need = {"name": name, "role": role, "spec": spec, "config": cfg, "version_dir": version_dir,
-            "onnx": onnx_path if onnx_ok else None, "manifest": manifest, "fixture": None}
+            "onnx": onnx_path if onnx_ok else None, "manifest": manifest, "fixture": None,
+            # The graphs' precision: the fixture holds fp32 PyTorch answers, an int8 graph is held to its own row.
+            "precision": "int8" if role != "preprocess" and _is_int8(folder, spec) else CPU_PRECISION}
     if version_dir is not None:
         try:
             need["fixture"] = fixture_of(need)
@@ -200,6 +208,23 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         except PatchserveError as exc:
             add("fixture", [str(exc)])
     return rows, need
+
+
+def _is_int8(folder: Path, spec: ModelSpec) -> bool:
+    from export.quantize import model_precision
+
+    return model_precision(folder.parent, spec) == "int8"
+
+
+def _int8_rows(folder: Path, version_dir: Path, spec: ModelSpec) -> list[CheckRow]:
+    """Precision int8: the recorded parity against fp32, recomputed and held to the stated tolerance."""
+    from export.quantize import INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity
+
+    if not _is_int8(folder, spec):
+        return []
+    problems = check_int8_parity(version_dir, input_name=spec.input_name, output_name=spec.output_name)
+    return [CheckRow("int8-parity", folder.name, FAIL if problems else OK, "; ".join(problems) or
+                     f"top-1 agreement >= {INT8_TOP1_MIN}, max |p_int8 - p_fp32| <= {INT8_PROB_ATOL}")]
 
 
 def _fixture_rows(needs: list[dict]) -> list[CheckRow]:

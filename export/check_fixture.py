@@ -8,12 +8,13 @@ import numpy as np
 
 from export import triton_config as tc
 from export.check_report import FAIL, OK, CheckRow
-from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, PREPROCESS_MAX_GREY_DIFF, compare, load_fixture,
-                            log_probabilities, unpack_encoded)
+from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, INT8_PROBABILITIES, PREPROCESS_MAX_GREY_DIFF, compare,
+                            load_fixture, log_probabilities, unpack_encoded)
 from serving.errors import PatchserveError
 
-# Every flavour the gate loads on the CPU runs the fp32 ONNX graph (ONNX
-# Runtime in-process and in the python backend); a TensorRT plan would be fp16.
+# Every flavour the gate loads on the CPU runs the exported ONNX graph (ONNX
+# Runtime in-process and in the python backend): fp32, or int8 where the export
+# quantized it (need["precision"]); a TensorRT plan would be fp16.
 CPU_PRECISION = "fp32"
 
 
@@ -45,11 +46,14 @@ def comparable(role: str, output: np.ndarray) -> np.ndarray:
     return log_probabilities(output) if role == "tta" else output
 
 
-def judge(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str, raw: bool = True) -> CheckRow:
+def judge(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str, raw: bool = True,
+          precision: str | None = None) -> CheckRow:
     """One row: ``got`` against ``want`` with the role's rule (grey levels for pixels, logit tolerance else).
 
     ``raw``: ``got`` is the model's output (probabilities for the TTA model), not yet comparable.
+    ``precision``: the tolerance row; by default the served graph's (``need["precision"]``).
     """
+    precision = precision or need.get("precision", CPU_PRECISION)
     name, role = need["name"], need["role"]
     if got.shape != want.shape:
         return CheckRow(check, name, FAIL, f"{where}: answer shape {got.shape}, fixture {want.shape}")
@@ -59,10 +63,14 @@ def judge(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str,
         if diff > PREPROCESS_MAX_GREY_DIFF:
             return CheckRow(check, name, FAIL, f"{detail} > {PREPROCESS_MAX_GREY_DIFF}")
         return CheckRow(check, name, OK, f"{detail} <= {PREPROCESS_MAX_GREY_DIFF}")
-    result = compare(comparable(role, got) if raw else got, want, CPU_PRECISION)
     what = "log-probabilities" if role == "tta" else "logits"
+    if role == "tta" and precision == "int8":
+        # uint8 probabilities round tiny ones to 0: their logarithm says nothing; compare probabilities.
+        got, want = (got if raw else np.exp(got)), np.exp(want)
+        precision, raw, what = INT8_PROBABILITIES, False, "probabilities"
+    result = compare(comparable(role, got) if raw else got, want, precision)
     return CheckRow(check, name, OK if result.passed else FAIL,
-                    f"{where} {what}: {result.describe(CPU_PRECISION)}"
+                    f"{where} {what}: {result.describe(precision)}"
                     + ("" if result.passed else " OUT OF TOLERANCE"))
 
 
@@ -135,8 +143,9 @@ def run_rows(run: Path, needs: list[dict]) -> list[CheckRow]:
             rows.append(CheckRow("run", name, FAIL, f"PyTorch could not run the fixture: {type(exc).__name__}: "
                                                     f"{str(exc)[:300]}"))
             continue
+        # Both sides are fp32 PyTorch answers, whatever the served graph's precision.
         row = judge("run", need, need["expected"], fresh, "stored fixture vs PyTorch on the run's checkpoint",
-                    raw=False)
+                    raw=False, precision=CPU_PRECISION)
         rows.append(CheckRow("run", name, row.status, f"weights sha256 {weights[:12]}... match; {row.detail}"))
         need["expected"] = fresh
     return rows

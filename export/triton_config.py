@@ -37,6 +37,13 @@ def config_file(flavour: str) -> str:
     return "config.pbtxt" if flavour == DEFAULT_FLAVOUR else f"configs/{flavour}.pbtxt"
 
 
+# The dynamic batcher's wait for more requests. 2,000 us was about a quarter
+# of the p50 latency of a single patch; this is the largest delay of the
+# sweep in benchmarks/bench_serve.py (benchmarks/queue_delay.py) that adds at
+# most 5% to that p50 while batches still form with many requests in flight.
+DEFAULT_MAX_QUEUE_DELAY_US = 200
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """Export settings that shape the configs (stored as export.json beside them).
@@ -50,11 +57,17 @@ class ExportOptions:
     with_tta: bool = True
     with_dali: bool = True
     instances: int = 1
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
     fp16: bool = True
     trt_accelerator: bool = False
+    precision: str = "fp32"  # of the ONNX graphs: fp32, or int8 (static quantization, CPU servers)
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "int8"):
+            raise ExportInputError(f"Invalid --precision {self.precision!r}. Only fp32, int8 are supported.")
+        if self.precision == "int8" and "tensorrt" in self.formats:
+            raise ExportInputError("--precision int8 is for CPU servers (ONNX Runtime); leave tensorrt out of "
+                                   "--formats (its plan takes --fp16)")
         formats = tuple(self.formats)
         bad = [f for f in formats if f not in FORMATS]
         if bad or not formats:

@@ -23,7 +23,8 @@ from serving.errors import ImageReadError, PatchserveError
 from serving.fingerprint import file_entry
 from serving.imageio import DALI_SAFE_MODES, DEFAULT_MAX_IMAGE_PIXELS, load_rgb_u8, read_header
 from serving.preprocess import prepare_u8
-from serving.slides import SlideGrid, SlideHandles, read_tile
+from serving.slide_reader import read_tiles
+from serving.slides import SlideGrid, SlideHandles
 from serving.sources import Dataset, parse_hdf5_source, read_hdf5_rows
 from serving.spec import ModelSpec
 
@@ -133,7 +134,7 @@ class SlideUnit:
     equalisation at the read resolution, before the resize, as every path.
     """
 
-    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 8, equalize: bool = False):
+    def __init__(self, key: str, grid: SlideGrid, handles: SlideHandles, chunk: int = 32, equalize: bool = False):
         self.key, self.grid, self.handles, self.chunk, self.equalize = key, grid, handles, chunk, equalize
 
     def __len__(self) -> int:
@@ -146,16 +147,26 @@ class SlideUnit:
         return [file_entry(g.path, f"{g.cols}x{g.rows}", len(g.tiles), f"{g.target_mpp:.6g}", g.read_level,
                            f"{g.patch_hw[0]}x{g.patch_hw[1]}", tiles)]
 
+    def _reopen(self):
+        # After a failed tile OpenSlide's handle keeps failing: a fresh one for the rest.
+        self.handles.reopen(self.grid.path)
+        return self.handles.get(self.grid.path)
+
     def _read(self, lo: int, hi: int) -> list[Item]:
+        tiles = self.grid.tiles[lo:hi]
+        try:
+            # One read_region per run of adjacent tiles (serving/slide_reader.py).
+            got = read_tiles(self.handles.get(self.grid.path), self.grid, tiles, equalize=self.equalize,
+                             reopen=self._reopen)
+        except Exception as exc:  # noqa: BLE001 - the slide cannot be opened in this thread: every tile fails
+            got = [exc] * len(tiles)
         out = []
-        for i in range(lo, hi):
-            t = self.grid.tiles[i]
+        for i, t, image in zip(range(lo, hi), tiles, got):
             item = Item(self.key, i, self.grid.path, None, t.x, t.y, t.col, t.row)
-            try:
-                item.image = read_tile(self.handles.get(self.grid.path), self.grid, t.x, t.y, equalize=self.equalize)
-            except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged tile: record, go on
-                item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {exc}"
-                self.handles.reopen(self.grid.path)
+            if isinstance(image, Exception):  # OpenSlideError on a damaged tile: record, go on
+                item.error = f"{self.grid.path}: tile ({t.x}, {t.y}): {image}"
+            else:
+                item.image = image
             out.append(item)
         return out
 

@@ -15,7 +15,7 @@ from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
 from serving.options import option
 from training.errors import TrainingError
-from training.pipeline import DALI_DEVICES, AugmentConfig, default_dali_threads
+from training.pipeline import DALI_DEVICES, INTERPOLATIONS, AugmentConfig, default_dali_threads
 
 if TYPE_CHECKING:
     from training.model import ModelConfig
@@ -93,6 +93,8 @@ class TrainConfig:
     scale_min: float = option(AugmentConfig.scale_min, "random resized crop area range [min, 1]; 1: plain resize")
     grayscale_equalize: bool = option(AugmentConfig.grayscale_equalize,
                                       "grey-scale + histogram equalisation (chest X-rays)")
+    interpolation: str = option(AugmentConfig.interpolation, "interpolation of the random crop and the rotation",
+                                choices=INTERPOLATIONS)
     random_crop: bool = option(AugmentConfig.random_crop, "train on random windows of --image-size without "
                                "resizing (images larger than the model, e.g. 150 px cropped to 128); "
                                "replaces --scale-min's random resized crop")
@@ -171,8 +173,8 @@ class TrainConfig:
         return AugmentConfig(hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob,
                              rotation_deg=self.rotation_deg, brightness=self.brightness, contrast=self.contrast,
                              saturation=self.saturation, hue=self.hue, scale_min=self.scale_min,
-                             grayscale_equalize=self.grayscale_equalize, random_crop=self.random_crop,
-                             stain_augment=self.stain_augment,
+                             grayscale_equalize=self.grayscale_equalize, interpolation=self.interpolation,
+                             random_crop=self.random_crop, stain_augment=self.stain_augment,
                              stain_scale=self.stain_scale, stain_shift=self.stain_shift)
 
     def model_config(self, num_classes: int) -> "ModelConfig":

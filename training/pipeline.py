@@ -4,9 +4,11 @@ Every layout becomes either a list of files (``fn.readers.file``) or rows of a
 PCam HDF5 file (``fn.external_source``); both feed the same decode-free tail.
 Pipelines output ``uint8`` NHWC: the model's Normalize layer is the only
 normalisation. Without a GPU the pipelines are CPU-only (``device_id=None``).
-Training pipelines are rebuilt every epoch with a seed derived from
-(base seed, epoch, rank), so an epoch depends only on those and resume at an
-epoch boundary reproduces it exactly.
+A run builds one training pipeline (:class:`TrainLoader`) and one evaluation
+pipeline (:class:`EvalLoader`) and resets them each epoch; the training
+augmentation's random choices come from the epoch's seed
+(training/epoch_source.py), so an epoch depends only on (seed, epoch, rank)
+and resume at an epoch boundary reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from typing import Iterator
 
 import numpy as np
 
-from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.sources import Sample, parse_hdf5_source
 from serving.spec import ModelSpec
 from serving.views import view_boxes
-from training.errors import DataError, TrainingError
-from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, check_stain_options, hed_jitter
+from training.epoch_source import EpochSource, hdf5_rows, shard_range
+from training.errors import TrainingError
+from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, apply_hed, check_stain_options
 
 READER = "Reader"
 DALI_DEVICES = ("auto", "cpu", "gpu")
+INTERPOLATIONS = ("linear", "nearest")
+# Batches DALI prepares ahead. Depth 1 measured faster than 2 on the 2-core
+# CPU machine (benchmarks/bench_data.py sweeps it): a deeper queue only adds
+# work that competes with the consumer for the same cores.
+PREFETCH_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -39,12 +47,16 @@ class AugmentConfig:
     hue: float = 0.0
     scale_min: float = 0.08
     grayscale_equalize: bool = False
+    interpolation: str = "linear"  # of the crop's resize and the rotation
     random_crop: bool = False  # a window of the model's size, no resize (larger images, e.g. 150 -> 128 px)
     stain_augment: bool = False
     stain_scale: float = DEFAULT_STAIN_SCALE
     stain_shift: float = DEFAULT_STAIN_SHIFT
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise TrainingError(f"Invalid --interpolation {self.interpolation!r}. "
+                                f"Only {', '.join(INTERPOLATIONS)} are supported.")
         check_stain_options(self.stain_scale, self.stain_shift)
         for flag, v in (("--hflip-prob", self.hflip_prob), ("--vflip-prob", self.vflip_prob)):
             if not 0.0 <= v <= 1.0:
@@ -83,44 +95,19 @@ def resolve_dali_device(dali_device: str, cuda_available: bool) -> str:
     return dali_device
 
 
-def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """The [start, end) of a shard, with the same integer arithmetic as DALI's readers."""
-    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-
-
 class HDF5Batches:
-    """``fn.external_source`` callable: batches of PCam rows of one shard, then StopIteration."""
+    """``fn.external_source`` iterable: batches of PCam rows of one shard; restarts at each reset."""
 
     def __init__(self, samples: list[Sample], batch_size: int, shard_id: int = 0, num_shards: int = 1):
         start, end = shard_range(len(samples), shard_id, num_shards)
         self.samples = samples[start:end]
         self.batch_size = batch_size
-        self.pos = 0
 
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if self.pos >= len(self.samples):
-            raise StopIteration
-        chunk = self.samples[self.pos:self.pos + self.batch_size]
-        self.pos += len(chunk)
-        # Rows usually come from one file; group by file so each is opened once.
-        images: list[np.ndarray | None] = [None] * len(chunk)
-        by_file: dict[str, list[tuple[int, int]]] = {}
-        for i, s in enumerate(chunk):
-            parsed = parse_hdf5_source(s.source)
-            if parsed is None:
-                raise DataError(f"{s.source}: expected an HDF5 row 'file.h5#index'")
-            by_file.setdefault(parsed[0], []).append((i, parsed[1]))
-        for f, items in by_file.items():
-            # Oversampling repeats rows; h5py wants each index once.
-            unique, inverse = np.unique(np.array([r for _, r in items]), return_inverse=True)
-            rows = read_hdf5_rows(f, unique)
-            for (i, _), j in zip(items, inverse):
-                images[i] = np.ascontiguousarray(rows[j])
-        labels = [np.array([-1 if s.label is None else s.label], dtype=np.int32) for s in chunk]
-        return images, labels  # type: ignore[return-value]
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+        for lo in range(0, len(self.samples), self.batch_size):
+            chunk = self.samples[lo:lo + self.batch_size]
+            labels = [np.array([-1 if s.label is None else s.label], dtype=np.int32) for s in chunk]
+            yield hdf5_rows(chunk), labels
 
 
 def _is_hdf5(samples: list[Sample]) -> bool:
@@ -134,7 +121,7 @@ def _source(samples, *, batch_size, shard_id, num_shards, pad_last_batch, device
 
     if _is_hdf5(samples):
         images, labels = fn.external_source(
-            source=HDF5Batches(samples, batch_size, shard_id, num_shards), num_outputs=2,
+            source=HDF5Batches(samples, batch_size, shard_id, num_shards), num_outputs=2, cycle="raise",
             batch=True, layout=["HWC", ""], dtype=[types.UINT8, types.INT32])
         return (images.gpu() if device == "gpu" else images), labels
     files = [s.source for s in samples]
@@ -200,8 +187,11 @@ _grey_equalize = grey_equalize  # the name tests and older callers use
 def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], augment: AugmentConfig,
                          batch_size: int, num_threads: int, seed: int, device: str = "cpu",
                          device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                         source_hw: tuple[int, int] | None = None):
+                         prefetch_queue_depth: int = PREFETCH_DEPTH, source_hw: tuple[int, int] | None = None):
     """Augmenting pipeline over ``samples`` in the given order (the caller shuffles per epoch).
+
+    Its :class:`EpochSource` is ``pipe.epoch_source``: ``set_epoch`` it, then
+    reset the pipeline, to run another epoch without rebuilding.
 
     Decoding and equalisation (at the decoded size, before any resize) follow
     the reference preprocessing. With ``--scale-min 1`` the geometry is the
@@ -215,49 +205,56 @@ def build_train_pipeline(samples: list[Sample], *, input_hw: tuple[int, int], au
 
     h, w = input_hw
     a = augment
+    interp = types.INTERP_NN if a.interpolation == "nearest" else types.INTERP_LINEAR
+    source = EpochSource(samples, batch_size=batch_size, augment=a, hdf5=_is_hdf5(samples), seed=seed,
+                         shard_id=shard_id, num_shards=num_shards)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=seed,
-                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=2)
+                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch_queue_depth)
     def pipe():
-        images, labels = _source(samples, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                 pad_last_batch=False, device=device)
+        images, labels, *values = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True,
+                                                     cycle="raise")
+        p = dict(zip(source.names, values))
+        if source.hdf5:
+            images = fn.reshape(images, layout="HWC")
+            images = images.gpu() if device == "gpu" else images
+        else:
+            images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu",
+                                       output_type=types.RGB)
         if a.grayscale_equalize:
             images = grey_equalize(images)
-        if a.random_crop:
-            # Smaller images are padded white (the background of slides), never stretched.
-            images = fn.crop(images, crop=[h, w], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                             crop_pos_y=fn.random.uniform(range=[0.0, 1.0]), out_of_bounds_policy="pad",
-                             fill_values=255)
-        elif a.scale_min < 1.0:
-            images = fn.random_resized_crop(images, size=[h, w], random_area=[a.scale_min, 1.0],
-                                            random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], antialias=False)
+        if "crop_pos_x" in p:
+            # The window's position drawn by the source; smaller images are padded white
+            # (the background of slides), never stretched.
+            images = fn.crop(images, crop=[h, w], crop_pos_x=p["crop_pos_x"], crop_pos_y=p["crop_pos_y"],
+                             out_of_bounds_policy="pad", fill_values=255)
+        elif "crop_start" in p:
+            # The crop window drawn by the source; one resampling does crop and resize.
+            images = fn.resize(images, size=[h, w], roi_start=p["crop_start"], roi_end=p["crop_end"],
+                               roi_relative=True, interp_type=interp, antialias=False)
         else:
             images = eval_geometry(images, input_hw, source_hw or input_hw, crop=True)
         # Ops with a zero range are left out, so "no augmentation" is exactly the evaluation input.
-        if a.hflip_prob > 0 or a.vflip_prob > 0:
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=a.hflip_prob),
-                             vertical=fn.random.coin_flip(probability=a.vflip_prob))
-        if a.rotation_deg > 0:
-            images = fn.rotate(images, angle=fn.random.uniform(range=[-a.rotation_deg, a.rotation_deg]),
-                               keep_size=True, fill_value=255.0, interp_type=types.INTERP_LINEAR)
-        if a.brightness or a.contrast or a.saturation or a.hue:
-            def around(centre: float, half: float):
-                # DALI refuses an empty range: a zero strength is the constant.
-                return fn.random.uniform(range=[centre - half, centre + half]) if half > 0 else centre
-
-            images = fn.color_twist(images, brightness=around(1.0, a.brightness), contrast=around(1.0, a.contrast),
-                                    saturation=around(1.0, a.saturation), hue=around(0.0, a.hue * 360.0),
-                                    dtype=types.UINT8)
-        if a.stain_augment:
-            images = hed_jitter(images, scale=a.stain_scale, shift=a.stain_shift)
+        if "hflip" in p:
+            images = fn.flip(images, horizontal=p["hflip"], vertical=p["vflip"])
+        if "angle" in p:
+            images = fn.rotate(images, angle=p["angle"], keep_size=True, fill_value=255.0, interp_type=interp)
+        if "brightness" in p:
+            images = fn.color_twist(images, brightness=p["brightness"], contrast=p["contrast"],
+                                    saturation=p["saturation"], hue=p["hue"], dtype=types.UINT8)
+        if "stain_alpha" in p:
+            # Drawn by the source too: a fn.random op would carry its state across epochs.
+            images = apply_hed(images, p["stain_alpha"], p["stain_beta"])
         return images, labels
 
-    return pipe()
+    built = pipe()
+    built.epoch_source = source
+    return built
 
 
 def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool = False, batch_size: int,
                         num_threads: int, device: str = "cpu", device_id: int | None = None,
-                        shard_id: int = 0, num_shards: int = 1):
+                        shard_id: int = 0, num_shards: int = 1, prefetch_queue_depth: int = PREFETCH_DEPTH):
     """The reference preprocessing in DALI: decode, equalise (grey models), geometry.
 
     Without ``views`` the "none" view comes out (input size). With ``views``
@@ -270,7 +267,7 @@ def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool =
     from nvidia.dali import pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=0,
-                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=2)
+                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch_queue_depth)
     def pipe():
         images, labels = _source(samples, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                  pad_last_batch=True, device=device)
@@ -291,14 +288,68 @@ def unpad(padded_nhwc, shapes) -> list[np.ndarray]:
     return [padded_nhwc[i, :int(s[0]), :int(s[1])] for i, s in enumerate(shapes)]
 
 
-def iterate(pipe, samples: list[Sample], with_shapes: bool = False):
-    """A DALIGenericIterator yielding (images_nhwc_u8, labels[, shapes]) torch tensors; partial last batch."""
+def _iterator(pipe, with_shapes: bool = False):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    kwargs = {} if _is_hdf5(samples) else {"reader_name": READER}
+    pipe.build()
+    kwargs = {"reader_name": READER} if READER in pipe.reader_meta() else {}
     names = ["images", "labels"] + (["shapes"] if with_shapes else [])
-    it = DALIGenericIterator([pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False, **kwargs)
+    return DALIGenericIterator([pipe], names, last_batch_policy=LastBatchPolicy.PARTIAL,
+                               auto_reset=False, **kwargs)
+
+
+def _batches(it, with_shapes: bool = False):
     for batch in it:
         out = (batch[0]["images"], batch[0]["labels"].reshape(-1).long())
         yield out + (batch[0]["shapes"],) if with_shapes else out
+
+
+def iterate(pipe, samples: list[Sample] | None = None, with_shapes: bool = False):
+    """One epoch of a fresh pipeline: (images_nhwc_u8, labels[, shapes]) torch tensors; partial last batch."""
+    yield from _batches(_iterator(pipe, with_shapes), with_shapes)
+
+
+class TrainLoader:
+    """One training pipeline for a whole run: built at the first epoch, reset (not rebuilt) after.
+
+    ``builds`` counts pipeline builds (1 for a run, whatever its epochs).
+    """
+
+    def __init__(self, samples: list[Sample], **pipeline_kwargs):
+        self._samples, self._kwargs = samples, pipeline_kwargs
+        self._pipe = self._it = None
+        self.builds = 0
+
+    def epoch(self, samples: list[Sample], seed: int):
+        """The batches of one epoch over ``samples`` (this epoch's order), augmented from ``seed``."""
+        if self._pipe is None:
+            self._pipe = build_train_pipeline(samples, seed=seed, **self._kwargs)
+            self.builds += 1
+            self._it = _iterator(self._pipe)
+        else:
+            self._pipe.epoch_source.set_epoch(samples, seed)
+            self._it.reset()
+        return _batches(self._it)
+
+
+class EvalLoader:
+    """One evaluation pipeline over fixed samples, reset for each pass instead of rebuilt.
+
+    With ``views=True`` each batch also carries the images' true shapes (see :func:`unpad`).
+    """
+
+    def __init__(self, samples: list[Sample], **pipeline_kwargs):
+        self.samples, self._kwargs = samples, pipeline_kwargs
+        self.with_shapes = bool(pipeline_kwargs.get("views", False))
+        self._pipe = self._it = None
+        self.builds = 0
+
+    def __iter__(self):
+        if self._pipe is None:
+            self._pipe = build_eval_pipeline(self.samples, **self._kwargs)
+            self.builds += 1
+            self._it = _iterator(self._pipe, self.with_shapes)
+        else:
+            self._it.reset()
+        return _batches(self._it, self.with_shapes)

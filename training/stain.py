@@ -63,6 +63,17 @@ def apply_hed(images, alpha_diag, beta):
     return fn.cast(rgb, dtype=types.UINT8)
 
 
+def hed_params(rng: np.random.Generator, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """One image's jitter: diag(alpha) as a 3x3 float32 matrix and beta (3,), the ranges of :func:`hed_jitter`.
+
+    The training pipeline draws these in Python from the epoch's seed
+    (training/epoch_source.py), so an epoch's jitter does not depend on the epochs before it.
+    """
+    alpha = rng.uniform(1.0 - scale, 1.0 + scale, size=3) if scale > 0 else np.ones(3)
+    beta = rng.uniform(-shift, shift, size=3) if shift > 0 else np.zeros(3)
+    return np.diag(alpha).astype(np.float32), beta.astype(np.float32)
+
+
 def hed_jitter(images, *, scale: float, shift: float):
     """DALI graph: random per-image HED jitter (seeded by the pipeline's seed)."""
     import nvidia.dali.fn as fn

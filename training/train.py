@@ -1,8 +1,10 @@
 """The training loop: DALI in, checkpoints, history and the spec out.
 
 An epoch's sample order and augmentation depend only on (seed, epoch, rank):
-pipelines are rebuilt every epoch, so ``--resume`` from an epoch boundary
-continues exactly as an uninterrupted run would.
+the run's one training pipeline is reset each epoch with that epoch's order
+and seed (its random choices are drawn from the seed outside DALI), so
+``--resume`` from an epoch boundary continues exactly as an uninterrupted run
+would.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from training.distributed import (DistInfo, all_gather_objects, barrier, broadca
 from training.errors import CheckpointError, TrainingError
 from training.model import build_model, load_pretrained_backbone
 from training.optim import build_optimizer, build_scheduler
-from training.pipeline import build_eval_pipeline, build_train_pipeline, iterate, resolve_dali_device
+from training.pipeline import EvalLoader, TrainLoader, resolve_dali_device
 from training.runs import check_run_folder, write_run_config
 from training.sampling import balanced_class_weights, epoch_order
 from training.scan import describe_skipped, refuse_bad, scan_samples, write_bad_list
@@ -48,6 +50,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float | None = None
+    # DALI pipelines built by the run, per loader: one each, however many epochs.
+    pipeline_builds: dict = field(default_factory=dict)
 
 
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
@@ -163,17 +167,20 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
                      arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra)
 
 
-def evaluate_samples(model: nn.Module, samples, spec: ModelSpec, *, batch_size: int, num_threads: int,
-                     device: torch.device, dali_device: str, info: DistInfo,
-                     amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels of ``samples`` (centre crop), each sample once across ranks."""
-    pipe = build_eval_pipeline(samples, spec=spec, batch_size=batch_size, num_threads=num_threads,
-                               device=dali_device, device_id=info.local_rank, shard_id=info.rank,
-                               num_shards=info.world_size)
+def eval_loader(samples, spec: ModelSpec, *, batch_size: int, num_threads: int, dali_device: str,
+                info: DistInfo) -> EvalLoader:
+    """The reference evaluation pipeline (the "none" view) over ``samples``, built once and reset for each pass."""
+    return EvalLoader(samples, spec=spec, batch_size=batch_size, num_threads=num_threads, device=dali_device,
+                      device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size)
+
+
+def evaluate_samples(model: nn.Module, loader: EvalLoader, spec: ModelSpec, *, device: torch.device,
+                     info: DistInfo, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels of the loader's samples (centre crop), each sample once across ranks."""
     probs, labels = [], []
     model.eval()
     with torch.no_grad(), _autocast(device, amp):
-        for images, y in iterate(pipe, samples):
+        for images, y in loader:
             logits = model(images.to(device, non_blocking=True)).float()
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())
             labels.append(y.numpy())
@@ -293,6 +300,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     if info.is_main:
         spec.save(run_dir / "spec.json")
     result = TrainResult(run_dir, spec, history, best_epoch, best_score)
+    # One pipeline each for the whole run, reset every epoch (building costs
+    # more than a short epoch, and a rebuilt pipeline loses its prefetch).
+    train_loader = TrainLoader(data.train, input_hw=spec.input_hw, augment=cfg.augment, batch_size=cfg.batch_size,
+                               num_threads=cfg.workers, device=dali_device, device_id=info.local_rank,
+                               shard_id=info.rank, num_shards=info.world_size, source_hw=spec.source_hw)
+    val_loader = eval_loader(data.val, spec, batch_size=cfg.batch_size, num_threads=cfg.workers,
+                             dali_device=dali_device, info=info)
+    holdout_loader = None if holdout is None else eval_loader(holdout, spec, batch_size=cfg.batch_size,
+                                                              num_threads=cfg.workers, dali_device=dali_device,
+                                                              info=info)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             break
@@ -300,17 +317,12 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
                             world_size=info.world_size, balanced=cfg.balanced_sampling,
                             undersample=cfg.undersample)
         epoch_samples = [data.train[i] for i in order]
-        pipe = build_train_pipeline(epoch_samples, input_hw=spec.input_hw, augment=cfg.augment,
-                                    batch_size=cfg.batch_size, num_threads=cfg.workers,
-                                    seed=dali_seed(cfg.seed, epoch, info.rank), device=dali_device,
-                                    device_id=info.local_rank, shard_id=info.rank, num_shards=info.world_size,
-                                    source_hw=spec.source_hw)
         net.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
         lr_used = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch
         bar = tqdm(total=len(order) // info.world_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                    disable=bar_disable(cfg.progress and info.is_main), leave=False)
-        for images, y in iterate(pipe, epoch_samples):
+        for images, y in train_loader.epoch(epoch_samples, dali_seed(cfg.seed, epoch, info.rank)):
             images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, cfg.amp):
@@ -331,9 +343,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         scheduler.step()
         totals = [float(v) for v in np.sum(all_gather_objects((loss_sum, correct, seen), info), axis=0)]
         eval_model = ema.module if ema is not None else model
-        probs, labels = evaluate_samples(eval_model, data.val, spec, batch_size=cfg.batch_size,
-                                         num_threads=cfg.workers, device=device, dali_device=dali_device,
-                                         info=info, amp=cfg.amp)
+        probs, labels = evaluate_samples(eval_model, val_loader, spec, device=device, info=info, amp=cfg.amp)
         m = compute_metrics(labels, probs, spec.class_names)
         val_loss = _log_loss(probs, labels)
         row = {"epoch": epoch + 1, "lr": lr_used,
@@ -344,10 +354,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
                # Counted over all ranks: each sample once, whatever the sharding.
                "train_samples": int(totals[2]), "val_samples": int(len(labels))}
         row["accuracy"] = m["accuracy"]
-        if holdout is not None:
-            hp, hl = evaluate_samples(eval_model, holdout, spec, batch_size=cfg.batch_size, num_threads=cfg.workers,
-                                      device=device, dali_device=dali_device, info=info, amp=cfg.amp,
-                                      grayscale_equalize=cfg.grayscale_equalize)
+        if holdout_loader is not None:
+            hp, hl = evaluate_samples(eval_model, holdout_loader, spec, device=device, info=info, amp=cfg.amp)
             row[f"{cfg.holdout_split}_loss"] = _log_loss(hp, hl)
             row[f"{cfg.holdout_split}_accuracy"] = float((hp.argmax(1) == hl).mean())
         score = _score({**m, "val_loss": val_loss}, cfg.best_metric)
@@ -382,4 +390,5 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
 
         plot_training_curves(history, run_dir / "training_curves.png")
     result.history, result.best_epoch, result.best_score = history, best_epoch, best_score
+    result.pipeline_builds = {"train": train_loader.builds, "val": val_loader.builds}
     return result

@@ -1,9 +1,11 @@
-"""``patchserve bench STAGE [--quick]``: throughput benchmarks of every stage.
+"""``patchserve bench STAGE [--quick] [--out DIR]``: throughput benchmarks of every stage.
 
-Each stage lives in its own script (``benchmarks/bench_STAGE.py``, also
-runnable as ``python -m benchmarks.bench_STAGE``), warms up, repeats, reports
-medians with min and max, writes ``benchmarks/results/STAGE.json`` and a PNG
-plot, and refreshes its table in ``benchmarks/RESULTS.md``.
+Each stage lives in its own script (``benchmarks/bench_STAGE.py``), warms
+up, interleaves the arms it compares, reports min/median/max per arm and the
+ratio of medians, and writes ``DIR/STAGE.json`` and ``DIR/STAGE.png``
+(default ``./bench-results``), never into the source tree or the installed
+package. ``patchserve bench report --out DIR`` (or ``--update-results`` on a
+run) regenerates ``benchmarks/RESULTS.md`` and the README table from DIR.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ import argparse
 import sys
 from types import ModuleType
 
-STAGES = ("data", "train", "infer", "serve", "slide", "dask")
+STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=(*STAGES, "all"), help="which stage to measure ('all' runs each in turn)")
+    p.add_argument("stage", choices=(*STAGES, "all", "report"),
+                   help="which stage to measure ('all' runs each in turn; 'report' only regenerates "
+                        "RESULTS.md and the README table from --out)")
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes and fewer repeats: a few minutes on a 2-core machine")
+    p.add_argument("--out", default=None,
+                   help="folder for STAGE.json and STAGE.png (default: ./bench-results); never inside the "
+                        "project's packages")
+    p.add_argument("--interpolation", choices=("nearest", "linear"), default="nearest",
+                   help="interpolation of crop and rotation on both arms of the data and train stages "
+                        "(default: nearest, torchvision RandomRotation's default)")
+    p.add_argument("--update-results", action=argparse.BooleanOptionalAction, default=False,
+                   help="after the run, regenerate benchmarks/RESULTS.md and the README table from --out "
+                        "(in a source checkout)")
     return p
 
 
@@ -35,6 +48,8 @@ def _stage(name: str) -> ModuleType:
         from benchmarks import bench_serve as module
     elif name == "slide":
         from benchmarks import bench_slide as module
+    elif name == "int8":
+        from benchmarks import bench_int8 as module
     elif name == "dask":
         from benchmarks import bench_dask as module
     else:
@@ -43,17 +58,36 @@ def _stage(name: str) -> ModuleType:
 
 
 def main(args: argparse.Namespace) -> int:
+    from benchmarks.common import resolve_out, update_results
+    from benchmarks.errors import BenchOutError
+
+    try:
+        out = resolve_out(args.out)
+    except BenchOutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.stage == "report":
+        try:
+            stages = update_results(out)
+        except BenchOutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"RESULTS.md and README table regenerated from {out}: {', '.join(stages)}")
+        return 0
     stages = STAGES if args.stage == "all" else (args.stage,)
     failed = []
     for stage in stages:
         module = _stage(stage)
         command = f"patchserve bench {stage}{' --quick' if args.quick else ''}"
-        print(f"==> bench {stage}", flush=True)
+        print(f"==> bench {stage} (results in {out})", flush=True)
         try:
-            module.run(quick=args.quick, command=command)
+            extra = {"interpolation": args.interpolation} if stage in ("data", "train") else {}
+            module.run(quick=args.quick, command=command, out=out, **extra)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not hide the others' figures
             print(f"bench {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed.append(stage)
+    if args.update_results and len(failed) < len(stages):
+        print(f"RESULTS.md and README table regenerated: {', '.join(update_results(out))}")
     if failed:
         print(f"stages that failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.triton_config import FORMATS
+from export.triton_config import DEFAULT_MAX_QUEUE_DELAY_US, FORMATS
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -33,8 +33,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="export the DALI preprocessing model and the encoded-bytes ensemble (default: yes)")
     p.add_argument("--max-batch-size", type=int, default=None, help="default: the spec's max_batch_size")
     p.add_argument("--instances", type=int, default=1, help="model instances per model (default: 1)")
-    p.add_argument("--max-queue-delay-us", type=int, default=2000,
-                   help="dynamic batcher queue delay in microseconds (default: 2000)")
+    p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,
+                   help="dynamic batcher queue delay in microseconds (default: %(default)s, chosen by "
+                        "benchmarks/bench_serve.py: at most +5%% p50 latency for single patches)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="precision of the ONNX graphs: int8 is ONNX Runtime static quantization for CPU servers, "
+                        "calibrated on the run's training images (or --data); its parity is written beside it "
+                        "and checked by check-export (default: fp32)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
                    help="FP16 TensorRT plan / accelerator (default: yes)")
     p.add_argument("--trt-accelerator", action=argparse.BooleanOptionalAction, default=False,
@@ -55,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
                         tta_views=args.tta_views, with_tta=args.tta, with_dali=args.dali,
                         max_batch_size=args.max_batch_size, instances=args.instances,
                         max_queue_delay_us=args.max_queue_delay_us, overwrite=args.overwrite, fp16=args.fp16,
-                        trt_accelerator=args.trt_accelerator, data=args.data, progress=args.progress)
+                        trt_accelerator=args.trt_accelerator, data=args.data, progress=args.progress,
+                        precision=args.precision)
     print(format_table(result.parity))
     for note in result.notes:
         print(f"note: {note}")

@@ -26,12 +26,14 @@ def jpeg_samples(synth_data, tmp_path_factory):
 
 
 def test_mixed_jpeg_decoding_on_the_gpu_matches_cpu_decoding_within_four_levels(jpeg_samples):
+    from serving.spec import ModelSpec
     from training.pipeline import build_eval_pipeline, iterate
 
+    spec = ModelSpec(name="g", class_names=("a", "b"), input_height=48, input_width=48, mean=(0.5,) * 3,
+                     std=(0.25,) * 3)
     out = {}
     for dev in ("cpu", "gpu"):
-        pipe = build_eval_pipeline(jpeg_samples, source_hw=(48, 48), crop_hw=(48, 48), batch_size=16,
-                                   num_threads=1, device=dev, device_id=0)
+        pipe = build_eval_pipeline(jpeg_samples, spec=spec, batch_size=16, num_threads=1, device=dev, device_id=0)
         (x, y), = list(iterate(pipe, jpeg_samples))
         assert x.is_cuda == (dev == "gpu") and x.dtype.__str__() == "torch.uint8"
         out[dev] = (x.cpu().numpy().astype(int), y.cpu().numpy())

@@ -8,7 +8,8 @@ from PIL import Image
 
 from serving.sources import Sample, discover
 from serving.spec import ModelSpec
-from training.pipeline import AugmentConfig, build_eval_pipeline, build_train_pipeline, iterate, unpad
+from training.pipeline import (AugmentConfig, EvalLoader, TrainLoader, build_eval_pipeline, build_train_pipeline,
+                               iterate, unpad)
 
 NO_AUG = AugmentConfig(hflip_prob=0.0, vflip_prob=0.0, scale_min=1.0)
 
@@ -23,8 +24,8 @@ def _all(pipe, samples):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _train(samples, augment, seed=1, **kw):
-    return _all(build_train_pipeline(samples, input_hw=(32, 32), augment=augment, batch_size=8, num_threads=1,
+def _train(samples, augment, seed=1, input_hw=(32, 32), **kw):
+    return _all(build_train_pipeline(samples, input_hw=input_hw, augment=augment, batch_size=8, num_threads=1,
                                      seed=seed, **kw), samples)
 
 
@@ -162,3 +163,74 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
     want = np.stack([resize_u8(load_rgb_u8(s.source), (73, 73))[top:top + 64, left:left + 64] for s in samples])
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+FULL_AUG = AugmentConfig(rotation_deg=20.0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, scale_min=0.5)
+# Random windows and HED stain jitter: their draws come from the epoch's seed too, not from DALI's state.
+CROP_STAIN_AUG = AugmentConfig(rotation_deg=20.0, random_crop=True, stain_augment=True)
+
+
+@pytest.mark.parametrize("aug", [FULL_AUG, CROP_STAIN_AUG], ids=["resized-crop-colour", "random-crop-stain"])
+def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_pipeline(train_samples, aug):
+    samples = train_samples[:20]
+    orders = [samples, samples[::-1], samples[5:] + samples[:5]]
+    loader = TrainLoader(samples, input_hw=(24, 24), augment=aug, batch_size=8, num_threads=1)
+    epochs = []
+    for seed, order in zip((11, 12, 13), orders):
+        got = [(x.numpy(), y.numpy()) for x, y in loader.epoch(order, seed)]
+        x, y = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+        fresh_x, fresh_y = _train(order, aug, seed=seed, input_hw=(24, 24))
+        np.testing.assert_array_equal(x, fresh_x)  # epoch k depends only on (order, seed): resume holds
+        assert y.tolist() == fresh_y.tolist() == [s.label for s in order]
+        epochs.append(x)
+    assert loader.builds == 1
+    assert not np.array_equal(epochs[0], epochs[1][::-1])  # new seed, new augmentation
+
+
+def test_eval_loader_passes_are_identical_and_built_once(train_samples):
+    loader = EvalLoader(train_samples[:20], spec=_spec(), batch_size=8, num_threads=1)
+    passes = [np.concatenate([x.numpy() for x, _ in loader]) for _ in range(3)]
+    assert [p.shape[0] for p in passes] == [20, 20, 20]
+    np.testing.assert_array_equal(passes[0], passes[2])
+    assert loader.builds == 1
+
+
+def test_nearest_interpolation_only_keeps_source_colours(tmp_path):
+    # Nearest-neighbour crop and rotation copy pixels: a two-colour image stays two colours (plus white fill).
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = (200, 40, 40)
+    f = tmp_path / "two.png"
+    Image.fromarray(img).save(f)
+    samples = [Sample(str(f), 0)] * 8
+    aug = dict(rotation_deg=30.0, scale_min=0.5, hflip_prob=0.0, vflip_prob=0.0)
+    x, _ = _train(samples, AugmentConfig(**aug, interpolation="nearest"))
+    assert {tuple(c) for c in x.reshape(-1, 3)} <= {(0, 0, 0), (200, 40, 40), (255, 255, 255)}
+    x, _ = _train(samples, AugmentConfig(**aug, interpolation="linear"))
+    assert len({tuple(c) for c in x.reshape(-1, 3)}) > 3
+
+
+def test_unknown_interpolation_is_refused_naming_the_flag():
+    from training.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"--interpolation 'cubic'.*linear, nearest"):
+        AugmentConfig(interpolation="cubic")
+
+
+def test_hdf5_loaders_reset_per_pass_give_every_row_each_time(synth_data):
+    import h5py
+
+    from serving.sources import read_hdf5
+
+    ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
+    with h5py.File(synth_data / "pcam" / "val_x.h5") as f:
+        rows = f["x"][:]
+    evals = EvalLoader(ds.samples, spec=_spec((48, 48)), batch_size=6, num_threads=1)
+    for _ in range(2):
+        np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in evals]), rows)
+    train = TrainLoader(ds.samples, input_hw=(48, 48), augment=NO_AUG, batch_size=6, num_threads=1)
+    order = ds.samples[::-1]
+    for seed in (1, 2):
+        got = [(x.numpy(), y.numpy()) for x, y in train.epoch(order, seed)]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), rows[::-1])
+        assert np.concatenate([g[1] for g in got]).tolist() == [s.label for s in order]
+    assert evals.builds == train.builds == 1

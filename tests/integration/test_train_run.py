@@ -93,7 +93,8 @@ def test_resume_after_one_epoch_gives_the_same_weights_as_two_epochs_straight(sy
     common = dict(lr_scheduler="exponential", lr_gamma=0.5, model_ema=True, model_ema_decay=0.9,
                   rotation_deg=10.0, brightness=0.1, scale_min=0.5)
     straight = small_train_config(synth_data, tmp_path / "straight", epochs=2, **common)
-    train(straight)
+    # One training and one validation pipeline for the run, reset per epoch, never rebuilt.
+    assert train(straight).pipeline_builds == {"train": 1, "val": 1}
     first = small_train_config(synth_data, tmp_path / "resumed", epochs=1, **common)
     train(first)
     train(first.replace(epochs=2, resume=str(tmp_path / "resumed")))

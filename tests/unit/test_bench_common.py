@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import benchmarks.common as common
-from benchmarks.common import Target, measure
+import pytest
+
+from benchmarks.common import Target, Timing, interleave, measure, ratio_target
+from benchmarks.errors import BenchOutError
 
 
 def test_measure_warms_up_then_reports_medians():
@@ -23,21 +26,74 @@ def test_targets_compare_in_the_stated_direction():
     assert not Target("down", 1.3, 1.2, higher_is_better=False).met
 
 
-def test_each_stage_replaces_only_its_own_block(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
-    monkeypatch.setattr(common, "RESULTS_MD", tmp_path / "RESULTS.md")
+def test_interleave_runs_the_arms_in_turn_and_reports_min_median_max():
+    order = []
+    got = interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b") or 20}, items=10,
+                     warmup=1, repeats=3)
+    assert order == ["a", "b"] * 4  # one warm-up round, then A, B, A, B, A, B
+    assert got["a"].items == 10 and got["b"].items == 20 and len(got["a"].seconds) == 3
+    a = Timing("a", 10, (1.0, 2.0, 4.0))
+    b = Timing("b", 10, (2.0, 2.0, 2.0))
+    t = ratio_target("a / b", a, b, 1.0)
+    assert t.ratio == 1.0  # ratio of medians: 10/2 over 10/2
+    assert (t.low, t.high) == (0.5, 2.0)  # spread of the paired a_i / b_i
+    assert t.to_dict() == {"name": "a / b", "ratio": 1.0, "target": 1.0, "comparison": ">=", "met": True,
+                           "low": 0.5, "high": 2.0}
+
+
+def test_results_go_only_to_out_and_report_regenerates_only_their_blocks(tmp_path):
+    out = tmp_path / "out"
+    md, readme, pngs = tmp_path / "RESULTS.md", tmp_path / "README.md", tmp_path / "results"
+    readme.write_text("# x\n\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\n\nafter\n")
 
     def write(stage, value):
-        common.write_results(stage, command=f"bench {stage}", rows=[{"a": value}], columns=["a"],
-                             targets=[Target("t", value, 1.0)], notes=["n"], payload={}, quick=True)
+        common.write_results(stage, out=out, command=f"bench {stage}", rows=[{"a": value}], columns=["a"],
+                             targets=[Target("t", value, 1.0)], notes=["n"], payload={}, quick=True,
+                             summary=[{"what": f"{stage} ratio", "ratio": f"{value:.2f}", "target": ">= 1.0"}])
 
     write("one", 1.5)
     write("two", 2.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "out"]  # nothing written beside out
+    assert sorted(p.name for p in out.iterdir()) == ["one.json", "two.json"]
+    assert common.update_results(out, results_md=md, results_dir=pngs, readme=readme) == ["one", "two"]
+    (out / "two.json").unlink()  # a later run of one stage keeps the other's figures in the README
     write("one", 0.5)
-    text = (tmp_path / "RESULTS.md").read_text()
+    assert common.update_results(out, results_md=md, results_dir=pngs, readme=readme) == ["one"]
+    text = md.read_text()
     assert text.count("<!-- bench:one -->") == 1 and text.count("<!-- bench:two -->") == 1
     assert "| 0.5 |" in text and "| 1.5 |" not in text and "| 2.5 |" in text
     assert text.index("bench:one") < text.index("bench:two")  # a re-run keeps its place
     assert "| t | 0.50 | >= 1.0 | **no** |" in text
-    doc = json.loads((tmp_path / "results" / "one.json").read_text())
+    assert readme.read_text() == ("# x\n\n<!-- bench:summary -->\n| stage | what was measured | ratio | target |\n"
+                                  "|---|---|---|---|\n| one | one ratio | 0.50 | >= 1.0 |\n"
+                                  "| two | two ratio | 2.50 | >= 1.0 |\n<!-- /bench:summary -->\n\nafter\n")
+    doc = json.loads((pngs / "one.json").read_text())
     assert doc["targets"] == [{"name": "t", "ratio": 0.5, "target": 1.0, "comparison": ">=", "met": False}]
+
+
+def test_out_inside_the_project_packages_is_refused(tmp_path):
+    with pytest.raises(BenchOutError, match=r"--out .*inside the project's package benchmarks/"):
+        common.resolve_out(common.BENCH_DIR / "results")
+    assert common.resolve_out(tmp_path / "r") == (tmp_path / "r").resolve()
+
+
+def test_queue_delay_variants_differ_from_the_model_only_in_name_and_delay(tmp_path, tiny_spec):
+    from benchmarks.queue_delay import add_delay_variants, choose
+    from export import triton_config as tc
+    from export.repository import render_repository, write_generated
+
+    write_generated(tmp_path, render_repository(tiny_spec, tc.ExportOptions(with_dali=False)))
+    version = tmp_path / tiny_spec.name / "1"
+    version.mkdir()
+    (version / "model.onnx").write_bytes(b"weights")
+    original = (tmp_path / tiny_spec.name / "config.pbtxt").read_text()
+    names = add_delay_variants(tmp_path, tiny_spec.name, delays=(0, 500))
+    assert names == {0: f"{tiny_spec.name}_d0", 500: f"{tiny_spec.name}_d500"}
+    for delay, name in names.items():
+        cfg = tc.read_config(tmp_path / name / "config.pbtxt")
+        assert cfg.name == name and cfg.dynamic_batching.max_queue_delay_microseconds == delay
+        assert (tmp_path / name / "1" / "model.onnx").read_bytes() == b"weights"
+    assert (tmp_path / tiny_spec.name / "config.pbtxt").read_text() == original  # hard links never written through
+    rows = [{"delay_us": 0, "p50 / p50 at 0 us": 1.0}, {"delay_us": 200, "p50 / p50 at 0 us": 1.04},
+            {"delay_us": 500, "p50 / p50 at 0 us": 1.08}]
+    assert choose(rows)["delay_us"] == 200  # the largest delay within +5% of the p50

@@ -1,0 +1,9 @@
+"""Errors of the benchmarks package."""
+
+from __future__ import annotations
+
+from serving.errors import PatchserveError
+
+
+class BenchOutError(PatchserveError, ValueError):
+    """--out points somewhere benchmark results must not go, or holds no results."""
