@@ -9,7 +9,7 @@ import numpy as np
 
 from export import triton_config as tc
 from export.errors import ExportError, ExportInputError, TensorRTUnavailable
-from export.fixture import (FIXTURE_FILE, PREPROCESS_MAX_GREY_DIFF, log_probabilities, pack_encoded, reference_pixels, save_fixture,
+from export.fixture import (EQUALISED_MAX_OFF_FRACTION, FIXTURE_FILE, PREPROCESS_MAX_GREY_DIFF, log_probabilities, pack_encoded, preprocess_agreement, reference_pixels, save_fixture,
                             select_images)
 from export.manifest import write_manifest
 from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, ort_session, parity_vs_torch, require_parity,
@@ -188,9 +188,13 @@ def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: li
     save_fixture(pre_dir / FIXTURE_FILE, {**pack_encoded(encoded), "pixels": pixels})
     dali_pixels = np.stack(run_serialized(pre_dir / tc.DALI_FILE, encoded, input_name=spec.encoded_name,
                                           batch_size=spec.max_batch_size))
-    rows.append(ParityRow("fixture |dali - reference|", spec.preprocess_model_name, len(encoded),
-                          int(np.abs(dali_pixels.astype(np.int16) - pixels.astype(np.int16)).max()),
-                          PREPROCESS_MAX_GREY_DIFF))
+    _, value, _ = preprocess_agreement(dali_pixels, pixels, spec.grayscale_equalize)
+    if spec.grayscale_equalize:
+        rows.append(ParityRow(f"fixture share |dali - ref| > {PREPROCESS_MAX_GREY_DIFF}", spec.preprocess_model_name,
+                              len(encoded), round(value, 6), EQUALISED_MAX_OFF_FRACTION))
+    else:
+        rows.append(ParityRow("fixture |dali - reference|", spec.preprocess_model_name, len(encoded), value,
+                              PREPROCESS_MAX_GREY_DIFF))
     ens_dir = stage / spec.ensemble_model_name / str(version)
     ens_dir.mkdir(parents=True, exist_ok=True)
     # Triton needs the version folder of an ensemble; git keeps no empty folders.

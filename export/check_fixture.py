@@ -8,7 +8,7 @@ import numpy as np
 
 from export import triton_config as tc
 from export.check_report import FAIL, OK, CheckRow
-from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, INT8_PROBABILITIES, PREPROCESS_MAX_GREY_DIFF, compare,
+from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, INT8_PROBABILITIES, compare, preprocess_agreement,
                             load_fixture, log_probabilities, unpack_encoded)
 from serving.errors import PatchserveError
 
@@ -58,11 +58,8 @@ def judge(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str,
     if got.shape != want.shape:
         return CheckRow(check, name, FAIL, f"{where}: answer shape {got.shape}, fixture {want.shape}")
     if role == "preprocess":
-        diff = int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max())
-        detail = f"{where}: {len(want)} images, max |pixel - reference decoding| {diff} grey level(s)"
-        if diff > PREPROCESS_MAX_GREY_DIFF:
-            return CheckRow(check, name, FAIL, f"{detail} > {PREPROCESS_MAX_GREY_DIFF}")
-        return CheckRow(check, name, OK, f"{detail} <= {PREPROCESS_MAX_GREY_DIFF}")
+        ok, _, measured = preprocess_agreement(got, want, bool(need["spec"].grayscale_equalize))
+        return CheckRow(check, name, OK if ok else FAIL, f"{where}: {len(want)} images, {measured}")
     what = "log-probabilities" if role == "tta" else "logits"
     if role == "tta" and precision == "int8":
         # uint8 probabilities round tiny ones to 0: their logarithm says nothing; compare probabilities.
