@@ -49,12 +49,14 @@ def preprocess_agreement(got: np.ndarray, want: np.ndarray, equalised: bool) -> 
     diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
     worst = int(diff.max()) if diff.size else 0
     if not equalised:
-        return worst <= PREPROCESS_MAX_GREY_DIFF, worst, (
-            f"max |pixel - reference decoding| {worst} grey level(s) (limit {PREPROCESS_MAX_GREY_DIFF})")
+        ok = worst <= PREPROCESS_MAX_GREY_DIFF
+        return ok, worst, (f"max |pixel - reference decoding| {worst} grey level(s) "
+                           f"{'<=' if ok else '>'} {PREPROCESS_MAX_GREY_DIFF}")
     off = float((diff > PREPROCESS_MAX_GREY_DIFF).mean()) if diff.size else 0.0
-    return off <= EQUALISED_MAX_OFF_FRACTION, off, (
-        f"{off:.4%} of pixels more than {PREPROCESS_MAX_GREY_DIFF} grey level(s) from the reference decoding "
-        f"(limit {EQUALISED_MAX_OFF_FRACTION:.0%}, equalised model; max {worst})")
+    ok = off <= EQUALISED_MAX_OFF_FRACTION
+    return ok, off, (f"equalised model, max {worst}: share of pixels more than {PREPROCESS_MAX_GREY_DIFF} grey "
+                     f"level(s) from the reference decoding {off:.4%} {'<=' if ok else '>'} "
+                     f"{EQUALISED_MAX_OFF_FRACTION:.0%}")
 # What each model's fixture holds (see the module docstring).
 FIXTURE_KEYS = {"classifier": ("pixels", "logits"), "tta": ("sources", "log_probabilities"),
                 "preprocess": ("encoded", "encoded_offsets", "pixels"),

@@ -17,7 +17,7 @@ def test_plain_models_allow_one_grey_level_and_no_more():
     want = _image()
     assert preprocess_agreement(np.clip(want.astype(int) + 1, 0, 255).astype(np.uint8), want, False)[0]
     ok, value, detail = preprocess_agreement(np.clip(want.astype(int) + 2, 0, 255).astype(np.uint8), want, False)
-    assert (ok, value) == (False, 2) and detail == "max |pixel - reference decoding| 2 grey level(s) (limit 1)"
+    assert (ok, value) == (False, 2) and detail == "max |pixel - reference decoding| 2 grey level(s) > 1"
 
 
 def test_equalised_models_allow_a_few_stepped_pixels_but_not_another_order():
