@@ -103,6 +103,15 @@ def missing_extra_message(command: str, exc: ModuleNotFoundError) -> str | None:
             f"pip install 'patchserve[{extra}]'")
 
 
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
+    """Exit code 2 with what to install; any other missing module is a real error and propagates."""
+    message = missing_extra_message(command, exc)
+    if message is None:
+        raise exc
+    print(message, file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -116,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         module = _command(name)
         parser = module.get_args_parser()
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(name, exc)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
+        return _missing_extra(name, exc)
     parser.prog = f"patchserve {name}"
     args = parser.parse_args(rest)
     from serving.errors import PatchserveError
@@ -131,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = module.main(args)
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(name, exc)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
+        return _missing_extra(name, exc)
     except PatchserveError as exc:
         print(f"patchserve {name}: error: {exc}", file=sys.stderr)
         return 2
