@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.errors import BenchOutError
+from serving.errors import InputError
+from serving.options import option
 
 BENCH_DIR = Path(__file__).resolve().parent
 SOURCE_ROOT = BENCH_DIR.parent
@@ -33,6 +35,37 @@ README_MD = SOURCE_ROOT / "README.md"
 DEFAULT_OUT = "bench-results"
 # The project's packages: results never go inside them (installed or checked out).
 PACKAGE_DIRS = tuple(SOURCE_ROOT / p for p in ("patchserve", "benchmarks", "export", "training", "serving"))
+
+
+STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of ``patchserve bench``."""
+
+    stage: str = option(help="which stage to measure ('all' runs each in turn; 'report' only regenerates "
+                             "RESULTS.md and the README table from --out)", positional=True,
+                        metavar="STAGE", choices=(*STAGES, "all", "report"))
+    quick: bool = option(False, "smaller sizes and fewer repeats: a few minutes on a 2-core machine")
+    out: Path | None = option(None, "folder for STAGE.json and STAGE.png; never inside the project's packages",
+                              default_text=f"./{DEFAULT_OUT}")
+    interpolation: str = option("nearest", "interpolation of crop and rotation on both arms of the data and "
+                                           "train stages (nearest is torchvision RandomRotation's default)",
+                                choices=("nearest", "linear"))
+    update_results: bool = option(False, "after the run, regenerate benchmarks/RESULTS.md and the README table "
+                                         "from --out (in a source checkout)")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("stage", (*STAGES, "all", "report")), ("interpolation", ("nearest", "linear"))):
+            if getattr(self, name) not in allowed:
+                flag = "STAGE" if name == "stage" else "--interpolation"
+                raise InputError(f"{flag}: invalid value {getattr(self, name)!r}. "
+                                    f"Only {', '.join(allowed)} are supported.")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.stage == "all" else (self.stage,)
 
 
 def resolve_out(out: str | Path | None) -> Path:

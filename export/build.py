@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from export.patches import encode
 from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
                                resolve_spec, write_generated)
 from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
+from serving.options import option
 from serving.spec import ModelSpec
 from serving.views import combine_views, make_views, num_views
 from serving.progress import bar_disable
@@ -26,6 +29,40 @@ from serving.progress import bar_disable
 # a few grey levels on smooth images; more than this means a different crop or resize.
 DALI_MAX_GREY_DIFF = 8
 PARITY_BATCH = 3  # differs from the tracing batch (2) on purpose
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of ``patchserve export``: what to export, where, and the configs' :class:`ExportOptions`."""
+
+    run: Path = option(help="run folder (or checkpoint file) written by patchserve train", positional=True,
+                       metavar="RUN")
+    repo: Path = option(help="model repository folder to write into")
+    name: str | None = option(None, "model name in the repository", default_text="the spec's name")
+    max_batch_size: int | None = option(None, "largest batch the models accept",
+                                        default_text="the spec's max_batch_size")
+    data: Path | None = option(None, "patches for the top-1 agreement check and int8 calibration",
+                               default_text="the data folder the run recorded")
+    overwrite: bool = option(False, "replace an existing version folder")
+    progress: bool = option(True, "progress bar (on a terminal only)")
+    options: tc.ExportOptions = option(default_factory=tc.ExportOptions,
+                                       help="what the exported configs hold (stored as export.json)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", Path(self.run))
+        object.__setattr__(self, "repo", Path(self.repo))
+        if self.data is not None:
+            object.__setattr__(self, "data", Path(self.data))
+
+    @classmethod
+    def of(cls, run: Path, repo: Path, **kw) -> "ExportConfig":
+        """Keyword form for library callers: each keyword names a field of this class or of ExportOptions."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        unknown = set(kw) - own - {f.name for f in dataclasses.fields(tc.ExportOptions)}
+        if unknown:
+            raise TypeError(f"export_run: unknown option(s) {', '.join(sorted(unknown))}")
+        return cls(run=run, repo=repo, **{k: v for k, v in kw.items() if k in own},
+                   options=tc.ExportOptions(**{k: v for k, v in kw.items() if k not in own}))
 
 
 def _read_run(run: Path) -> dict:
@@ -68,19 +105,17 @@ def dali_vs_pil(dali_path: Path, spec: ModelSpec, images: list[np.ndarray]) -> P
                      DALI_MAX_GREY_DIFF)
 
 
-def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views, with_tta, with_dali,
-                     max_batch_size, instances, max_queue_delay_us, overwrite, fp16, trt_accelerator, data,
-                     progress, precision="fp32") -> ExportResult:
+def build_repository(cfg: ExportConfig) -> ExportResult:
     from tqdm import tqdm
 
     from training.checkpoint import weights_sha256
     from training.model import ServedModel, build_model
 
-    payload = _read_run(run)
-    spec = resolve_spec(payload["spec"], name=name, version=version, max_batch_size=max_batch_size)
-    opts = tc.ExportOptions(version=version, formats=formats, tta_views=tta_views, with_tta=with_tta,
-                            with_dali=with_dali, instances=instances, max_queue_delay_us=max_queue_delay_us,
-                            fp16=fp16, trt_accelerator=trt_accelerator, precision=precision)
+    opts = cfg.options
+    repo, data, version = cfg.repo, cfg.data, opts.version
+    formats, with_tta, with_dali, precision = opts.formats, opts.with_tta, opts.with_dali, opts.precision
+    payload = _read_run(cfg.run)
+    spec = resolve_spec(payload["spec"], name=cfg.name, version=version, max_batch_size=cfg.max_batch_size)
     if data is None:
         recorded = (payload.get("train_config") or {}).get("data")
         data = Path(recorded) if recorded and Path(recorded).exists() else None
@@ -90,7 +125,7 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
     names = [spec.name] + ([spec.tta_model_name] if with_tta else []) + \
             ([spec.preprocess_model_name, spec.ensemble_model_name] if with_dali else [])
     repo.mkdir(parents=True, exist_ok=True)
-    refuse_existing(repo, names, version, overwrite)
+    refuse_existing(repo, names, version, cfg.overwrite)
     clean_leftovers(repo)
     weights = weights_sha256(payload["model"])
     classifier = build_model(spec, payload["model_config"])
@@ -102,7 +137,7 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
     stage = work / "staging"
     stage.mkdir(parents=True)
     steps = 3 + int(with_tta) * 2 + int(with_dali) + int("tensorrt" in formats)
-    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=bar_disable(progress))
+    bar = tqdm(total=steps, desc=f"export {spec.name}", unit="step", disable=bar_disable(cfg.progress))
     rows: list[ParityRow] = []
     notes: list[str] = []
     try:
@@ -123,14 +158,14 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
         copy_backend("onnx_model.py", cls_dir / tc.PYTHON_FILE)
         bar.update()
         if with_tta:
-            rows += _export_tta(classifier, spec, tta_views, stage, version, session, real, encoded)
+            rows += _export_tta(classifier, spec, opts.tta_views, stage, version, session, real, encoded)
             bar.update(2)
         if precision == "int8":
             rows += _to_int8(served, onnx_path, data, spec, real, source=False)
             if with_tta:
                 from export.tta import TTAModel
 
-                rows += _to_int8(TTAModel(classifier, spec, tta_views).eval(),
+                rows += _to_int8(TTAModel(classifier, spec, opts.tta_views).eval(),
                                  stage / spec.tta_model_name / str(version) / tc.ONNX_FILE, data, spec, real,
                                  source=True)
         if with_dali:
@@ -140,7 +175,7 @@ def build_repository(run: Path, repo: Path, *, name, version, formats, tta_views
             from export.tensorrt import build_plan
 
             try:
-                rows += build_plan(onnx_path, cls_dir / tc.PLAN_FILE, cls_dir / PLAN_MANIFEST, spec, fp16=fp16)
+                rows += build_plan(onnx_path, cls_dir / tc.PLAN_FILE, cls_dir / PLAN_MANIFEST, spec, fp16=opts.fp16)
             except TensorRTUnavailable as exc:
                 notes.append(f"tensorrt skipped: {exc}")
                 opts = tc.ExportOptions(**{**opts.__dict__, "formats": tuple(f for f in opts.formats
@@ -264,15 +299,11 @@ def _export_tta(classifier, spec: ModelSpec, mode: str, stage: Path, version: in
     return rows
 
 
-def export_run(run: Path, repo: Path, *, name: str | None = None, version: int = 1,
-               formats: tuple[str, ...] = ("python", "onnxruntime"), tta_views: str = "five",
-               with_tta: bool = True, with_dali: bool = True, max_batch_size: int | None = None,
-               instances: int = 1, max_queue_delay_us: int = tc.DEFAULT_MAX_QUEUE_DELAY_US, overwrite: bool = False,
-               fp16: bool = True, trt_accelerator: bool = False, data: Path | None = None,
-               progress: bool = False, precision: str = "fp32") -> ExportResult:
-    """Export a run (folder or checkpoint) into ``repo``: the steps of :func:`build_repository`."""
-    return build_repository(Path(run), Path(repo), name=name, version=version, formats=tuple(formats),
-                            tta_views=tta_views, with_tta=with_tta, with_dali=with_dali,
-                            max_batch_size=max_batch_size, instances=instances,
-                            max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, fp16=fp16,
-                            trt_accelerator=trt_accelerator, data=data, progress=progress, precision=precision)
+def export_run(run: Path | ExportConfig, repo: Path | None = None, **kw) -> ExportResult:
+    """Export a run (folder or checkpoint) into ``repo``: the steps of :func:`build_repository`.
+
+    Takes an :class:`ExportConfig` (what the command line builds), or ``run``,
+    ``repo`` and keywords named after its fields and :class:`ExportOptions`'.
+    """
+    cfg = run if isinstance(run, ExportConfig) else ExportConfig.of(run, repo, **kw)
+    return build_repository(cfg)

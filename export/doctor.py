@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from serving.options import option
+
 # The torch wheel the registry serves decides the CUDA major of the whole stack.
 CUDA_MAJOR_HINT = "13"
 # The embedded server's Triton (nvidia-pytriton wheel) carries the Python backend only.
@@ -288,6 +290,15 @@ class DoctorReport:
             lines.append("to install:")
             lines += [f"  {c.name}: {c.install}" for c in todo]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    """Options of ``patchserve doctor``."""
+
+    json: bool = option(False, "print the report as JSON instead of a table")
+    require_gpu: bool = option(False, "exit 1 unless a GPU is present and every installed GPU-capable component "
+                                      "ran on it")
 
 
 def run_doctor() -> DoctorReport:

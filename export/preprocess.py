@@ -33,7 +33,7 @@ def build_pipeline(spec: ModelSpec, batch_size: int, num_threads: int = 1):
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         if spec.grayscale_equalize:
             images = grey_equalize(images)
-        return eval_geometry(images, spec.input_hw, spec.source_hw, crop=True)
+        return eval_geometry(images, spec.input_hw, spec.source_hw, crop=True, geometry=spec.eval_geometry)
 
     return preprocess()
 

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
 from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.options import option
 from serving.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
 FORMATS = FLAVOURS
@@ -51,16 +52,27 @@ class ExportOptions:
     The maximum batch size is not one of them: it lives in the spec only.
     """
 
-    version: int = 1
-    formats: tuple[str, ...] = ("python", "onnxruntime")
-    tta_views: str = "five"
-    with_tta: bool = True
-    with_dali: bool = True
-    instances: int = 1
-    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
-    fp16: bool = True
-    trt_accelerator: bool = False
-    precision: str = "fp32"  # of the ONNX graphs: fp32, or int8 (static quantization, CPU servers)
+    version: int = option(1, "numeric version folder")
+    formats: tuple[str, ...] = option(
+        ("python", "onnxruntime"),
+        f"comma-separated flavours out of {','.join(FORMATS)}; tensorrt needs a GPU and the tensorrt package "
+        "(the gpu extra), and is skipped with a message otherwise")
+    tta_views: str = option("five", "views of the server-side TTA model", choices=TTA_EXPORT_MODES)
+    with_tta: bool = option(True, "export the server-side TTA model NAME_tta", flag="--tta")
+    with_dali: bool = option(True, "export the DALI preprocessing model and the encoded-bytes ensemble",
+                             flag="--dali")
+    instances: int = option(1, "model instances per model")
+    max_queue_delay_us: int = option(
+        DEFAULT_MAX_QUEUE_DELAY_US,
+        "dynamic batcher queue delay in microseconds, chosen by benchmarks/bench_serve.py: at most +5% p50 "
+        "latency for single patches")
+    fp16: bool = option(True, "FP16 TensorRT plan / accelerator")
+    trt_accelerator: bool = option(False, "add the TensorRT execution accelerator to the onnxruntime flavour")
+    # Of the ONNX graphs: fp32, or int8 (static quantization, CPU servers).
+    precision: str = option("fp32", "precision of the ONNX graphs: int8 is ONNX Runtime static quantization "
+                                    "for CPU servers, calibrated on the run's training images (or --data); its "
+                                    "parity is written beside it and checked by check-export",
+                            choices=("fp32", "int8"))
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "int8"):

@@ -18,26 +18,44 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import PatchserveError
+from serving.errors import InputError, PatchserveError
+from serving.options import add_options, from_args, option
+
+TTA_MODES = ("none", "flip", "five", "ten", "server")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Options of ``patchserve demo``."""
+
+    out: Path = option(Path("demo"), "folder for everything the demo writes")
+    name: str = option("patchserve_demo", "model name in the Triton repository")
+    repo: Path = option(Path("model_repository"), "model repository to export into (its configs are checked in; "
+                                                  "the demo regenerates its weights)")
+    size: int = option(64, "patch side in pixels")
+    per_class: int = option(300, "synthetic patches per class")
+    epochs: int = option(4, "training epochs")
+    tta: str = option("five", "TTA mode for scoring the test folder", choices=TTA_MODES)
+    seed: int = option(0, "seed of the data, the training and the slide")
+    quick: bool = option(False, "a smaller, faster run (for smoke tests)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "repo", Path(self.repo))
+        if self.tta not in TTA_MODES:
+            raise InputError(f"--tta: invalid value {self.tta!r}. Only {', '.join(TTA_MODES)} are supported.")
+        for flag, value in (("--size", self.size), ("--per-class", self.per_class), ("--epochs", self.epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{flag}: expected an integer >= 1, got {value!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo"), help="folder for everything the demo writes (default: demo)")
-    p.add_argument("--name", default="patchserve_demo", help="model name in the Triton repository")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"),
-                   help="model repository to export into (default: model_repository, whose configs are checked "
-                        "in; the demo regenerates its weights)")
-    p.add_argument("--size", type=int, default=64, help="patch side in pixels (default: 64)")
-    p.add_argument("--per-class", type=int, default=300, help="synthetic patches per class (default: 300)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
-    p.add_argument("--tta", default="five", choices=("none", "flip", "five", "ten", "server"),
-                   help="TTA mode for scoring the test folder (default: five)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
+    add_options(p, DemoConfig)
     return p
 
 
@@ -67,6 +85,7 @@ def _run(step: str, args: list[str], log: list[dict]) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    args = from_args(DemoConfig, args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     data, run, eval_dir = out / "data", out / "run", out / "eval"

@@ -10,7 +10,7 @@ from serving.spec import TTA_MODES, TTA_VIEWS_PARAMETER, ModelSpec
 PROTOCOLS = ("grpc", "http")
 CLIENT_TTA_MODES = TTA_MODES + ("server",)
 # Fields a caller may pin with ``expected_spec``; the rest are the server's business.
-CHECKED_FIELDS = ("name", "class_names", "input_height", "input_width", "source_height", "source_width",
+CHECKED_FIELDS = ("name", "class_names", "input_height", "input_width", "source_height", "source_width", "eval_geometry",
                   "input_dtype", "input_layout", "mean", "std")
 
 

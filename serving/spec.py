@@ -37,8 +37,12 @@ TTA_MODES = ("none", "flip", "five", "ten")
 #   other size (smaller or larger) is resized (bilinear, antialiased) to the
 #   source size, whose centre crop is the "none" view. Views are then cut from
 #   that image: from an input-size image every crop is the whole image.
-# New rules (random or other crops) are added here and in serving/preprocess.py.
-EVAL_GEOMETRIES = ("resize_crop",)
+#   "crop": for models trained with --random-crop on images larger than the
+#   model (150 px cropped to 128, 450 to 384): an image of the input size is
+#   used as it is; any other size gives the source-size window at its centre,
+#   without resampling, padded white where the image is smaller.
+# New rules are added here and in serving/preprocess.py.
+EVAL_GEOMETRIES = ("resize_crop", "crop")
 # Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
 # Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
 # with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.

@@ -148,22 +148,37 @@ def resize_like_serving(images, hw):
     return fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR, antialias=True)
 
 
-def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int], crop: bool):
+def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int], crop: bool,
+                  geometry: str = "resize_crop"):
     """The spec's ``eval_geometry`` in DALI operators, as serving/preprocess.py defines it.
 
-    ``resize_crop``: an image of the input size is kept, any other size is
-    resized to the source size; per sample, from the decoded shape. With
-    ``crop`` the "none" view of serving.views follows (every output at the
-    input size), without it the images come out at their geometry size.
+    An image of the input size is kept. ``resize_crop``: any other size is
+    resized to the source size; ``crop``: the source-size window at its
+    centre, no resampling, padded white (serving.preprocess.fit_centre); per
+    sample, from the decoded shape. With ``crop`` the "none" view of
+    serving.views follows (every output at the input size), without it the
+    images come out at their geometry size.
     """
     import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
     ih, iw = input_hw
     sh, sw = source_hw
     shape = images.shape(dtype=types.INT32)
     keep = fn.cast((shape[0] == ih) & (shape[1] == iw), dtype=types.INT32)  # 1: already the input size
-    images = resize_like_serving(images, (keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw))
+    if geometry == "crop":
+        starts = []
+        for size, window in ((shape[0], sh), (shape[1], sw)):
+            d = size - window  # serving.preprocess.centre_start: towards zero when it pads
+            starts.append((1 - keep) * (dmath.abs(d) // 2) * (2 * fn.cast(d >= 0, dtype=types.INT32) - 1))
+        images = fn.slice(images, start=fn.stack(*starts),
+                          shape=fn.stack(keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw),
+                          axis_names="HW", out_of_bounds_policy="pad", fill_values=255)
+    elif geometry == "resize_crop":
+        images = resize_like_serving(images, (keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw))
+    else:
+        raise ValueError(f"unknown eval_geometry {geometry!r}")
     if not crop:
         return images
     (top, left, _), = view_boxes("none", source_hw, input_hw)
@@ -273,7 +288,7 @@ def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool =
                                  pad_last_batch=True, device=device)
         if spec.grayscale_equalize:
             images = grey_equalize(images)
-        images = eval_geometry(images, spec.input_hw, spec.source_hw, crop=not views)
+        images = eval_geometry(images, spec.input_hw, spec.source_hw, crop=not views, geometry=spec.eval_geometry)
         if not views:
             return images, labels
         # Images of the input size and of the source size can share a batch: pad to one shape.

@@ -26,6 +26,20 @@ def _load(sample: Sample, max_pixels: int) -> np.ndarray:
     return load_rgb_u8(sample.source, max_pixels=max_pixels)
 
 
+def common_hw(samples: list[Sample], *, max_images: int = 64, seed: int = 0,
+              max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """The most common image size (height, width) among up to ``max_images`` samples."""
+    from collections import Counter
+
+    if not samples:
+        raise ValueError("common_hw: no samples")
+    idx = np.arange(len(samples))
+    if len(samples) > max_images:
+        idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_images, replace=False))
+    sizes = Counter(tuple(int(v) for v in _load(samples[int(i)], max_pixels).shape[:2]) for i in idx)
+    return max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
 def channel_histograms(image_hwc_u8: np.ndarray) -> np.ndarray:
     """3 x 256 counts of each channel's values."""
     flat = image_hwc_u8.reshape(-1, 3)

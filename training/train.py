@@ -37,7 +37,7 @@ from training.pipeline import EvalLoader, TrainLoader, resolve_dali_device
 from training.runs import check_run_folder, write_run_config
 from training.sampling import balanced_class_weights, epoch_order
 from training.scan import describe_skipped, refuse_bad, scan_samples, write_bad_list
-from training.stats import compute_mean_std
+from training.stats import common_hw, compute_mean_std
 
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
@@ -162,9 +162,16 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
                                      max_pixels=cfg.max_image_pixels)
         mean, std = cfg.mean or mean, cfg.std or std
     extra = {"grayscale_equalize": True} if cfg.grayscale_equalize else {}
+    geometry = {}
+    if cfg.random_crop:
+        # Trained on windows of larger images: evaluation and serving take the
+        # centre window of the training images' size, never a resize.
+        h, w = common_hw(data.train, seed=cfg.seed, max_pixels=cfg.max_image_pixels)
+        geometry = {"eval_geometry": "crop", "source_height": max(h, cfg.image_size),
+                    "source_width": max(w, cfg.image_size)}
     return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
                      input_height=cfg.image_size, input_width=cfg.image_size, mean=mean, std=std,
-                     arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra)
+                     arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra, **geometry)
 
 
 def eval_loader(samples, spec: ModelSpec, *, batch_size: int, num_threads: int, dali_device: str,

@@ -14,25 +14,13 @@ import argparse
 import sys
 from types import ModuleType
 
-STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask")
+from benchmarks.common import BenchConfig
+from serving.options import add_options, from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=(*STAGES, "all", "report"),
-                   help="which stage to measure ('all' runs each in turn; 'report' only regenerates "
-                        "RESULTS.md and the README table from --out)")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller sizes and fewer repeats: a few minutes on a 2-core machine")
-    p.add_argument("--out", default=None,
-                   help="folder for STAGE.json and STAGE.png (default: ./bench-results); never inside the "
-                        "project's packages")
-    p.add_argument("--interpolation", choices=("nearest", "linear"), default="nearest",
-                   help="interpolation of crop and rotation on both arms of the data and train stages "
-                        "(default: nearest, torchvision RandomRotation's default)")
-    p.add_argument("--update-results", action=argparse.BooleanOptionalAction, default=False,
-                   help="after the run, regenerate benchmarks/RESULTS.md and the README table from --out "
-                        "(in a source checkout)")
+    add_options(p, BenchConfig)
     return p
 
 
@@ -61,12 +49,13 @@ def main(args: argparse.Namespace) -> int:
     from benchmarks.common import resolve_out, update_results
     from benchmarks.errors import BenchOutError
 
+    cfg = from_args(BenchConfig, args)
     try:
-        out = resolve_out(args.out)
+        out = resolve_out(cfg.out)
     except BenchOutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.stage == "report":
+    if cfg.stage == "report":
         try:
             stages = update_results(out)
         except BenchOutError as exc:
@@ -74,19 +63,19 @@ def main(args: argparse.Namespace) -> int:
             return 2
         print(f"RESULTS.md and README table regenerated from {out}: {', '.join(stages)}")
         return 0
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = cfg.stages
     failed = []
     for stage in stages:
         module = _stage(stage)
-        command = f"patchserve bench {stage}{' --quick' if args.quick else ''}"
+        command = f"patchserve bench {stage}{' --quick' if cfg.quick else ''}"
         print(f"==> bench {stage} (results in {out})", flush=True)
         try:
-            extra = {"interpolation": args.interpolation} if stage in ("data", "train") else {}
-            module.run(quick=args.quick, command=command, out=out, **extra)
+            extra = {"interpolation": cfg.interpolation} if stage in ("data", "train") else {}
+            module.run(quick=cfg.quick, command=command, out=out, **extra)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not hide the others' figures
             print(f"bench {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed.append(stage)
-    if args.update_results and len(failed) < len(stages):
+    if cfg.update_results and len(failed) < len(stages):
         print(f"RESULTS.md and README table regenerated: {', '.join(update_results(out))}")
     if failed:
         print(f"stages that failed: {', '.join(failed)}", file=sys.stderr)

@@ -184,6 +184,19 @@ def _write_hdf5(out: Path, split: str, images: np.ndarray, labels: np.ndarray,
     return xpath, ypath
 
 
+@dataclass(frozen=True)
+class SynthJob:
+    """Options of ``patchserve synth``: where to write, and what (:class:`SynthConfig`)."""
+
+    out: Path = option(help="output folder (must be empty unless --overwrite)", positional=True, metavar="OUT")
+    overwrite: bool = option(False, "replace the synthetic data already in OUT (other files are kept)")
+    progress: bool = option(True, "show progress bars (on a terminal only)")
+    data: SynthConfig = option(default_factory=SynthConfig, help="what the data holds")
+
+    def run(self) -> "SynthSummary":
+        return synthesize(Path(self.out), overwrite=self.overwrite, progress=self.progress, **asdict(self.data))
+
+
 def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: float = 1.0, size: int = 64,
                fmt: str = "png", seed: int = 0, slide: bool = False, slide_size: int = 4096,
                overwrite: bool = False, split_fractions=(0.6, 0.2, 0.2), overlap: float = DEFAULT_OVERLAP,

@@ -56,6 +56,16 @@ def served_spec(triton_server):
     return triton_server.spec
 
 
+@pytest.fixture(scope="module")
+def crop_spec(spec):
+    # A --random-crop model trained on 40 px images: a centre cut of 40 px, no resampling anywhere.
+    return spec.replace(eval_geometry="crop", source_height=40, source_width=40)
+
+
+def _crop_tolerance(name: str) -> int:
+    return JPEG if name.endswith(".jpg") and not name.startswith("cmyk") else SAME_DECODER_IDENTITY
+
+
 def _ref(path, spec) -> np.ndarray:
     return reference_views(path, spec, "none")[0]
 
@@ -88,6 +98,33 @@ def test_dali_preprocessing_model_follows_the_reference(matrix, spec, tmp_path):
         assert image.shape == (32, 32, 3)
         diff = np.abs(image.astype(int) - _ref(matrix[name], spec).astype(int)).max()
         assert diff <= _tolerance(name), (name, diff)
+
+
+def test_crop_geometry_dali_paths_follow_the_reference(matrix, crop_spec, tmp_path):
+    from export.preprocess import run_serialized, serialize_pipeline
+    from serving.imageio import read_header
+    from training.pipeline import build_eval_pipeline, iterate
+    from training.scan import scan_samples
+
+    names = sorted(matrix)
+    scan = scan_samples([Sample(str(matrix[n]), 0) for n in names], tmp_path / "cache", progress=False)
+    pipe = build_eval_pipeline(scan.samples, spec=crop_spec, batch_size=8, num_threads=1)
+    got = np.concatenate([x.numpy() for x, _ in iterate(pipe, scan.samples)])
+    resize_spec = crop_spec.replace(eval_geometry="resize_crop")
+    differ = 0
+    for name, image in zip(names, got):
+        ref = _ref(matrix[name], crop_spec)
+        diff = np.abs(image.astype(int) - ref.astype(int)).max()
+        assert diff <= _crop_tolerance(name), ("evaluation pipeline", name, diff)
+        differ += np.abs(_ref(matrix[name], resize_spec).astype(int) - ref.astype(int)).max() > 1
+    assert differ >= 3, "the matrix must hold images where cutting and resizing differ"
+    dali = serialize_pipeline(crop_spec, tmp_path / "model.dali", batch_size=4)
+    names = [n for n in names if read_header(matrix[n]).mode in ("RGB", "L")]
+    got = run_serialized(dali, [matrix[n].read_bytes() for n in names], input_name=crop_spec.encoded_name,
+                         batch_size=4)
+    for name, image in zip(names, got):
+        diff = np.abs(image.astype(int) - _ref(matrix[name], crop_spec).astype(int)).max()
+        assert diff <= _crop_tolerance(name), ("preprocessing model", name, diff)
 
 
 def test_client_readers_give_the_reference_pixels(matrix, spec, tmp_path):

@@ -118,3 +118,19 @@ def test_random_crop_takes_windows_of_the_model_size_without_resizing(synth_data
         assert len(hits) == 1, s.source
         offsets.add(hits[0])
     assert len(offsets) > 2  # random positions, not the centre every time
+
+
+def test_random_crop_training_records_the_crop_geometry_of_its_images(synth_data, tmp_path):
+    from training.data import resolve_training_data
+    from training.train import _build_spec
+    from tests.fixtures_train import small_train_config
+
+    data = resolve_training_data(synth_data)
+    cfg = small_train_config(synth_data, tmp_path / "run", image_size=32, random_crop=True,
+                             mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    spec = _build_spec(cfg, data)
+    # 48 px training images, 32 px windows: evaluation cuts the 48 px centre window, never resizes.
+    assert (spec.eval_geometry, spec.source_hw, spec.input_hw) == ("crop", (48, 48), (32, 32))
+    plain = _build_spec(small_train_config(synth_data, tmp_path / "run2", image_size=32,
+                                           mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)), data)
+    assert (plain.eval_geometry, plain.source_hw) == ("resize_crop", (37, 37))

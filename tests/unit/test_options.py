@@ -15,7 +15,7 @@ from serving.score import ScoreConfig
 from serving.slides import TilingConfig
 from training.config import EvalConfig, TrainConfig
 
-GENERATED = ("train", "cv", "evaluate", "score", "serve", "synth", "check-export")
+GENERATED = tuple(cli.COMMANDS)  # every subcommand
 
 
 def _help(command: str) -> str:
@@ -42,7 +42,32 @@ def test_train_help_lists_the_architectures_and_optimisers():
     assert "--amp, --no-amp mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA (default: off)" in flat
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, EvalConfig, ScoreConfig, TilingConfig])
+def _option_classes():
+    from benchmarks.common import BenchConfig
+    from export.build import ExportConfig
+    from export.check_report import CheckConfig
+    from export.doctor import DoctorConfig
+    from export.triton_config import ExportOptions
+    from patchserve.demo import DemoConfig
+    from serving.serve_config import ServeConfig
+    from serving.synth.dataset import SynthConfig, SynthJob
+
+    return [TrainConfig, EvalConfig, ScoreConfig, TilingConfig, ExportConfig, ExportOptions, BenchConfig,
+            DoctorConfig, DemoConfig, SynthJob, SynthConfig, CheckConfig, ServeConfig]
+
+
+@pytest.mark.parametrize("command", GENERATED)
+def test_no_subcommand_writes_its_own_flags(command):
+    """Every flag of every subcommand comes from an option dataclass: none is added by hand."""
+    import inspect
+
+    module = cli._command(command)
+    assert ".add_argument(" not in inspect.getsource(module), command
+    parser = module.get_args_parser()
+    assert len([a for a in parser._actions if a.dest != "help"]) >= 2, command
+
+
+@pytest.mark.parametrize("cls", _option_classes())
 def test_parser_defaults_equal_the_dataclass_defaults(cls):
     parser = argparse.ArgumentParser()
     add_options(parser, cls)
@@ -60,6 +85,42 @@ def test_command_line_and_library_build_the_same_score_config():
     built = from_args(ScoreConfig, args)
     assert built == ScoreConfig(inputs=("a", "b"), urls=("127.0.0.1:8001", "127.0.0.1:9001"), model="m",
                                 out="o.parquet", tta="five", tiling=TilingConfig(mpp_target=0.5), progress=False)
+
+
+def test_command_line_and_library_build_the_same_export_config():
+    from export.build import ExportConfig
+    from export.triton_config import ExportOptions
+
+    parser = cli._command("export").get_args_parser()
+    args = parser.parse_args(["runs/r", "--repo", "repo", "--formats", "python,onnxruntime,tensorrt", "--no-tta",
+                              "--max-queue-delay-us", "0", "--tta-views", "ten", "--name", "m"])
+    built = from_args(ExportConfig, args)
+    assert built == ExportConfig.of("runs/r", "repo", name="m", formats=("python", "onnxruntime", "tensorrt"),
+                                    with_tta=False, max_queue_delay_us=0, tta_views="ten")
+    assert built.options == ExportOptions(formats=("python", "onnxruntime", "tensorrt"), with_tta=False,
+                                          max_queue_delay_us=0, tta_views="ten")
+    with pytest.raises(TypeError, match="unknown option"):
+        ExportConfig.of("runs/r", "repo", tta=False)  # the flag's spelling is not the field's
+
+
+def test_export_flag_errors_name_the_flag(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path), "--repo", str(tmp_path / "r"), "--formats", "python,onnx"]) == 2
+    assert "--formats: invalid format(s) ['onnx']" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path), "--repo", str(tmp_path / "r"), "--precision", "fp8"]) == 2
+    assert "--precision" in capsys.readouterr().err
+
+
+def test_bench_and_demo_options_are_validated_naming_the_flag(capsys):
+    from benchmarks.common import BenchConfig
+    from patchserve.demo import DemoConfig
+
+    assert BenchConfig(stage="all").stages == ("data", "train", "infer", "serve", "slide", "int8", "dask")
+    with pytest.raises(InputError, match=r"^STAGE: invalid value 'nope'"):
+        BenchConfig(stage="nope")
+    with pytest.raises(InputError, match=r"^--epochs: expected an integer >= 1, got 0$"):
+        DemoConfig(epochs=0)
+    assert cli.main(["bench", "nope"]) == 2
+    assert "STAGE: invalid value 'nope'" in capsys.readouterr().err
 
 
 def test_train_flags_round_trip_into_train_config():

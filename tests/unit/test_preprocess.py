@@ -8,7 +8,7 @@ from PIL import Image
 
 from serving.errors import SpecError
 from serving.imageio import equalize_grey_u8, load_rgb_u8, read_header, resize_u8
-from serving.preprocess import apply_geometry, prepare_u8, reference_views
+from serving.preprocess import apply_geometry, fit_centre, prepare_u8, reference_views
 from serving.spec import ModelSpec
 from serving.views import make_views
 from tests.matrix_images import upright_exif_image, write_matrix
@@ -16,6 +16,8 @@ from tests.matrix_images import upright_exif_image, write_matrix
 SPEC = ModelSpec(name="m", class_names=("normal", "tumour"), input_height=32, input_width=32,
                  mean=(0.5,) * 3, std=(0.25,) * 3)
 GREY = SPEC.replace(extra={"grayscale_equalize": True})
+# A model trained with --random-crop on 40 px images: evaluation cuts, never resizes.
+CROP = SPEC.replace(eval_geometry="crop", source_height=40, source_width=40)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def matrix(tmp_path_factory):
 def test_spec_records_the_geometry_rule_and_refuses_unknown_ones():
     assert SPEC.eval_geometry == "resize_crop" and SPEC.source_hw == (37, 37)
     assert ModelSpec.from_json(SPEC.to_json()).eval_geometry == "resize_crop"
-    with pytest.raises(SpecError, match=r"eval_geometry: invalid rule 'stretch'. Only resize_crop are supported"):
+    with pytest.raises(SpecError, match=r"eval_geometry: invalid rule 'stretch'. Only resize_crop, crop are supported"):
         SPEC.replace(eval_geometry="stretch")
 
 
@@ -123,3 +125,41 @@ def test_training_scan_lists_an_over_limit_image_by_its_header(tmp_path):
     with pytest.raises(DataError, match=r"1 unusable image file\(s\).*--skip-bad[\s\S]*bomb\.png: image too large"):
         refuse_bad(scan, skip_bad=False)
     refuse_bad(scan, skip_bad=True)  # --skip-bad: trains on the rest; the file stays listed in scan.bad
+
+
+def test_crop_geometry_keeps_the_input_size_and_cuts_the_source_window_of_larger_images():
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(apply_geometry(small, CROP), small)
+    np.testing.assert_array_equal(reference_views(small, CROP, "none")[0], small)
+    big = rng.integers(0, 256, (51, 46, 3), dtype=np.uint8)
+    window = big[5:45, 3:43]  # (51 - 40) // 2 = 5 rows, (46 - 40) // 2 = 3 columns: a cut, pixel for pixel
+    np.testing.assert_array_equal(apply_geometry(big, CROP), window)
+    np.testing.assert_array_equal(reference_views(big, CROP, "none")[0], window[4:36, 4:36])
+    np.testing.assert_array_equal(reference_views(big, CROP, "five"), make_views(window[None], "five", (32, 32)))
+    # The resize rule would have given other pixels: the geometry is really the spec's.
+    assert not np.array_equal(apply_geometry(big, SPEC.replace(source_height=40, source_width=40)), window)
+
+
+def test_crop_geometry_pads_smaller_images_with_white_around_the_centre():
+    img = np.random.default_rng(8).integers(0, 255, (35, 28, 3), dtype=np.uint8)
+    out = apply_geometry(img, CROP)
+    assert out.shape == (40, 40, 3)
+    np.testing.assert_array_equal(out[2:37, 6:34], img)  # 5 rows and 12 columns of padding, split evenly
+    mask = np.ones((40, 40), bool)
+    mask[2:37, 6:34] = False
+    assert (out[mask] == 255).all()
+
+
+@pytest.mark.parametrize("size,window", [(40, 40), (41, 40), (39, 40), (10, 3), (3, 10), (4, 9)])
+def test_fit_centre_is_a_centred_window_or_a_centred_pad(size, window):
+    img = np.arange(size, dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(3, 2)
+    out = fit_centre(img, (window, 2))
+    assert out.shape == (window, 2, 3)
+    inside = out[:, 0, 0][out[:, 0, 0] != 255]
+    if size >= window:
+        assert list(inside) == list(range((size - window) // 2, (size - window) // 2 + window))
+    else:
+        assert list(inside) == list(range(size))
+        top = list(out[:, 0, 0]).index(0)
+        assert top == (window - size) // 2
