@@ -77,12 +77,12 @@ def run(quick: bool, command: str, out: Path) -> dict:
             client = PatchClient(server.urls.grpc, spec.name, concurrency=cfg.concurrency)
 
             def pipeline() -> int:
-                out = tmp / "slide.parquet"
+                scores = tmp / "slide.parquet"
                 for p in tmp.glob("slide.*"):
                     if p.is_file():
                         p.unlink()
                 result = run_score(ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
-                                               out=str(out), progress=False, read_threads=2, overwrite=True),
+                                               out=str(scores), progress=False, read_threads=2, overwrite=True),
                                    log=lambda _m: None)
                 assert result.rows == n_tiles and result.errors == 0, (result.rows, result.errors)
                 return result.rows
@@ -119,9 +119,9 @@ def run(quick: bool, command: str, out: Path) -> dict:
             for mult in (1, 10):
                 h5 = tmp / f"x{mult}.h5"
                 _write_hdf5(h5, base * mult, size, seed=mult)
-                out = tmp / f"mem{mult}.parquet"
+                scores = tmp / f"mem{mult}.parquet"  # not `out`: that is the results folder
                 cmd = [sys.executable, "-m", "patchserve", "score", str(h5), "--url", server.urls.grpc,
-                       "--model", spec.name, "--out", str(out), "--no-progress"]
+                       "--model", spec.name, "--out", str(scores), "--no-progress"]
                 t0 = time.perf_counter()
                 peaks[mult] = _peak_rss_mb(cmd)
                 dt = time.perf_counter() - t0

@@ -87,6 +87,16 @@ class Timing:
     seconds: tuple[float, ...]
     unit: str = "images/s"
     extra: dict = field(default_factory=dict)
+    # Busy CPU seconds of the whole machine during each repeat (/proc/stat): every
+    # process of the arm counted (DataLoader workers, DALI threads, a server).
+    cpu_seconds: tuple[float, ...] = ()
+
+    @property
+    def cpu_per_item(self) -> float | None:
+        """Median busy CPU seconds per item, or None where /proc/stat is not there."""
+        if not self.cpu_seconds:
+            return None
+        return statistics.median(self.cpu_seconds) / self.items
 
     @property
     def median_s(self) -> float:
@@ -111,6 +121,8 @@ class Timing:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["seconds"] = list(self.seconds)
+        d["cpu_seconds"] = list(self.cpu_seconds)
+        d["cpu_per_item"] = self.cpu_per_item
         d.update(median_s=self.median_s, rate=self.rate, rate_min=self.rate_min, rate_max=self.rate_max)
         return d
 
@@ -134,15 +146,34 @@ def interleave(arms: dict[str, Callable[[], int | None]], *, items: int, warmup:
         for fn in arms.values():
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in arms}
+    busy: dict[str, list[float]] = {name: [] for name in arms}
     counts = {name: items for name in arms}
     for _ in range(repeats):
         for name, fn in arms.items():
+            b0 = busy_cpu_seconds()
             t0 = time.perf_counter()
             n = fn()
             seconds[name].append(time.perf_counter() - t0)
+            b1 = busy_cpu_seconds()
+            if b0 is not None and b1 is not None:
+                busy[name].append(b1 - b0)
             if isinstance(n, int) and n > 0:
                 counts[name] = n
-    return {name: Timing(name, counts[name], tuple(seconds[name]), unit, dict(extra)) for name in arms}
+    return {name: Timing(name, counts[name], tuple(seconds[name]), unit, dict(extra),
+                         cpu_seconds=tuple(busy[name]) if len(busy[name]) == repeats else ())
+            for name in arms}
+
+
+def busy_cpu_seconds() -> float | None:
+    """Busy (not idle, not iowait) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...
+    ticks = [int(v) for v in first[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

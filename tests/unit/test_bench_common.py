@@ -97,3 +97,40 @@ def test_queue_delay_variants_differ_from_the_model_only_in_name_and_delay(tmp_p
     rows = [{"delay_us": 0, "p50 / p50 at 0 us": 1.0}, {"delay_us": 200, "p50 / p50 at 0 us": 1.04},
             {"delay_us": 500, "p50 / p50 at 0 us": 1.08}]
     assert choose(rows)["delay_us"] == 200  # the largest delay within +5% of the p50
+
+
+def test_no_stage_rebinds_its_results_folder():
+    """`out` is the --out folder in every stage's run(): rebinding it once sent slide.json into a temp folder."""
+    import ast
+    from pathlib import Path
+
+    from patchserve.commands.bench import _stage
+    from benchmarks.common import STAGES
+
+    for stage in STAGES:
+        path = Path(_stage(stage).__file__)
+        run = next(n for n in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(n, ast.FunctionDef) and n.name == "run")
+        assert "out" in [a.arg for a in run.args.args + run.args.kwonlyargs], path.name
+        stores = [n.lineno for n in ast.walk(run) if isinstance(n, ast.Name) and n.id == "out"
+                  and isinstance(n.ctx, ast.Store)]
+        assert not stores, f"{path.name}: `out` assigned at line(s) {stores}"
+
+
+def test_interleave_records_the_machines_busy_cpu_per_repeat():
+    import time
+
+    from benchmarks.common import busy_cpu_seconds, interleave
+
+    assert busy_cpu_seconds() is not None  # Linux: /proc/stat
+
+    def spin() -> int:
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.2:  # 0.2 s of this process's CPU, whatever else runs
+            pass
+        return 10
+
+    t = interleave({"spin": spin}, items=10, warmup=0, repeats=2)["spin"]
+    assert len(t.cpu_seconds) == 2 and min(t.cpu_seconds) >= 0.19
+    assert t.cpu_per_item >= 0.019
+    assert t.to_dict()["cpu_per_item"] == t.cpu_per_item
