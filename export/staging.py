@@ -24,6 +24,7 @@ import errno
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 from export.errors import ExportError
@@ -101,13 +102,34 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def signals_held():
-    """Defer SIGINT/SIGTERM until the block ends (then they are delivered)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Defer SIGINT/SIGTERM until the block ends (then they are delivered).
+
+    Blocking the signals with ``pthread_sigmask`` is not enough: it blocks
+    them for the calling thread only, the kernel hands a process-directed
+    signal to any other thread (torch's, ONNX Runtime's, tqdm's), and Python
+    then runs the handler in the main thread anyway. So in the main thread
+    the handlers themselves are swapped for one that only records the signal.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        # Python handlers run only in the main thread; here blocking is what can be done.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in held}
+    for s in held:
+        signal.signal(s, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s in held:
+            signal.signal(s, old[s])
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def swap_in(repo: Path, work: Path, names: list[str]) -> None:
