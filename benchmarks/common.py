@@ -48,6 +48,8 @@ class BenchConfig:
                              "RESULTS.md and the README table from --out)", positional=True,
                         metavar="STAGE", choices=(*STAGES, "all", "report"))
     quick: bool = option(False, "smaller sizes and fewer repeats: a few minutes on a 2-core machine")
+    smoke: bool = option(False, "one timed repeat per arm and no warm-up: checks in CI that a stage runs end to "
+                                "end; its figures mean nothing, and report refuses them")
     out: Path | None = option(None, "folder for STAGE.json and STAGE.png; never inside the project's packages",
                               default_text=f"./{DEFAULT_OUT}")
     interpolation: str = option("nearest", "interpolation of crop and rotation on both arms of the data and "
@@ -136,12 +138,22 @@ def measure(name: str, fn: Callable[[], int | None], *, items: int, warmup: int 
     return interleave({name: fn}, items=items, warmup=warmup, repeats=repeats, unit=unit, **extra)[name]
 
 
+_SMOKE = False  # set by `patchserve bench --smoke`: one repeat, no warm-up, results marked
+
+
+def set_smoke(on: bool) -> None:
+    global _SMOKE
+    _SMOKE = bool(on)
+
+
 def interleave(arms: dict[str, Callable[[], int | None]], *, items: int, warmup: int = 1, repeats: int = 5,
                unit: str = "images/s", **extra) -> dict[str, Timing]:
     """Time the arms in turn, A, B, A, B, ...: drifts of a shared machine hit every arm alike.
 
     Each arm is warmed up ``warmup`` times first. ``fn`` may return its item count.
     """
+    if _SMOKE:
+        warmup, repeats = 0, 1
     for _ in range(warmup):
         for fn in arms.values():
             fn()
@@ -260,7 +272,7 @@ def write_results(stage: str, *, out: Path, command: str, rows: list[dict], colu
     png = out / f"{stage}.png"
     if plot is not None:
         plot(png)
-    doc = {"stage": stage, "command": command, "quick": quick, "machine": machine_info(),
+    doc = {"stage": stage, "command": command, "quick": quick, "smoke": _SMOKE, "machine": machine_info(),
            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "columns": columns, "rows": rows,
            "targets": [t.to_dict() for t in targets], "notes": notes,
            "plot": png.name if plot is not None else None, "summary": summary or [], **payload}
@@ -338,6 +350,10 @@ def update_results(out: str | Path, *, results_md: Path | None = None, results_d
     docs = _stage_docs(out)
     if not docs:
         raise BenchOutError(f"--out {out}: no benchmark results (STAGE.json) to take the figures from")
+    smoke = [d["stage"] for d in docs if d.get("smoke")]
+    if smoke:
+        raise BenchOutError(f"--out {out}: {', '.join(smoke)} ran with --smoke (one repeat, no warm-up); "
+                            "those figures cannot go into RESULTS.md: run the stage without --smoke")
     text = results_md.read_text() if results_md.exists() else _RESULTS_HEADER
     results_dir.mkdir(parents=True, exist_ok=True)
     for doc in docs:

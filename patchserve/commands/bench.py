@@ -46,10 +46,11 @@ def _stage(name: str) -> ModuleType:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmarks.common import resolve_out, update_results
+    from benchmarks.common import resolve_out, set_smoke, update_results
     from benchmarks.errors import BenchOutError
 
     cfg = from_args(BenchConfig, args)
+    set_smoke(cfg.smoke)
     try:
         out = resolve_out(cfg.out)
     except BenchOutError as exc:
@@ -67,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     failed = []
     for stage in stages:
         module = _stage(stage)
-        command = f"patchserve bench {stage}{' --quick' if cfg.quick else ''}"
+        command = f"patchserve bench {stage}{' --quick' if cfg.quick else ''}{' --smoke' if cfg.smoke else ''}"
         print(f"==> bench {stage} (results in {out})", flush=True)
         try:
             extra = {"interpolation": cfg.interpolation} if stage in ("data", "train") else {}

@@ -29,15 +29,22 @@ def test_bench_writes_json_and_png_only_into_out_and_leaves_the_source_tree_unto
     work.mkdir()
     out = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "patchserve", "bench", "infer", "--quick", "--out", str(out)],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=2400)
+    # --smoke: one repeat per arm, the same stage code and files; its figures are refused by report.
+    proc = subprocess.run([sys.executable, "-m", "patchserve", "bench", "infer", "--quick", "--smoke",
+                           "--out", str(out)], cwd=work, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["infer.json", "infer.png"]
     assert list(work.iterdir()) == []  # nothing in the current directory either
     assert _tree_state(ROOT) == before  # RESULTS.md, benchmarks/results/ and the rest untouched
     doc = json.loads((out / "infer.json").read_text())
-    assert doc["stage"] == "infer" and doc["plot"] == "infer.png" and doc["summary"]
+    assert doc["stage"] == "infer" and doc["plot"] == "infer.png" and doc["summary"] and doc["smoke"] is True
+    assert all(len(t["seconds"]) == 1 for t in doc["results"])  # one repeat, as --smoke says
     assert (out / "infer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Smoke figures never reach RESULTS.md or the README.
+    report = subprocess.run([sys.executable, "-m", "patchserve", "bench", "report", "--out", str(out)],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 2 and "infer ran with --smoke" in report.stderr, report.stderr
+    assert _tree_state(ROOT) == before
 
 
 def test_bench_refuses_an_out_folder_inside_the_project_packages(tmp_path):

@@ -98,8 +98,11 @@ def test_interrupted_overwrite_leaves_old_or_new_complete_and_the_next_export_cl
     cmd = [sys.executable, "-m", "patchserve", "export", str(other), "--repo", str(repo), "--overwrite",
            "--no-dali", "--no-progress", "--data", str(synth_data)]
     moments = _moments(spec)
-    if sig == signal.SIGKILL:
-        moments = {k: moments[k] for k in ("classifier-onnx-written", "manifests-written")}
+    # SIGKILL at the moments in between; Ctrl-C at the start, midway and during the swap
+    # (tests/unit/test_staging_signals.py holds the swap's deferral of the signal itself).
+    keep = ("classifier-onnx-written", "manifests-written") if sig == signal.SIGKILL else \
+        ("staging-created", "tta-onnx-written", "swapping")
+    moments = {k: moments[k] for k in keep}
     outcomes = {}
     for moment, reached in moments.items():
         rc, hit = _interrupt(cmd, parent, repo, reached, sig)
