@@ -133,3 +133,17 @@ def test_undersampling_keeps_the_smallest_class_count_of_every_class_drawn_afres
     assert set(a[labels[a] == 1].tolist()) == set(range(30, 40))  # the minority is kept whole
     assert set(a[labels[a] == 0].tolist()) != set(b[labels[b] == 0].tolist())  # another majority draw
     np.testing.assert_array_equal(a, epoch_order(labels, seed=3, epoch=0, batch_size=4, undersample=True))
+
+
+def test_amp_on_a_cpu_without_native_bf16_is_flagged_in_the_log(monkeypatch):
+    import torch
+
+    from training import train as train_mod
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert "leave --amp off here" in train_mod.amp_warning(cpu, True)
+    assert train_mod.amp_warning(cpu, False) is None
+    assert train_mod.amp_warning(cuda, True) is None  # fp16 on CUDA is native
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.amp_warning(cpu, True) is None
