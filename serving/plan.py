@@ -14,7 +14,7 @@ from serving.errors import InputError, SlideError
 from serving.readers import DatasetUnit, Item, SlideUnit
 from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, plan_slide, read_slide_manifest, \
     slides_in_folder
-from serving.slides import SLIDE_SUFFIXES, SlideHandles, is_slide, open_slide, write_mask_png
+from serving.slides import SLIDE_SUFFIXES, SlideHandles, is_slide, slide_open_error, write_mask_png
 from serving.sources import discover
 from serving.spec import ModelSpec
 
@@ -103,12 +103,12 @@ def plan_units(cfg, spec: ModelSpec, handles: SlideHandles, log: Callable[[str],
         if is_slide_manifest(p) or is_slide_folder(p):
             for entry in read_slide_manifest(p) if p.is_file() else slides_in_folder(p):
                 if entry.error is None and not is_slide(entry.path):
-                    entry = SlideEntry(entry.path, error=_slide_open_error(Path(entry.path)))
+                    entry = SlideEntry(entry.path, error=slide_open_error(Path(entry.path)))
                 add_slide(Path(entry.path), entry.path, entry)
             continue
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
             # A slide OpenSlide cannot read: record why and score the other inputs.
-            units.append(FailedUnit("slide:" + key, [(str(p), _slide_open_error(p))]))
+            units.append(FailedUnit("slide:" + key, [(str(p), slide_open_error(p))]))
             continue
         ds = discover(p, split=cfg.split, classes=spec.class_names, strict=False)
         if ds.bad_rows:
@@ -118,14 +118,6 @@ def plan_units(cfg, spec: ModelSpec, handles: SlideHandles, log: Callable[[str],
         units.append(DatasetUnit(f"{ds.kind}:{key}", ds, spec, encoded=cfg.send == "encoded",
                                  max_pixels=cfg.max_image_pixels))
     return units
-
-
-def _slide_open_error(path: Path) -> str:
-    try:
-        open_slide(path).close()
-    except SlideError as exc:
-        return str(exc)
-    return f"{path}: OpenSlide does not recognise it as a slide"
 
 
 def job_listing(units: list) -> list[str]:

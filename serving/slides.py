@@ -58,6 +58,15 @@ def open_slide(path: str | Path):
         raise SlideError(f"{p}: OpenSlide cannot open it ({exc})") from exc
 
 
+def slide_open_error(path: str | Path) -> str:
+    """Why ``path`` cannot be scored as a slide: OpenSlide's error, or that it is not one."""
+    try:
+        open_slide(path).close()
+    except SlideError as exc:
+        return str(exc)
+    return f"{path}: OpenSlide does not recognise it as a slide"
+
+
 def slide_mpp(slide, path: str | Path, fallback_mpp: float | None = None) -> float:
     """Level-0 microns per pixel: OpenSlide's mpp-x, then the TIFF resolution tags, then ``--mpp``."""
     props = slide.properties

@@ -15,10 +15,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import InputError, SlideError
+from serving.errors import InputError
 from serving.fingerprint import file_entry
 from serving.slide_manifest import SlideEntry, is_slide_folder, is_slide_manifest, read_slide_manifest, slides_in_folder
-from serving.slides import SLIDE_SUFFIXES, is_slide, open_slide
+from serving.slides import SLIDE_SUFFIXES, is_slide, slide_open_error
 from serving.sources import Sample, discover, parse_hdf5_source
 
 
@@ -77,14 +77,6 @@ def units_listing(units: list[WorkUnit]) -> list[str]:
     return lines
 
 
-def _slide_open_error(path: Path) -> str:
-    try:
-        open_slide(path).close()
-    except SlideError as exc:
-        return str(exc)
-    return f"{path}: OpenSlide does not recognise it as a slide"
-
-
 def derive_units(inputs: tuple[str, ...], *, unit_patches: int, split: str | None = None,
                  classes: tuple[str, ...] | None = None, send: str = "pixels") -> list[WorkUnit]:
     """The job's units, in input order; the same arguments always give the same list."""
@@ -101,7 +93,7 @@ def derive_units(inputs: tuple[str, ...], *, unit_patches: int, split: str | Non
         if entry.error is not None:
             add("failed", "slide:" + entry.path, errors=((entry.path, entry.error),))
         elif not is_slide(entry.path):
-            add("failed", "slide:" + entry.path, errors=((entry.path, _slide_open_error(Path(entry.path))),))
+            add("failed", "slide:" + entry.path, errors=((entry.path, slide_open_error(Path(entry.path))),))
         else:
             add("slide", "slide:" + entry.path, slide=entry)
 
