@@ -54,11 +54,12 @@ def test_a_tiny_study_trains_and_evaluates_each_seed_and_scale_and_writes_its_ta
         for split in ("test", "test_shifted"):
             metrics = json.loads((out / "eval" / f"{'none' if r['scale'] == 0 else 'stain0.5'}_seed3" / split
                                   / "metrics.json").read_text())
-            assert r[split] == metrics["accuracy"]
+            assert r[split] == metrics["accuracy"] and r[f"{split}_auc"] == metrics["auc"]
     config = json.loads((out / "runs" / "stain0.5_seed3" / "config.json").read_text())
     assert config["stain_augment"] is True and config["stain_scale"] == 0.5 and config["seed"] == 3
     baseline = json.loads((out / "runs" / "none_seed3" / "config.json").read_text())
     assert baseline["stain_augment"] is False
     assert json.loads((out / "data" / "synth.json").read_text())["options"]["size"] == 32
     assert "share of the drop recovered" in (out / "stain-study.md").read_text()
+    assert (out / "stain-study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| no stain augmentation | 3 |" in proc.stdout
