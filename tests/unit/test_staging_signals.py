@@ -28,6 +28,9 @@ def busy_threads():
 def test_a_signal_inside_the_block_is_delivered_only_after_it(busy_threads, sig):
     got = []
     old = signal.signal(signal.SIGTERM, lambda s, _f: got.append(s))
+    # Python's own Ctrl-C handler, whatever this process inherited: a test run started as a
+    # background job of a script begins with SIGINT ignored, and an ignored signal raises nothing.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
     try:
         with pytest.raises(KeyboardInterrupt) if sig == signal.SIGINT else contextlib.nullcontext():
@@ -41,6 +44,18 @@ def test_a_signal_inside_the_block_is_delivered_only_after_it(busy_threads, sig)
             assert got == [signal.SIGTERM]  # once, after the block, to the handler that was there before
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
+
+
+def test_an_ignored_sigint_stays_ignored_after_the_block():
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old_int)
 
 
 def test_handlers_are_restored_and_nothing_is_raised_without_a_signal():
