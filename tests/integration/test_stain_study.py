@@ -52,8 +52,8 @@ def test_a_tiny_study_trains_and_evaluates_each_seed_and_scale_and_writes_its_ta
     for r in doc["rows"]:
         # The figures are those evaluate wrote, not made up by the script.
         for split in ("test", "test_shifted"):
-            metrics = json.loads((out / "eval" / f"{'none' if r['scale'] == 0 else 'stain0.5'}_seed3" / split
-                                  / "metrics.json").read_text())
+            metrics = out / "eval" / _module().run_name(r["scale"], 3) / split / "metrics.json"
+            metrics = json.loads(metrics.read_text())
             assert r[split] == metrics["accuracy"] and r[f"{split}_auc"] == metrics["auc"]
     config = json.loads((out / "runs" / "stain0.5_seed3" / "config.json").read_text())
     assert config["stain_augment"] is True and config["stain_scale"] == 0.5 and config["seed"] == 3

@@ -180,8 +180,8 @@ def test_readme_defaults_are_the_parsers_defaults():
     assert "channels-last is on by default" in flat
     from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT
 
-    stain = re.search(r"`1 ± --stain-scale` \(([\d.]+) by default\), shift in `± --stain-shift` \(([\d.]+) by default\)",
-                      flat)
+    stain = re.search(r"`1 ± --stain-scale` \(([\d.]+) by default\), "
+                      r"shift in `± --stain-shift` \(([\d.]+) by default\)", flat)
     assert stain and (float(stain[1]), float(stain[2])) == (DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT)
     assert (TrainConfig.__dataclass_fields__["stain_scale"].default,
             TrainConfig.__dataclass_fields__["stain_shift"].default) == (DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT)
