@@ -21,16 +21,16 @@ from pathlib import Path
 
 from benchmarks.common import Target, Timing, bar_plot, export_random_model, write_results
 
-THREADS_PER_WORKER = 2  # patchserve score's default: one unit's reading overlaps another's requests
+UNITS_IN_FLIGHT = 2  # patchserve score's default: one unit's reading overlaps another's requests
 
 
 def run(quick: bool, command: str, out: Path) -> dict:
     from distributed import LocalCluster
 
-    from serving.dask_config import DaskConfig
-    from serving.dask_score import run_dask_score
-    from serving.score import ScoreConfig, run_score
-    from serving.server import EmbeddedTriton
+    from serving.jobs.config import ScoreConfig
+    from serving.jobs.dask_config import DaskConfig
+    from serving.jobs.engine import run_score
+    from serving.server.embedded import EmbeddedTriton
     from serving.synth.dataset import synthesize
 
     cores = os.cpu_count() or 1
@@ -46,18 +46,17 @@ def run(quick: bool, command: str, out: Path) -> dict:
         folders = tuple(str(tmp / "data" / s) for s in ("train", "val", "test"))
         n = sum(1 for f in folders for _ in Path(f).rglob("*.png"))
         with EmbeddedTriton(repo) as server:
-            clusters = {w: LocalCluster(n_workers=w, threads_per_worker=THREADS_PER_WORKER, processes=True,
+            clusters = {w: LocalCluster(n_workers=w, threads_per_worker=UNITS_IN_FLIGHT, processes=True,
                                         host="127.0.0.1", dashboard_address=":0", silence_logs=logging.ERROR)
                         for w in (1, 2)}
             try:
                 def job(name: str, i: int):
                     dask = DaskConfig() if name == "in-process" else DaskConfig(
-                        scheduler=clusters[int(name[0])].scheduler_address, unit_patches=unit_patches)
+                        scheduler=clusters[int(name[0])].scheduler_address)
                     cfg = ScoreConfig(inputs=folders, urls=(server.urls.grpc,), model=spec.name,
-                                      out=str(tmp / f"{name}-{i}.parquet"), progress=False, dask=dask)
-                    if name == "in-process":
-                        return lambda: run_score(cfg, log=lambda _m: None)
-                    return lambda: run_dask_score(cfg, log=lambda _m: None)
+                                      out=str(tmp / f"{name}-{i}.parquet"), progress=False, dask=dask,
+                                      unit_patches=unit_patches, units_in_flight=UNITS_IN_FLIGHT)
+                    return lambda: run_score(cfg, log=lambda _m: None)
 
                 arms = ("in-process", "1 worker", "2 workers")
                 seconds: dict[str, list[float]] = {a: [] for a in arms}
@@ -81,7 +80,8 @@ def run(quick: bool, command: str, out: Path) -> dict:
     base = timings["in-process"].rate
     targets.append(Target("Dask, 1 worker / in-process patches/s", timings["1 worker"].rate / base, 0.9))
     notes.append(f"{n} PNG patches of {size}x{size} in three class-folder trees, units of {unit_patches} patches, "
-                 f"{THREADS_PER_WORKER} task threads per worker; the server's model has one instance per core "
+                 f"{UNITS_IN_FLIGHT} units in flight in this process and per worker; the server's model has one "
+                 "instance per core "
                  f"({cores} cores), "
                  "shared by every arm. Wall time of the whole job call, the cluster's start excluded; "
                  f"median of {repeats} interleaved repeats after one warm-up each.")

@@ -136,7 +136,7 @@ def _torch_epochs(loader):
 
 
 def run(quick: bool, command: str, out: Path, interpolation: str = DEFAULT_INTERPOLATION) -> dict:
-    from serving.sources import discover
+    from serving.inputs.datasets import discover
     from serving.synth.dataset import synthesize
     from training.pipeline import PREFETCH_DEPTH
 

@@ -19,7 +19,7 @@ def _variants(arch: str, size: int, tmp: Path):
     import torch
 
     from export.onnx_export import export_onnx, ort_session
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.model import ModelConfig, ServedModel, build_model
 
     spec = ModelSpec(name="bench", class_names=("a", "b"), input_height=size, input_width=size,

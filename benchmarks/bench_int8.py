@@ -22,7 +22,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
     from export.onnx_export import export_onnx, ort_session
     from export.quantize import calibration_images, quantize_int8
     from export.tta import TTAModel
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from serving.synth.dataset import synthesize
     from training.model import ModelConfig, ServedModel, build_model
 

@@ -48,8 +48,8 @@ def _windowed(client, info, batches, concurrency: int) -> list[float]:
 def run(quick: bool, command: str, out: Path) -> dict:
     from export.onnx_export import ort_session
     from export.triton_config import DEFAULT_MAX_QUEUE_DELAY_US
-    from serving.client import PatchClient
-    from serving.server import EmbeddedTriton
+    from serving.client.patch_client import PatchClient
+    from serving.server.embedded import EmbeddedTriton
 
     cores = os.cpu_count() or 1
     size, batch = 96, 32

@@ -2,7 +2,7 @@
 tiles already in memory) and of the whole scoring pipeline on a synthetic
 slide; peak memory of bulk scoring at 1x and 10x the patches.
 
-Reading is by runs of adjacent tiles (serving/slide_reader.py), one
+Reading is by runs of adjacent tiles (serving/slides/runs.py), one
 OpenSlide handle per reader thread. The three arms are interleaved.
 
 Targets: the pipeline at least 0.9 of the slower of reading and the model;
@@ -44,11 +44,13 @@ def _peak_rss_mb(cmd: list[str]) -> float:
 
 
 def run(quick: bool, command: str, out: Path) -> dict:
-    from serving.client import PatchClient
-    from serving.readers import OrderedReader
-    from serving.score import ScoreConfig, plan_units, run_score
-    from serving.server import EmbeddedTriton
-    from serving.slides import SlideHandles
+    from serving.client.patch_client import PatchClient
+    from serving.inputs.registry import plan_inputs
+    from serving.jobs.config import ScoreConfig
+    from serving.jobs.engine import run_score
+    from serving.jobs.reader import OrderedReader
+    from serving.jobs.scorer import UnitJob
+    from serving.server.embedded import EmbeddedTriton
     from serving.synth.dataset import synthesize
 
     cores = os.cpu_count() or 1
@@ -64,15 +66,15 @@ def run(quick: bool, command: str, out: Path) -> dict:
         with EmbeddedTriton(repo) as server:
             cfg = ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
                               out=str(tmp / "slide.parquet"), progress=False, read_threads=2)
-            handles = SlideHandles()
-            (unit,) = plan_units(cfg, spec, handles, log=lambda _m: None)
-            n_tiles = len(unit)
+            (unit,) = plan_inputs(cfg.inputs, unit_patches=cfg.unit_patches).units
+            work = unit.open(UnitJob(cfg, spec, "", None, spec.class_names[-1]).read_options())
+            n_tiles = work.n
 
             def read_all() -> int:
-                with OrderedReader(unit.tasks(0), threads=cfg.read_threads) as reader:
+                with OrderedReader(work.tasks([(0, n_tiles)]), threads=cfg.read_threads) as reader:
                     return sum(1 for item in reader if item.image is not None)
 
-            with OrderedReader(unit.tasks(0), threads=cfg.read_threads) as reader:
+            with OrderedReader(work.tasks([(0, n_tiles)]), threads=cfg.read_threads) as reader:
                 tiles = np.stack([item.image for item in reader])
             client = PatchClient(server.urls.grpc, spec.name, concurrency=cfg.concurrency)
 
@@ -91,7 +93,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                               "whole scoring pipeline": pipeline}, items=n_tiles, repeats=repeats, unit="tiles/s")
             t_read, t_model, t_pipe = got.values()
             client.close()
-            handles.close()
+            work.close()
             for t in (t_read, t_model, t_pipe):
                 rows.append({"stage": t.name, "tiles": n_tiles, "tiles/s": t.rate, "min": t.rate_min,
                              "max": t.rate_max})

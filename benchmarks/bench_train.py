@@ -39,7 +39,7 @@ def _step_fn(model, device, amp: bool):
 def _model(arch: str, size: int, channels_last: bool, device):
     import torch
 
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.model import ModelConfig, build_model
 
     spec = ModelSpec(name="bench", class_names=("a", "b"), input_height=size, input_width=size,
@@ -88,7 +88,7 @@ def run(quick: bool, command: str, out: Path, interpolation: str = "nearest") ->
     import torch
 
     from benchmarks.bench_data import AUGMENT, torchvision_loader
-    from serving.sources import discover
+    from serving.inputs.datasets import discover
     from serving.synth.dataset import synthesize
     from training.pipeline import AugmentConfig, TrainLoader
 

@@ -94,7 +94,7 @@ def score_peak(folder: Path, url: str, model: str, out: Path, send: str) -> dict
     status = proc.returncode
     output = log.read_text(errors="replace")
     seconds = time.perf_counter() - t0
-    from serving.output import count_results, errors_path
+    from serving.jobs.output import count_results, errors_path
 
     rows = count_results(out) if out.exists() else 0
     errors = []
@@ -157,7 +157,7 @@ def markdown(doc: dict, command: str) -> str:
 
 
 def write_section(md: Path, section: str) -> None:
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
 
     text = md.read_text() if md.exists() else ""
     if SECTION[0] in text and SECTION[1] in text:
@@ -181,9 +181,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from benchmarks.common import machine_info, machine_line
     from export.build import export_run
-    from serving.atomic import atomic_write_text
-    from serving.server import EmbeddedTriton
-    from serving.spec import ModelSpec
+    from serving.core.atomic import atomic_write_text
+    from serving.server.embedded import EmbeddedTriton
+    from serving.core.spec import ModelSpec
     from training.checkpoint import write_random_run
 
     out = Path(args.out)

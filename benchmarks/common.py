@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.errors import BenchOutError
-from serving.errors import InputError
-from serving.options import option
+from serving.core.errors import InputError
+from serving.core.options import option
 
 BENCH_DIR = Path(__file__).resolve().parent
 SOURCE_ROOT = BENCH_DIR.parent
@@ -428,7 +428,7 @@ def export_random_model(folder: Path, *, size: int = 96, max_batch_size: int = 3
     Returns (repository path, spec).
     """
     from export.build import export_run
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.checkpoint import write_random_run
 
     spec = ModelSpec(name=name, class_names=("normal", "tumour"), input_height=size, input_width=size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.errors import PatchserveError
+from serving.core.errors import PatchserveError
 
 
 class BenchOutError(PatchserveError, ValueError):

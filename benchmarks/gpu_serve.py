@@ -22,7 +22,7 @@ MAX_BATCH = 64
 
 
 def _spec():
-    from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+    from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
     return ModelSpec(name="bench_r50", class_names=tuple(f"c{i}" for i in range(1000)), input_height=224,
                      input_width=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, arch="resnet50", max_batch_size=MAX_BATCH)

@@ -27,7 +27,7 @@ ANCHOR = "NVIDIA's published 2,470 img/s (ResNet50 AMP training, 1 x A100 80GB)"
 def _model(batch: int):
     import torch
 
-    from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+    from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
     from training.model import ModelConfig, build_model
 
     spec = ModelSpec(name="bench_r50", class_names=tuple(f"c{i}" for i in range(1000)), input_height=224,
@@ -94,7 +94,7 @@ def _dali_batches(paths: list[Path], batch: int, threads: int):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from serving.sources import Sample
+    from serving.inputs.datasets import Sample
     from training.pipeline import READER, AugmentConfig, build_train_pipeline
 
     samples = [Sample(str(p), int(p.name[0])) for p in paths]

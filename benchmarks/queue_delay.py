@@ -53,7 +53,7 @@ def measure_delays(url: str, names: dict[int, str], size: int, *, requests: int,
     """One row per delay: p50/p90/p99 at concurrency 1, patches/s and mean batch at ``concurrency``."""
     import tritonclient.grpc as grpcclient
 
-    from serving.client import PatchClient
+    from serving.client.patch_client import PatchClient
 
     x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     stats = grpcclient.InferenceServerClient(url)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from serving.progress import bar_disable
+from serving.core.progress import bar_disable
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "results" / "soak.json"
@@ -136,8 +136,9 @@ def run_soak(url: str, model: str, pool_nhwc_u8: np.ndarray, expected: np.ndarra
     """Send ``patches`` patches (patch i is ``pool[i % len(pool)]``) and check every answer."""
     from tqdm import tqdm
 
-    from serving.client import PatchClient, stream_predictions
-    from serving.errors import InferenceError, PatchserveError
+    from serving.client.patch_client import PatchClient
+    from serving.client.stream import stream_predictions
+    from serving.core.errors import InferenceError, PatchserveError
 
     n_pool = len(pool_nhwc_u8)
     with PatchClient(url, model, concurrency=concurrency, batch_size=batch_size) as client:
@@ -209,7 +210,7 @@ def markdown(result: SoakResult, command: str, max_rss_growth: float, machine: s
 
 
 def write_section(md: Path, section: str) -> None:
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
 
     text = md.read_text() if md.exists() else ""
     if SECTION[0] in text and SECTION[1] in text:
@@ -236,8 +237,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from benchmarks.common import export_random_model, machine_info, machine_line
-    from serving.atomic import atomic_write_text
-    from serving.server import EmbeddedTriton
+    from serving.core.atomic import atomic_write_text
+    from serving.server.embedded import EmbeddedTriton
 
     if args.patches < 1 or args.concurrency < 1:
         raise SystemExit("--patches and --concurrency: expected positive integers")

@@ -20,10 +20,10 @@ from export.patches import encode
 from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
                                resolve_spec, write_generated)
 from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
-from serving.options import option
-from serving.spec import ModelSpec
-from serving.views import combine_views, make_views, num_views
-from serving.progress import bar_disable
+from serving.core.options import option
+from serving.core.spec import ModelSpec
+from serving.core.views import combine_views, make_views, num_views
+from serving.core.progress import bar_disable
 
 # PIL's BILINEAR and DALI's linear resize (both antialiased) round differently:
 # a few grey levels on smooth images; more than this means a different crop or resize.
@@ -66,7 +66,7 @@ class ExportConfig:
 
 
 def _read_run(run: Path) -> dict:
-    from serving.errors import PatchserveError
+    from serving.core.errors import PatchserveError
     from training.checkpoint import read_checkpoint
 
     try:

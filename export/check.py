@@ -24,8 +24,8 @@ from export.graph_checks import uint8_feed_problems
 from export.manifest import read_manifest, verify_manifest
 from export.onnx_export import check_onnx, onnx_signature
 from export.repository import BACKENDS, SPEC_FILE
-from serving.errors import PatchserveError
-from serving.spec import ModelSpec
+from serving.core.errors import PatchserveError
+from serving.core.spec import ModelSpec
 
 _DTYPES = {"TYPE_UINT8": "uint8", "TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64"}
 

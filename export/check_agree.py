@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from export import triton_config as tc
-from serving.errors import PatchserveError
-from serving.spec import ModelSpec
+from serving.core.errors import PatchserveError
+from serving.core.spec import ModelSpec
 
 
 def _short(value) -> str:

@@ -10,7 +10,7 @@ from export import triton_config as tc
 from export.check_report import FAIL, OK, CheckRow
 from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, INT8_PROBABILITIES, compare, preprocess_agreement,
                             load_fixture, log_probabilities, unpack_encoded)
-from serving.errors import PatchserveError
+from serving.core.errors import PatchserveError
 
 # Every flavour the gate loads on the CPU runs the exported ONNX graph (ONNX
 # Runtime in-process and in the python backend): fp32, or int8 where the export

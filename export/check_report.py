@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from serving.options import option
+from serving.core.options import option
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from export.check_fixture import inputs_of, judge, output_of
 from export.check_report import FAIL, OK, CheckRow
-from serving.errors import PatchserveError
+from serving.core.errors import PatchserveError
 
 
 def _infer(client, model: str, name: str, array: np.ndarray, output: str) -> np.ndarray:
@@ -41,7 +41,7 @@ def server_rows(repo: Path, needs: list[dict]) -> list[CheckRow]:
     """Start the embedded server on the checked models and feed each its fixture."""
     import tritonclient.grpc as grpcclient
 
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="patchserve-check-") as tmp:

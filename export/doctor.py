@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from serving.options import option
+from serving.core.options import option
 
 # The torch wheel the registry serves decides the CUDA major of the whole stack.
 CUDA_MAJOR_HINT = "13"
@@ -217,7 +217,7 @@ def probe_triton(gpus: int) -> Component:
     except ImportError:
         return Component("Triton server", False, install=hint)
     _, version = _dist_version("nvidia-pytriton")
-    from serving.server import EmbeddedTriton, triton_backends
+    from serving.server.embedded import EmbeddedTriton, triton_backends
 
     backends = triton_backends()
     gpu_backends = [b for b in backends if b in ("onnxruntime", "tensorrt")]

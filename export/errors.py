@@ -1,6 +1,6 @@
 """Typed errors of the export package (all derive from PatchserveError)."""
 
-from serving.errors import InputError, PatchserveError
+from serving.core.errors import InputError, PatchserveError
 
 
 class ExportError(PatchserveError):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportInputError, FixtureError
-from serving.spec import ModelSpec
+from serving.core.spec import ModelSpec
 
 FIXTURE_FILE = "fixture.npz"
 FIXTURE_IMAGES = 32
@@ -151,7 +151,7 @@ def unpack_encoded(fixture: dict) -> list[np.ndarray]:
 
 
 def save_fixture(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    from serving.atomic import atomic_write_bytes
+    from serving.core.atomic import atomic_write_bytes
     import io
 
     buf = io.BytesIO()
@@ -184,8 +184,8 @@ _DECODABLE = (b"\x89PNG", b"\xff\xd8\xff")  # PNG and JPEG: what both PIL and DA
 def reference_pixels(encoded: bytes, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """(source-size image, classifier input): the client's preprocessing of encoded bytes."""
     from export.patches import source_patch
-    from serving.imageio import equalize_grey_u8, load_rgb_u8
-    from serving.preprocess import reference_views
+    from serving.core.imageio import equalize_grey_u8, load_rgb_u8
+    from serving.core.preprocess import reference_views
 
     image = load_rgb_u8(encoded, name="fixture image")
     # The reference preprocessing: equalisation (grey-scale models) at the decoded size, before any resize.
@@ -197,8 +197,8 @@ def reference_pixels(encoded: bytes, spec: ModelSpec) -> tuple[np.ndarray, np.nd
 def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | None], list[str], int]:
     """Encoded bytes and labels of up to CANDIDATES images, evenly spread, and how many lead from the val split."""
     from export.patches import encode
-    from serving.errors import InputError
-    from serving.sources import discover, parse_hdf5_source, read_hdf5_rows
+    from serving.core.errors import InputError
+    from serving.inputs.datasets import discover, parse_hdf5_source, read_hdf5_rows
 
     samples, seen = [], set()
     first_split = 0
@@ -227,7 +227,7 @@ def _candidates(data: Path, spec: ModelSpec) -> tuple[list[bytes], list[int | No
             else:
                 raw = Path(s.source).read_bytes()
                 if not raw.startswith(_DECODABLE):
-                    from serving.imageio import load_rgb_u8
+                    from serving.core.imageio import load_rgb_u8
 
                     raw = encode(load_rgb_u8(raw, name=s.source), "PNG")
             reference_pixels(raw, spec)

@@ -63,7 +63,7 @@ def model_files(folder: Path, version: int) -> list[str]:
 
 def write_manifest(folder: Path, version: int, weights_sha256: str) -> Manifest:
     """Hash every file export put into ``folder`` (the staged model folder) and write the manifest."""
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
 
     files = {rel: file_sha256(folder / rel) for rel in model_files(folder, version)}
     manifest = Manifest(folder.name, version, weights_sha256, files)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import InputError
-from serving.imageio import load_rgb_u8, resize_u8
-from serving.preprocess import prepare_u8, reference_views
-from serving.spec import ModelSpec
+from serving.core.errors import InputError
+from serving.core.imageio import load_rgb_u8, resize_u8
+from serving.core.preprocess import prepare_u8, reference_views
+from serving.core.spec import ModelSpec
 
 
 def encode(image_hwc_u8: np.ndarray, fmt: str) -> bytes:
@@ -39,7 +39,7 @@ def load_real(data: str | Path, spec: ModelSpec, limit: int = 64) -> tuple[np.nd
     Prefers the test split, then val, then whatever the layout holds. Unreadable
     files are skipped (and listed by the caller's report), never fatal.
     """
-    from serving.sources import discover, parse_hdf5_source, read_hdf5_rows
+    from serving.inputs.datasets import discover, parse_hdf5_source, read_hdf5_rows
 
     dataset = None
     for split in ("test", "val", None):

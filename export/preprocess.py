@@ -1,4 +1,4 @@
-"""The reference preprocessing (serving/preprocess.py) as a serialized DALI pipeline.
+"""The reference preprocessing (serving/core/preprocess.py) as a serialized DALI pipeline.
 
 encoded JPEG/PNG bytes -> decode to RGB (EXIF orientation applied) -> grey-scale
 equalisation for models trained with it -> the spec's evaluation geometry
@@ -6,7 +6,7 @@ equalisation for models trained with it -> the spec's evaluation geometry
 "none" view of :func:`serving.views.view_boxes` -> uint8 HWC, exactly what the
 classifier takes. The pipeline is CPU-only so the same
 ``model.dali`` runs in the DALI backend of a GPU server and, through
-``serving/backends/dali_model.py``, inside the embedded server's Python
+``serving/server/backends/dali_model.py``, inside the embedded server's Python
 backend.
 """
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from export.errors import ExportError
-from serving.spec import ModelSpec
+from serving.core.spec import ModelSpec
 
 
 def build_pipeline(spec: ModelSpec, batch_size: int, num_threads: int = 1):
@@ -46,7 +46,7 @@ def serialize_pipeline(spec: ModelSpec, path: str | Path, batch_size: int) -> Pa
         data = build_pipeline(spec, batch_size).serialize()
     except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError for most failures
         raise ExportError(f"{path}: cannot serialize the DALI preprocessing pipeline: {exc}") from exc
-    from serving.atomic import atomic_write_bytes
+    from serving.core.atomic import atomic_write_bytes
 
     return atomic_write_bytes(path, data)
 

@@ -33,9 +33,9 @@ def calibration_images(data: Path, spec, limit: int = CALIBRATION_IMAGES, source
     input (centre crop), or with ``source`` the TTA model's (source size)."""
     from export.errors import ExportInputError
     from export.patches import centre_crop, source_patch
-    from serving.errors import InputError
-    from serving.imageio import load_rgb_u8
-    from serving.sources import discover, parse_hdf5_source, read_hdf5_rows
+    from serving.core.errors import InputError
+    from serving.core.imageio import load_rgb_u8
+    from serving.inputs.datasets import discover, parse_hdf5_source, read_hdf5_rows
 
     try:
         dataset = discover(data, split="train", strict=False)

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from export import triton_config as tc
 from export.errors import ExportInputError, RepositoryExistsError
-from serving.atomic import atomic_write_text
-from serving.errors import SpecError
-from serving.spec import ModelSpec, check_model_name
+from serving.core.atomic import atomic_write_text
+from serving.server import backends as backends_package
+from serving.core.errors import SpecError
+from serving.core.spec import ModelSpec, check_model_name
 
-BACKENDS = Path(__file__).resolve().parent.parent / "serving" / "backends"
+# The Python-backend files export copies into model folders (package data of serving.server.backends).
+BACKENDS = Path(backends_package.__file__).resolve().parent
 SPEC_FILE = "spec.json"
 OPTIONS_FILE = "export.json"
 PLAN_MANIFEST = "plan.json"

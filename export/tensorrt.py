@@ -19,8 +19,8 @@ import numpy as np
 
 from export.errors import ExportError, TensorRTUnavailable
 from export.onnx_export import ParityRow, ort_session
-from serving.atomic import atomic_write_bytes, atomic_write_text
-from serving.spec import ModelSpec
+from serving.core.atomic import atomic_write_bytes, atomic_write_text
+from serving.core.spec import ModelSpec
 
 # FP16 moves softmax outputs by up to ~1e-3 on random inputs; FP32 plans by far less.
 TRT_ATOL = {True: 5e-3, False: 1e-4}

@@ -17,9 +17,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
-from serving.options import option
-from serving.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
+from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.core.options import option
+from serving.core.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
 FORMATS = FLAVOURS
 TTA_PARAMETER = TTA_VIEWS_PARAMETER

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from serving.spec import ModelSpec
-from serving.views import view_boxes
+from serving.core.spec import ModelSpec
+from serving.core.views import view_boxes
 
 TTA_EXPORT_MODES = ("five", "ten")
 

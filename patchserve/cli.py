@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return _missing_extra(name, exc)
     parser.prog = f"patchserve {name}"
     args = parser.parse_args(rest)
-    from serving.errors import PatchserveError
+    from serving.core.errors import PatchserveError
 
     # SIGTERM (kill, docker stop, a batch scheduler) unwinds like Ctrl-C: finally blocks run, so
     # temporary .part files, shared memory and locks go; what was committed stays.

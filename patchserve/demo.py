@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.errors import InputError, PatchserveError
-from serving.options import add_options, from_args, option
+from serving.core.errors import InputError, PatchserveError
+from serving.core.options import add_options, from_args, option
 
 TTA_MODES = ("none", "flip", "five", "ten", "server")
 
@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
          ["export", str(run), "--repo", str(repo), "--formats", "python,onnxruntime", "--overwrite"], log)
     _run("check the export (the CI gate)", ["check-export", str(repo)], log)
 
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     print("\n==> start the embedded Triton server", flush=True)
     with EmbeddedTriton(repo) as server:

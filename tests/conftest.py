@@ -27,7 +27,7 @@ pytest_plugins = [
 
 @pytest.fixture
 def tiny_spec():
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     return ModelSpec(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
                      mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8)

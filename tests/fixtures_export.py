@@ -37,7 +37,7 @@ def link_copy(src: Path, dst: Path) -> Path:
 def export_run_dir(request, tmp_path_factory):
     import torch
 
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.checkpoint import write_random_run
 
     torch.set_num_threads(1)

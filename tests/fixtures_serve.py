@@ -36,7 +36,7 @@ class Served:
 
 @pytest.fixture(scope="session")
 def triton_server(exported_repo):
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     repo, spec = exported_repo
     with EmbeddedTriton(repo) as server:
@@ -76,7 +76,7 @@ N_MANY = 1500  # patches: enough that a job is still running when a test acts on
 def other_weights_server(exported_repo, tmp_path_factory):
     """The same model name, version and spec, exported from another random run: only the weights differ."""
     from export.build import export_run
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
     from training.checkpoint import write_random_run
 
     _, spec = exported_repo

@@ -42,7 +42,7 @@ def trained_run(synth_data, tmp_path_factory):
 def random_run(tmp_path_factory):
     import shutil
 
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.checkpoint import BEST, LAST, write_random_run
 
     spec = ModelSpec(name="random_resnet18", class_names=("normal", "tumour"), input_height=32, input_width=32,

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from serving.atomic import atomic_write_bytes
-from serving.errors import SpecError
-from serving.spec import ModelSpec
+from serving.core.atomic import atomic_write_bytes
+from serving.core.errors import SpecError
+from serving.core.spec import ModelSpec
 from training.errors import CheckpointError
 from training.model import Classifier, ModelConfig, build_model
 

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
-from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
-from serving.options import option
+from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.core.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
+from serving.core.options import option
 from training.errors import TrainingError
 from training.pipeline import DALI_DEVICES, INTERPOLATIONS, AugmentConfig, default_dali_threads
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.atomic import atomic_write_text
-from serving.options import option
+from serving.core.atomic import atomic_write_text
+from serving.core.options import option
 from training.config import BEST_METRICS, TrainConfig
 from training.data import DataSplit, resolve_training_data
 from training.errors import TrainingError

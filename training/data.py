@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import InputError
-from serving.sources import (HDF5_SUFFIXES, Dataset, Sample, has_splits, read_class_folders, read_hdf5,
-                             read_manifest)
+from serving.core.errors import InputError
+from serving.inputs.datasets import (HDF5_SUFFIXES, Dataset, Sample, has_splits, read_class_folders, read_hdf5,
+                                     read_manifest)
 from training.errors import DataError
 
 _VAL_NAMES = ("val", "valid", "validation")

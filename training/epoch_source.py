@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.inputs.datasets import Sample, parse_hdf5_source, read_hdf5_rows
 from training.errors import DataError
 from training.stain import hed_params
 

@@ -1,8 +1,8 @@
 """``patchserve evaluate``: metrics, predictions, report and plots of a run on a data set.
 
-A DALI pipeline applies the reference preprocessing (serving/preprocess.py:
+A DALI pipeline applies the reference preprocessing (serving/core/preprocess.py:
 decode, equalisation for grey-scale models, the spec's evaluation geometry);
-TTA views come from serving.views (the same boxes the client and the server
+TTA views come from serving.core.views (the same boxes the client and the server
 use) and their probabilities are averaged.
 """
 
@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.metrics import compute_metrics, write_metrics
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS
-from serving.views import make_views, num_views, view_boxes
+from serving.evaluation.metrics import compute_metrics, write_metrics
+from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from serving.core.views import make_views, num_views, view_boxes
 from training.checkpoint import load_for_inference, resolve_checkpoint
 from training.data import resolve_eval_samples
 from training.errors import DataError
 from training.pipeline import build_eval_pipeline, iterate, resolve_dali_device, unpad
 from training.scan import scan_samples, write_bad_list
 from training.train import HISTORY_CSV, pick_device
-from serving.progress import bar_disable
+from serving.core.progress import bar_disable
 
 MAX_MISCLASSIFIED = 25
 
@@ -119,7 +119,7 @@ def evaluate_splits(run: str | Path, data: str | Path, out: str | Path, splits: 
 
     One split writes straight into ``out`` as :func:`evaluate_run` does.
     """
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
     from training.report import render_comparison
 
     if len(set(splits)) != len(splits):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from serving.spec import ARCHITECTURES, HEADS, POOL_SIZES, ModelSpec
+from serving.core.spec import ARCHITECTURES, HEADS, POOL_SIZES, ModelSpec
 from training.errors import ModelConfigError
 
 

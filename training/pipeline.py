@@ -18,9 +18,9 @@ from typing import Iterator
 
 import numpy as np
 
-from serving.sources import Sample, parse_hdf5_source
-from serving.spec import ModelSpec
-from serving.views import view_boxes
+from serving.inputs.datasets import Sample, parse_hdf5_source
+from serving.core.spec import ModelSpec
+from serving.core.views import view_boxes
 from training.epoch_source import EpochSource, hdf5_rows, shard_range
 from training.errors import TrainingError
 from training.stain import DEFAULT_STAIN_SCALE, DEFAULT_STAIN_SHIFT, apply_hed, check_stain_options
@@ -150,13 +150,13 @@ def resize_like_serving(images, hw):
 
 def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int], crop: bool,
                   geometry: str = "resize_crop"):
-    """The spec's ``eval_geometry`` in DALI operators, as serving/preprocess.py defines it.
+    """The spec's ``eval_geometry`` in DALI operators, as serving/core/preprocess.py defines it.
 
     An image of the input size is kept. ``resize_crop``: any other size is
     resized to the source size; ``crop``: the source-size window at its
     centre, no resampling, padded white (serving.preprocess.fit_centre); per
     sample, from the decoded shape. With ``crop`` the "none" view of
-    serving.views follows (every output at the input size), without it the
+    serving.core.views follows (every output at the input size), without it the
     images come out at their geometry size.
     """
     import nvidia.dali.fn as fn

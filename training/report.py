@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.atomic import atomic_write_text
+from serving.core.atomic import atomic_write_text
 
 
 def _fmt(v) -> str:

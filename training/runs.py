@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from serving.atomic import atomic_write_text
+from serving.core.atomic import atomic_write_text
 from training.errors import TrainingError
 
 CONFIG_JSON = "config.json"

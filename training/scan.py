@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import ImageReadError
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, dali_decodes_alike, inspect_image, load_rgb_u8
-from serving.sources import Sample, parse_hdf5_source
+from serving.core.errors import ImageReadError
+from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS, dali_decodes_alike, inspect_image, load_rgb_u8
+from serving.inputs.datasets import Sample, parse_hdf5_source
 from training.errors import DataError
-from serving.progress import bar_disable
+from serving.core.progress import bar_disable
 
 MAX_LISTED = 20  # bad files named in the error message; the rest are counted
 
@@ -45,7 +45,7 @@ def convert_to_cache(path: Path, cache_dir: Path, max_pixels: int = DEFAULT_MAX_
     """Write ``path`` as an RGB PNG in ``cache_dir`` (once; reused while the file is unchanged)."""
     from PIL import Image
 
-    from serving.atomic import atomic_path
+    from serving.core.atomic import atomic_path
 
     out = cache_dir / _cache_name(path)
     if not out.exists():
@@ -116,7 +116,7 @@ def write_bad_list(result: ScanResult, path: Path) -> Path | None:
     import csv
     import io
 
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
 
     if not result.bad:
         return None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.imageio import DEFAULT_MAX_IMAGE_PIXELS, equalize_grey_u8, load_rgb_u8
-from serving.sources import Sample, parse_hdf5_source, read_hdf5_rows
-from serving.progress import bar_disable
+from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS, equalize_grey_u8, load_rgb_u8
+from serving.inputs.datasets import Sample, parse_hdf5_source, read_hdf5_rows
+from serving.core.progress import bar_disable
 
 # The spec requires values in (0, 1]: a black or flat training set still gets a usable layer.
 _MIN_VALUE = 1e-3

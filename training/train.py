@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from serving.atomic import atomic_write_text
-from serving.metrics import compute_metrics
-from serving.progress import bar_disable
-from serving.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from serving.core.atomic import atomic_write_text
+from serving.evaluation.metrics import compute_metrics
+from serving.core.progress import bar_disable
+from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import DataSplit, default_model_name, resolve_eval_samples, resolve_training_data
@@ -413,7 +413,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
             print(_epoch_line(row, cfg.epochs, cfg.holdout_split), flush=True)
         barrier(info)
     if info.is_main and history:
-        from serving.plots import plot_training_curves
+        from serving.evaluation.plots import plot_training_curves
 
         plot_training_curves(history, run_dir / "training_curves.png")
     result.history, result.best_epoch, result.best_score = history, best_epoch, best_score

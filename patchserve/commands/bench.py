@@ -15,7 +15,7 @@ import sys
 from types import ModuleType
 
 from benchmarks.common import BenchConfig
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

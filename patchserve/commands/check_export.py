@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from export.check_report import CheckConfig
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

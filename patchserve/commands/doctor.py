@@ -6,7 +6,7 @@ import argparse
 import json
 
 from export.doctor import DoctorConfig
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 from training.config import EvalConfig
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from export.build import ExportConfig
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {name:<28} {folder}")
     print(f"flavours: {', '.join(result.options.formats)} (pick one with tritonserver --model-config-name=FLAVOUR; "
           "config.pbtxt is python)")
-    from serving.server import gpu_flavour, ngc_command
+    from serving.server.embedded import gpu_flavour, ngc_command
 
     print("Serve it on a GPU machine from NGC's container:")
     print(f"  {ngc_command(cfg.repo, model_config_name=gpu_flavour(cfg.repo))}")

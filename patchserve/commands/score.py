@@ -1,17 +1,18 @@
 """``patchserve score``: score folders, manifests, HDF5 files and whole slides against Triton.
 
-Every flag is a field of :class:`serving.score.ScoreConfig` (slide flags: of
-its :class:`serving.slides.TilingConfig`, Dask flags: of its
-:class:`serving.dask_config.DaskConfig`); the parser is generated from them.
-With ``--scheduler`` or ``--workers`` the job runs on Dask, else in this process.
+Every flag is a field of :class:`serving.jobs.config.ScoreConfig` (slide flags:
+of its :class:`serving.slides.tiling.TilingConfig`, Dask flags: of its
+:class:`serving.jobs.dask_config.DaskConfig`); the parser is generated from
+them. With ``--scheduler`` or ``--workers`` the units run on Dask, else in
+this process; the job is the same.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from serving.options import add_options, from_args
-from serving.score import ScoreConfig
+from serving.core.options import add_options, from_args
+from serving.jobs.config import ScoreConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -22,17 +23,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = from_args(ScoreConfig, args)
-    if cfg.dask.enabled:
-        from serving.dask_score import run_dask_score
+    from serving.jobs.engine import run_score
 
-        result = run_dask_score(cfg)
-    else:
-        from serving.score import run_score
-
-        result = run_score(cfg)
-    if result.stopped:
-        return 3
-    for path in (*result.heatmaps, *result.geojsons):
-        print(f"wrote {path}")
-    return 0
+    result = run_score(from_args(ScoreConfig, args))
+    return 3 if result.stopped else 0

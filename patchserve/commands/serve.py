@@ -6,8 +6,8 @@ import argparse
 import signal
 import threading
 
-from serving.options import add_options, from_args
-from serving.serve_config import ServeConfig
+from serving.core.options import add_options, from_args
+from serving.server.config import ServeConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -17,8 +17,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from serving.server import EmbeddedTriton
-    from serving.spec import GPU_FLAVOURS
+    from serving.server.embedded import EmbeddedTriton
+    from serving.core.spec import GPU_FLAVOURS
 
     cfg = from_args(ServeConfig, args)
     extra = (f"--model-config-name={cfg.model_config_name}",) if cfg.model_config_name else ()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from serving.options import add_options, from_args
+from serving.core.options import add_options, from_args
 from training.config import TrainConfig
 from training.errors import TrainingError
 

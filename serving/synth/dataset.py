@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.errors import InputError
-from serving.options import option
+from serving.core.errors import InputError
+from serving.core.options import option
 from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
-from serving.progress import bar_disable
+from serving.core.progress import bar_disable
 
 __all__ = ["SynthConfig", "SynthSummary", "synthesize", "make_patch", "class_names_for", "REFERENCE_SIZE"]
 

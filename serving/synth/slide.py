@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from serving.synth.texture import NORMAL, REFERENCE_SIZE, TUMOUR, Stain, Texture, to_rgb
-from serving.progress import bar_disable
+from serving.core.progress import bar_disable
 
 MPP = 0.5  # level 0, micrometres per pixel (a 20x scan)
 LEVEL_DOWNSAMPLE = 4

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.sources import PCAM_CLASSES
+from serving.inputs.datasets import PCAM_CLASSES
 
 REFERENCE_SIZE = 64  # the default patch size: nucleus radii below are in its pixels
 # Kather-like colorectal tissue classes, the first six as in the users' data.

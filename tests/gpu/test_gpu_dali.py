@@ -13,7 +13,7 @@ def jpeg_samples(synth_data, tmp_path_factory):
     """The val split re-encoded as JPEG (what nvJPEG decodes on the GPU), with labels."""
     from PIL import Image
 
-    from serving.sources import Sample, discover
+    from serving.inputs.datasets import Sample, discover
 
     out = tmp_path_factory.mktemp("jpeg")
     samples = []
@@ -26,7 +26,7 @@ def jpeg_samples(synth_data, tmp_path_factory):
 
 
 def test_mixed_jpeg_decoding_on_the_gpu_matches_cpu_decoding_within_four_levels(jpeg_samples):
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.pipeline import build_eval_pipeline, iterate
 
     spec = ModelSpec(name="g", class_names=("a", "b"), input_height=48, input_width=48, mean=(0.5,) * 3,

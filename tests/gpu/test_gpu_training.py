@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_mixed_decoding_matches_cpu_decoding_within_one_level(synth_data):
-    from serving.sources import discover
-    from serving.spec import ModelSpec
+    from serving.inputs.datasets import discover
+    from serving.core.spec import ModelSpec
     from training.pipeline import build_eval_pipeline, iterate
 
     samples = discover(synth_data, split="val").samples

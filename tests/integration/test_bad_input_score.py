@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from patchserve.cli import main as cli
-from serving.imageio import load_rgb_u8, resize_u8
-from serving.output import read_results
-from serving.views import view_boxes
+from serving.core.imageio import load_rgb_u8, resize_u8
+from serving.jobs.output import read_results
+from serving.core.views import view_boxes
 from tests.unit.test_bad_input_decode import RNG_IMAGE, jpeg_bytes, png_header_only
 
 ATOL = 1e-5

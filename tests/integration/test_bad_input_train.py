@@ -54,8 +54,8 @@ def _bad_list(path) -> dict[str, str]:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_scan_skips_broken_files_and_dali_decodes_the_rest_like_serving(odd_tree, tmp_path):
-    from serving.imageio import load_rgb_u8
-    from serving.sources import discover
+    from serving.core.imageio import load_rgb_u8
+    from serving.inputs.datasets import discover
     from training.pipeline import build_eval_pipeline, iterate
     from training.scan import scan_samples
 
@@ -64,7 +64,7 @@ def test_scan_skips_broken_files_and_dali_decodes_the_rest_like_serving(odd_tree
     for p, why in scan.bad:
         assert why.startswith(BAD[p.rsplit("/", 1)[-1]]), (p, why)
     assert (len(scan.samples), scan.converted) == (GOOD, 3)  # RGBA, palette and 16-bit go through the cache
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     spec = ModelSpec(name="odd", class_names=("a", "b"), input_height=40, input_width=40, mean=(0.5,) * 3,
                      std=(0.25,) * 3)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.client import PatchClient
-from serving.errors import BadInputError, ModelNotFoundError, ServerUnavailableError, SpecMismatchError
-from serving.server import free_port
+from serving.client.patch_client import PatchClient
+from serving.core.errors import BadInputError, ModelNotFoundError, ServerUnavailableError, SpecMismatchError
+from serving.server.embedded import free_port
 
 # The server runs the same ONNX graph with the same ONNX Runtime; only batching
 # differs, which moves float sums by a few ulps.
@@ -19,7 +19,7 @@ def _patches(spec, n, hw, seed=0):
 
 
 def _hand_views(src, mode, crop):
-    """The TTA views sliced by hand (not through serving.views), patch-major."""
+    """The TTA views sliced by hand (not through serving.core.views), patch-major."""
     (sh, sw), (ch, cw) = src.shape[1:3], crop
     t, l = int(round((sh - ch) / 2)), int(round((sw - cw) / 2))
     centre = src[:, t:t + ch, l:l + cw]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.sources import Sample, discover
-from serving.spec import ModelSpec
+from serving.inputs.datasets import Sample, discover
+from serving.core.spec import ModelSpec
 from training.pipeline import (AugmentConfig, EvalLoader, TrainLoader, build_eval_pipeline, build_train_pipeline,
                                iterate, unpad)
 
@@ -103,7 +103,7 @@ def test_grayscale_equalize_outputs_equal_channels(train_samples):
 
 
 def test_validation_centre_crop_is_the_serving_view_box(train_samples):
-    from serving.views import view_boxes
+    from serving.core.views import view_boxes
 
     full = np.stack(_val_views(train_samples[:5], _spec((32, 32), (37, 37))))
     crop, _ = _val(train_samples[:5], source_hw=(37, 37))
@@ -128,7 +128,7 @@ def test_validation_shards_cover_every_sample_exactly_once_with_a_partial_last_b
 
 
 def test_hdf5_rows_flow_through_external_source_sharded_once(synth_data):
-    from serving.sources import read_hdf5
+    from serving.inputs.datasets import read_hdf5
 
     ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
     seen = []
@@ -148,8 +148,8 @@ def test_evaluation_pixels_equal_the_clients_on_downscaled_images(tmp_path):
     Textured tissue at 150 px downscaled to 73 px (like the users' 450 -> 384):
     without antialiasing DALI differed from PIL by up to 50 grey levels here.
     """
-    from serving.imageio import load_rgb_u8, resize_u8
-    from serving.views import view_boxes
+    from serving.core.imageio import load_rgb_u8, resize_u8
+    from serving.core.views import view_boxes
     from serving.synth.dataset import make_patch
 
     rng = np.random.default_rng(0)
@@ -219,7 +219,7 @@ def test_unknown_interpolation_is_refused_naming_the_flag():
 def test_hdf5_loaders_reset_per_pass_give_every_row_each_time(synth_data):
     import h5py
 
-    from serving.sources import read_hdf5
+    from serving.inputs.datasets import read_hdf5
 
     ds = read_hdf5(synth_data / "pcam" / "val_x.h5")
     with h5py.File(synth_data / "pcam" / "val_x.h5") as f:

@@ -1,4 +1,4 @@
-"""The Dask path keeps the in-process scorer's job guarantees: fingerprint, checked servers, one job per output.
+"""The Dask executor keeps the job's guarantees: fingerprint, checked servers, one job per output.
 
 Real Dask (a ``LocalCluster`` started by ``--workers``) against the real
 server; ``other_weights_server`` serves the same model name, version and spec
@@ -22,6 +22,7 @@ from PIL import Image
 
 from patchserve.cli import main as cli
 from tests.fixtures_serve import N_MANY
+from tests.parts_helpers import committed_parts
 
 WAIT_S = 300.0
 
@@ -36,9 +37,9 @@ def images(tmp_path):
     return folder
 
 
-def _score(urls, spec, *args) -> int:
+def _score(urls, spec, *args, dask: bool = True) -> int:
     return cli(["score", *map(str, args), *[a for u in urls for a in ("--url", u)], "--model", spec.name,
-                "--no-progress", "--workers", "1", "--unit-patches", "4"])
+                "--no-progress", *(["--workers", "1"] if dask else []), "--unit-patches", "4"])
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -51,10 +52,10 @@ def test_dask_resume_against_other_weights_or_changed_inputs_is_refused_and_leav
         triton_server, other_weights_server, images, tmp_path, capsys):
     spec = triton_server.spec
     out = tmp_path / "results.parquet"
-    assert _score([triton_server.grpc], spec, images, "--out", out) == 0
-    assert (tmp_path / "results.parquet.job.json").is_file()  # the in-process scorer's record, beside the dataset
-    for name in ("part-000004.parquet", "part-000005.parquet"):
-        (out / name).unlink()  # as a killed client leaves it: the last units uncommitted
+    # Started in this process and stopped after 4 of its 6 units, as a killed job leaves it.
+    assert _score([triton_server.grpc], spec, images, "--out", out, "--stop-after-parts", "4", "--units-in-flight",
+                  "1", dask=False) == 3
+    assert (tmp_path / "results.parquet.job.json").is_file() and len(committed_parts(out)) == 4
     before = _snapshot(tmp_path)
     capsys.readouterr()
 
@@ -75,7 +76,7 @@ def test_dask_resume_against_other_weights_or_changed_inputs_is_refused_and_leav
 
     # The right server finishes it: one row per image, in listing order.
     assert _score([triton_server.grpc], spec, images, "--out", out, "--resume") == 0
-    assert "--resume: 4 of 6 units already committed, 2 to go" in capsys.readouterr().out
+    assert "--resume: 16 items of 6 units already committed" in capsys.readouterr().out
     assert [Path(s).name for s in pq.read_table(out).column("source").to_pylist()] == \
         [f"p{i:02d}.png" for i in range(24)]
     done = _snapshot(tmp_path)
@@ -102,7 +103,7 @@ def test_dask_resume_of_an_output_without_a_job_record_is_refused(triton_server,
 
 
 def _parts(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet"))) if out.is_dir() else 0
+    return len(committed_parts(out))
 
 
 def test_second_dask_job_on_one_output_exits_at_once_naming_the_first(triton_server, many_patches, tmp_path, capsys):

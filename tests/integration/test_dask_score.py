@@ -2,7 +2,7 @@
 
 The distributed result must equal the in-process one row for row, even when
 a worker process is SIGKILLed mid-job or the submitting client is killed and
-the job is resumed.
+the job is resumed, on the same executor or on the other one.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from patchserve.cli import main as cli
-from serving.fingerprint import read_job_record
-from serving.output import read_results
+from serving.jobs.fingerprint import read_job_record
+from serving.jobs.output import parts_path, read_results
 
 ATOL = 1e-5
 POLL_S = 0.05
@@ -58,12 +58,14 @@ def test_local_cluster_of_two_workers_equals_in_process_result(triton_server, jo
     want_file, want = in_process
     out = tmp_path / "results.parquet"
     assert cli(_args(triton_server, job_inputs, out, "--workers", "2", "--unit-patches", "5")) == 0
-    assert out.is_dir()
+    assert out.is_file() and not parts_path(out).exists()  # one output file, as in-process; the parts merged
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
-    n_units = 4 + 4 + 1  # test/ (16 images in units of 5), val_x.h5 (16 rows), one slide
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{i:06d}.parquet" for i in range(n_units)]
-    fp, listing = read_job_record(out)  # the in-process scorer's record, beside the dataset folder
+    import pandas  # in the test extra, not a dependency of patchserve: users read OUT with it
+
+    assert pandas.read_parquet(out)["source"].tolist() == [r["source"] for r in want]
+    fp, listing = read_job_record(out)
     assert json.loads(fp.options)["unit_patches"] == 5 and fp.inputs_count == len(listing) == 16 + 1 + 1
+    assert read_job_record(want_file)[1] == listing  # both executors list the inputs alike
     metrics = json.loads((tmp_path / "results.metrics.json").read_text())
     want_metrics = json.loads(want_file.with_name("results.metrics.json").read_text())
     assert metrics["num_samples"] == want_metrics["num_samples"] == 16 + 16
@@ -159,7 +161,7 @@ def _wait_for(cond, what: str, proc: subprocess.Popen | None = None) -> None:
 
 
 def _parts(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet")))
+    return len(list(parts_path(out).glob("unit-*/part-*.parquet")))
 
 
 def test_sigkilled_worker_leaves_an_exact_result(triton_server, job_inputs, in_process, dask_cluster, tmp_path):
@@ -183,7 +185,6 @@ def test_sigkilled_worker_leaves_an_exact_result(triton_server, job_inputs, in_p
     assert committed_at_kill < n_units
     assert victim.returncode == -signal.SIGKILL
     _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
-    assert _parts(out) == n_units
 
 
 def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, in_process, dask_cluster, tmp_path,
@@ -203,7 +204,7 @@ def test_resume_after_the_client_is_killed_is_exact(triton_server, job_inputs, i
     assert client.returncode == -signal.SIGKILL
     assert 2 <= _parts(out) < 16 + 16 + 1
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, *opts)) == 2
-    assert re.search(r"--out: .*results.parquet exists; pass --resume", capsys.readouterr().err)
+    assert re.search(r"--out: .*results.parquet.parts exists; pass --resume", capsys.readouterr().err)
     assert cli(_args(triton_server, job_inputs, out, "--scheduler", dask_cluster.address, "--unit-patches", "2",
                      "--resume")) == 2
     assert re.search(r"--resume: .*results.parquet was started with something else, so its rows cannot be "
@@ -235,48 +236,83 @@ def test_slide_manifest_with_roi_scores_only_tiles_inside_in_process_and_on_dask
 
 
 def _served(server):
-    from serving.client import PatchClient
+    from serving.client.patch_client import PatchClient
 
     with PatchClient(server.grpc, server.spec.name) as c:
         return c.served_identity()
 
 
 def test_a_unit_scored_again_keeps_its_committed_part(triton_server, synth_data, tmp_path):
-    from serving.score import ScoreConfig
-    from serving.unit_worker import UnitJob, score_unit
-    from serving.units import derive_units
+    from serving.inputs.registry import plan_inputs
+    from serving.jobs.config import ScoreConfig
+    from serving.jobs.scorer import ClientPool, RunControl, UnitJob, score_unit
 
     out = tmp_path / "results.parquet"
     cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
-                      out=str(out))
-    unit = derive_units(cfg.inputs, unit_patches=6, classes=triton_server.spec.class_names)[1]
-    job = UnitJob(cfg, str(out), "tumour", _served(triton_server))
-    first = score_unit(job, unit)
-    part = out / "part-000001.parquet"
-    inode = part.stat().st_ino
-    again = score_unit(job, unit)
-    assert (first.rows, first.skipped, again.rows, again.skipped) == (6, False, 6, True)
-    assert part.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == ["part-000001.parquet"]
-    assert pq.read_table(out).column("source").to_pylist() == [s.source for s in unit.samples]
+                      out=str(out), unit_patches=6)
+    unit = plan_inputs(cfg.inputs, unit_patches=6, classes=triton_server.spec.class_names).units[1]
+    served = _served(triton_server)
+    job = UnitJob(cfg, triton_server.spec, "a-job", served, "tumour", verify=True)
+    pool = ClientPool(cfg, served)
+    try:
+        first = score_unit(job, unit, RunControl(clients=pool.get))
+        (part,) = parts_path(out).glob("unit-000001/part-*.parquet")
+        inode = part.stat().st_ino
+        again = score_unit(job, unit, RunControl(clients=pool.get))
+    finally:
+        pool.close()
+    assert (first.rows, first.scored, first.parts, first.complete) == (6, 6, 1, True)
+    assert (again.rows, again.scored, again.parts, again.complete) == (6, 0, 0, True)
+    assert part.stat().st_ino == inode and [p.name for p in part.parent.iterdir()] == [part.name]
+    assert pq.read_table(part).column("source").to_pylist() == [s.source for s in unit.samples]
 
 
-def test_the_dataset_reads_with_pandas_one_row_per_patch(triton_server, synth_data, tmp_path):
-    import pandas  # in the test extra, not a dependency of patchserve: users read OUT with it
+def _kill_after_parts(args: list[str], out: Path, parts: int, log: Path) -> None:
+    """Run ``patchserve ARGS`` in a process of its own; SIGKILL it once ``parts`` parts are committed."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "patchserve", *args], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _parts(out) >= parts, f"{parts} committed parts", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
 
-    from serving.score import ScoreConfig
-    from serving.unit_worker import UnitJob, score_unit
-    from serving.units import derive_units
 
-    out = tmp_path / "results.parquet"
-    cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
-                      out=str(out))
-    units = derive_units(cfg.inputs, unit_patches=7, classes=triton_server.spec.class_names)
-    for unit in units:
-        score_unit(UnitJob(cfg, str(out), "tumour", _served(triton_server)), unit)
-    (out / "_SUCCESS").write_text("")  # files named with "_" beside the parts are not data (Spark's marker)
-    frame = pandas.read_parquet(out)
-    assert frame["source"].tolist() == [s.source for u in units for s in u.samples]
-    assert frame.columns.tolist() == pq.read_table(out).column_names
+@pytest.fixture(scope="module")
+def long_job(triton_server, many_patches, tmp_path_factory):
+    """Rows of an uninterrupted in-process job over ``many_patches``: what every resumed job must give."""
+    out = tmp_path_factory.mktemp("long_job") / "whole.parquet"
+    base = ["score", str(many_patches), "--url", triton_server.grpc, "--model", triton_server.spec.name]
+    assert cli([*base, "--out", str(out), "--no-progress", "--unit-patches", "100", "--batch-size", "4"]) == 0
+    return base, read_results(out)
+
+
+def test_a_job_killed_in_process_resumes_on_dask_and_the_reverse_each_patch_once(triton_server, long_job,
+                                                                               dask_cluster, tmp_path, capsys):
+    base, want = long_job
+    opts = ["--unit-patches", "100", "--part-rows", "20", "--batch-size", "4", "--no-progress"]
+    # In this process, killed, then resumed on a local Dask cluster.
+    out = tmp_path / "first.parquet"
+    _kill_after_parts([*base, "--out", str(out), *opts], out, 3, tmp_path / "first.log")
+    record = read_job_record(out)
+    committed = _parts(out)
+    assert 3 <= committed < 1500 // 20
+    assert cli([*base, "--out", str(out), *opts, "--resume", "--workers", "1"]) == 0
+    assert "items of 15 units already committed" in capsys.readouterr().out
+    _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
+    assert read_job_record(out) == record  # the fingerprint and listing the first run recorded
+    # On an existing Dask cluster, its client killed, then resumed in this process.
+    out = tmp_path / "second.parquet"
+    _kill_after_parts([*base, "--out", str(out), *opts, "--scheduler", dask_cluster.address], out, 3,
+                      tmp_path / "second.log")
+    record = read_job_record(out)
+    assert cli([*base, "--out", str(out), *opts, "--resume"]) == 0
+    _assert_same_rows(pq.read_table(out), want, triton_server.spec.class_names)
+    assert read_job_record(out) == record
 
 
 def test_a_slide_without_tissue_is_an_error_with_its_mask_as_in_process(triton_server, tmp_path, capsys):

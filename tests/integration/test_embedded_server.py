@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from serving.errors import ServerError
-from serving.server import EmbeddedTriton
+from serving.core.errors import ServerError
+from serving.server.embedded import EmbeddedTriton
 
 
 def _listening_addresses(port: int) -> set[str]:

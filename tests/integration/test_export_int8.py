@@ -14,7 +14,7 @@ import pytest
 from export import triton_config as tc
 from export.check import check_repository
 from export.quantize import INT8_PARITY_JSON, INT8_PARITY_NPZ, INT8_PROB_ATOL, INT8_TOP1_MIN
-from serving.spec import ModelSpec
+from serving.core.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")

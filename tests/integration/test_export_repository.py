@@ -33,7 +33,7 @@ def test_exported_repo_holds_every_flavour_weights_labels_and_spec(exported_repo
 def test_fixture_holds_32_real_validation_images_stratified_with_logits_and_encoded_files(exported_repo, synth_data):
     from export.fixture import load_fixture, unpack_encoded
     from export.patches import centre_crop
-    from serving.imageio import load_rgb_u8
+    from serving.core.imageio import load_rgb_u8
 
     repo, spec = exported_repo
     cls = load_fixture(repo / spec.name / "1" / "fixture.npz", ("pixels", "logits"))

@@ -9,7 +9,7 @@ import pytest
 from export.build import encode
 from export.onnx_export import ort_session
 from export.patches import centre_crop, source_patch
-from serving.imageio import load_rgb_u8
+from serving.core.imageio import load_rgb_u8
 
 # DALI and PIL resize differ by a grey level or two (see the unit test), which
 # moves a random classifier's probabilities by ~1e-3.
@@ -18,7 +18,7 @@ ENSEMBLE_PROB_ATOL = 0.02
 
 @pytest.fixture(scope="module")
 def server(exported_repo):
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     repo, _ = exported_repo
     with EmbeddedTriton(repo) as s:
@@ -47,7 +47,7 @@ def _patches(synth_data, n=4):
 
 
 def test_server_tta_equals_client_tta_on_the_classifier(exported_repo, client, synth_data):
-    from serving.views import combine_views, make_views, num_views
+    from serving.core.views import combine_views, make_views, num_views
 
     repo, spec = exported_repo
     src = np.stack([source_patch(p, spec) for p in _patches(synth_data)])
@@ -105,7 +105,7 @@ def test_classification_extension_returns_class_names_from_labels_file(exported_
 
 
 def test_server_model_configs_carry_the_spec_for_the_client(exported_repo, client):
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     _, spec = exported_repo
     for name in (spec.name, spec.tta_model_name, spec.preprocess_model_name, spec.ensemble_model_name):
@@ -120,7 +120,7 @@ def test_model_config_name_picks_a_flavour_from_the_configs_folder(exported_repo
     """tritonserver 2.51 supports --model-config-name: configs/<flavour>.pbtxt replaces config.pbtxt."""
     import tritonclient.grpc as grpcclient
 
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
     from tests.fixtures_export import link_copy
 
     repo, spec = exported_repo

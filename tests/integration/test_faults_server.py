@@ -8,7 +8,6 @@ so they land mid-job: the rest of the job is tens of parts away.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,8 +20,10 @@ import numpy as np
 import pytest
 
 from patchserve.cli import main as cli
-from serving.output import read_results
-from serving.views import view_boxes
+from serving.jobs.parts import read_meta
+from tests.parts_helpers import committed_errors, committed_parts, committed_rows
+from serving.jobs.output import read_results
+from serving.core.views import view_boxes
 from tests.fixtures_export import link_copy
 from tests.fixtures_serve import OrtReference, find_onnx
 
@@ -81,7 +82,7 @@ def fault_repo(exported_repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fault_server(fault_repo):
     """A server of this module alone: its tests kill it and start it again on the same ports."""
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     repo, _ = fault_repo
     with EmbeddedTriton(repo) as server:
@@ -117,19 +118,12 @@ def _score_cmd(server, spec, inputs, out, *extra) -> list[str]:
             "--concurrency", "2", "--retries", "2", "--backoff-s", "0.2", "--no-progress", *map(str, extra)]
 
 
-def _manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out.with_name(out.name + ".parts") / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> dict:
+def _wait_for_rows(out: Path, proc: subprocess.Popen, rows: int) -> int:
     deadline = time.monotonic() + POLL_TIMEOUT_S
     while time.monotonic() < deadline:
-        m = _manifest(out)
-        if m is not None and m.get("rows", 0) >= rows:
-            return m
+        got = committed_rows(out)
+        if got >= rows:
+            return got
         assert proc.poll() is None, f"score exited early:\n{proc.communicate()[1]}"
         time.sleep(0.02)
     raise AssertionError(f"no part of {out} committed within {POLL_TIMEOUT_S} s")
@@ -162,16 +156,13 @@ def test_server_killed_mid_job_stops_cleanly_keeps_parts_and_resume_completes(se
     assert proc.returncode == 2
     assert "no answer from model" in err and "run the same command with --resume" in err
     assert not out.exists()
-    m = _manifest(out)
-    kept = m["rows"]
-    assert PART_ROWS <= kept < N_PATCHES and m["errors"] == []
-    # What is kept is exactly the first rows, each once; the rest is left for --resume.
-    assert m["progress"] == {f"hdf5:{h5.resolve()}": kept}
-    parts_dir = out.with_name(out.name + ".parts")
+    kept = committed_rows(out)
+    assert PART_ROWS <= kept < N_PATCHES and committed_errors(out) == []
+    # What is kept is whole parts of rows, each once; the rest is left for --resume.
     import pyarrow.parquet as pq
 
-    sources = [s for p in m["parts"] for s in pq.read_table(parts_dir / p).column("source").to_pylist()]
-    assert sources == [f"{h5}#{i}" for i in range(kept)]
+    sources = [s for p in committed_parts(out) for s in pq.read_table(p).column("source").to_pylist()]
+    assert len(sources) == len(set(sources)) == kept and set(sources) <= {f"{h5}#{i}" for i in range(N_PATCHES)}
     server.restart()
     args = _score_cmd(server, spec, [h5], out, "--resume")[3:]
     assert cli(args) == 0
@@ -187,7 +178,7 @@ def test_server_killed_and_restarted_during_a_waiting_job_gives_one_row_per_patc
     try:
         _wait_for_rows(out, proc, PART_ROWS)
         server.kill()
-        assert _manifest(out)["rows"] < N_PATCHES  # the kill landed mid-job
+        assert committed_rows(out) < N_PATCHES  # the kill landed mid-job
         server.restart()
         _, err = proc.communicate(timeout=POLL_TIMEOUT_S)
     finally:
@@ -215,13 +206,13 @@ def test_scorer_killed_leaves_only_committed_parts_and_resume_completes(server, 
     import pyarrow.parquet as pq
 
     parts_dir = out.with_name(out.name + ".parts")
-    m = _manifest(out)
-    for name in m["parts"]:  # every committed part is whole
-        assert pq.read_table(parts_dir / name).num_rows == PART_ROWS
-    assert m["rows"] == PART_ROWS * len(m["parts"]) < N_PATCHES
-    # Anything else is a hidden temporary file or a part written after the last commit point.
-    others = [p.name for p in parts_dir.iterdir() if p.name not in m["parts"] and p.name != "manifest.json"]
-    assert all(n.startswith(".") or n.startswith("part-") for n in others), others
+    parts = committed_parts(out)
+    for part in parts:  # every committed part is whole: PART_ROWS rows, or a unit's last ones
+        assert pq.read_table(part).num_rows == read_meta(part).rows == read_meta(part).stop - read_meta(part).start
+    assert 0 < committed_rows(out) < N_PATCHES
+    # Anything else is a hidden temporary file of a writer that was killed: never a part.
+    others = [p.name for p in parts_dir.rglob("*") if p.is_file() and p not in parts]
+    assert all(n.startswith(".") for n in others), others
     assert cli(_score_cmd(server, spec, [h5], out, "--resume")[3:]) == 0
     assert not parts_dir.exists()
     _assert_one_row_per_patch(out, h5, expected, spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.imageio import grey_equalize_u8
+from serving.core.imageio import grey_equalize_u8
 from serving.synth.dataset import make_patch
 
 
@@ -52,7 +52,7 @@ def test_client_equalisation_matches_the_training_pipeline():
 @pytest.fixture(scope="module")
 def grey_server(tmp_path_factory, tiny_spec_module):
     from export.build import export_run
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
     from training.checkpoint import write_random_run
 
     tmp = tmp_path_factory.mktemp("grey")
@@ -64,7 +64,7 @@ def grey_server(tmp_path_factory, tiny_spec_module):
 
 @pytest.fixture(scope="module")
 def tiny_spec_module():
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     return ModelSpec(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_batch_size=8)
@@ -72,7 +72,7 @@ def tiny_spec_module():
 
 def test_served_scores_are_the_model_on_equalised_pixels(grey_server):
     from export.onnx_export import ort_session
-    from serving.client import PatchClient
+    from serving.client.patch_client import PatchClient
 
     server, onnx_path, spec = grey_server
     images = _patches(6, 32, seed=1)
@@ -84,7 +84,7 @@ def test_served_scores_are_the_model_on_equalised_pixels(grey_server):
         five = client.predict(larger, tta="five")
         np.testing.assert_allclose(client.predict(larger, tta="server"), five, atol=1e-5)
         encoded = [_png(im) for im in larger]
-        np.testing.assert_allclose(client.predict(encoded, tta="encoded"), client.predict(larger), atol=0.01)
+        np.testing.assert_allclose(client.predict(encoded, send="encoded"), client.predict(larger), atol=0.01)
     session = ort_session(onnx_path)
     want = session.run([spec.output_name], {spec.input_name: grey_equalize_u8(images)})[0]
     raw = session.run([spec.output_name], {spec.input_name: images})[0]

@@ -21,8 +21,9 @@ import pytest
 from PIL import Image
 
 from patchserve.cli import main as cli
-from serving.output import read_results
+from serving.jobs.output import read_results
 from tests.fixtures_serve import N_MANY
+from tests.parts_helpers import committed_errors, committed_parts, committed_rows
 
 POLL_TIMEOUT_S = 120.0
 
@@ -47,7 +48,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_served_configs_carry_the_weights_hash_and_differ_between_runs(triton_server, other_weights_server):
-    from serving.client import PatchClient
+    from serving.client.patch_client import PatchClient
 
     spec = triton_server.spec
     with PatchClient(triton_server.grpc, spec.name) as a, PatchClient(other_weights_server.urls.grpc, spec.name) as b:
@@ -137,12 +138,7 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
 
 
 def _committed(out: Path) -> int:
-    import json
-
-    try:
-        return json.loads((out.with_name(out.name + ".parts") / "manifest.json").read_text()).get("rows", 0)
-    except (OSError, ValueError):
-        return 0
+    return committed_rows(out)
 
 
 def test_second_job_on_one_output_exits_at_once_naming_the_first_and_never_deletes_its_parts(
@@ -204,9 +200,7 @@ def test_sigkilled_job_leaves_no_lock_and_sigint_leaves_no_shared_memory(triton_
 def test_a_server_that_comes_back_with_other_weights_gets_no_more_work(exported_repo, other_weights_server,
                                                                         many_patches, tmp_path):
     """Killed mid-job and replaced, on the same ports, by a server of other weights: --wait must not mix them."""
-    import json
-
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
     from tests.fixtures_export import link_copy
 
     src, spec = exported_repo
@@ -233,22 +227,23 @@ def test_a_server_that_comes_back_with_other_weights_gets_no_more_work(exported_
             replacement.close()
     assert job.returncode == 2, err
     assert f"--url {server.urls.grpc}: the server came back serving model {spec.name!r} with other weights" in err
-    manifest = json.loads((out.with_name(out.name + ".parts") / "manifest.json").read_text())
-    kept = manifest["rows"]
-    assert 10 <= kept < N_MANY and manifest["errors"] == []
+    kept = committed_rows(out)
+    assert 10 <= kept < N_MANY and committed_errors(out) == []
     # Every kept row came from the first server (its weights): equal to ONNX Runtime on its model.
     import h5py
     import pyarrow.parquet as pq
 
-    from serving.views import view_boxes
+    from serving.core.views import view_boxes
     from tests.fixtures_serve import OrtReference, find_onnx
 
+    tables = [pq.read_table(p) for p in committed_parts(out)]
+    rows = [int(s.rpartition("#")[2]) for t in tables for s in t.column("source").to_pylist()]
+    assert len(rows) == len(set(rows)) == kept
     with h5py.File(many_patches) as f:
-        x = f["x"][:kept]
+        x = f["x"][sorted(rows)]
+    x = x[np.argsort(np.argsort(rows))]  # in the parts' order
     (top, left, _), = view_boxes("none", spec.source_hw, spec.input_hw)
     h, w = spec.input_hw
     want = OrtReference(find_onnx(Path(src), spec), spec).probs(np.ascontiguousarray(x[:, top:top + h, left:left + w]))
-    parts = out.with_name(out.name + ".parts")
-    tables = [pq.read_table(parts / p) for p in manifest["parts"]]
     got = np.array([[v for t in tables for v in t.column(f"prob_{c}").to_pylist()] for c in spec.class_names]).T
     np.testing.assert_allclose(got, want, atol=1e-5)

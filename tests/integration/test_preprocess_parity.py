@@ -3,7 +3,7 @@
 Images of several sizes (smaller, equal to, larger than the 32 px input, and
 the 37 px source size), RGB, grey, RGBA, palette, 16-bit PNG, CMYK JPEG and
 JPEGs with each EXIF orientation 1..8 go through every path and are compared
-with the reference preprocessing (serving/preprocess.py): the DALI evaluation
+with the reference preprocessing (serving/core/preprocess.py): the DALI evaluation
 pipeline (after training's pre-flight scan), the DALI preprocessing model
 behind the ensemble, the client's readers; then the served probabilities of
 score (pixels and encoded), evaluate, HDF5 rows and slide tiles.
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.imageio import load_rgb_u8
-from serving.preprocess import reference_views
-from serving.sources import Sample, discover
+from serving.core.imageio import load_rgb_u8
+from serving.core.preprocess import reference_views
+from serving.inputs.datasets import Sample, discover
 from tests.matrix_images import write_matrix
 
 # Grey levels per pixel. Same decoder (PNG, and the scan's converted PNGs) at
@@ -44,7 +44,7 @@ def matrix(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec():
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     return ModelSpec(name="parity", class_names=("normal", "tumour"), input_height=32, input_width=32,
                      mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8)
@@ -87,7 +87,7 @@ def test_dali_evaluation_pipeline_follows_the_reference(matrix, spec, tmp_path):
 
 def test_dali_preprocessing_model_follows_the_reference(matrix, spec, tmp_path):
     from export.preprocess import run_serialized, serialize_pipeline
-    from serving.imageio import read_header
+    from serving.core.imageio import read_header
 
     dali = serialize_pipeline(spec, tmp_path / "model.dali", batch_size=4)
     names = [n for n in sorted(matrix) if read_header(matrix[n]).mode in ("RGB", "L")]
@@ -102,7 +102,7 @@ def test_dali_preprocessing_model_follows_the_reference(matrix, spec, tmp_path):
 
 def test_crop_geometry_dali_paths_follow_the_reference(matrix, crop_spec, tmp_path):
     from export.preprocess import run_serialized, serialize_pipeline
-    from serving.imageio import read_header
+    from serving.core.imageio import read_header
     from training.pipeline import build_eval_pipeline, iterate
     from training.scan import scan_samples
 
@@ -128,11 +128,11 @@ def test_crop_geometry_dali_paths_follow_the_reference(matrix, crop_spec, tmp_pa
 
 
 def test_client_readers_give_the_reference_pixels(matrix, spec, tmp_path):
-    from serving.readers import DatasetUnit
+    from serving.inputs.units import PatchUnit, ReadOptions
 
     ds = discover(matrix["rgb_equal.png"].parents[1])
-    unit = DatasetUnit("u", ds, spec)
-    items = [it for task in unit.tasks(0) for it in task()]
+    work = PatchUnit(0, "u", ds.kind, tuple(ds.samples), ds.classes).open(ReadOptions(spec))
+    items = [it for task in work.tasks([(0, work.n)]) for it in task()]
     assert [it.error for it in items] == [None] * len(items)
     for it in items:
         np.testing.assert_array_equal(reference_views(it.image, spec, "none")[0], _ref(it.source, spec))
@@ -140,8 +140,8 @@ def test_client_readers_give_the_reference_pixels(matrix, spec, tmp_path):
 
 
 def _score(spec, server, inputs, out: Path, **kw) -> dict[str, np.ndarray]:
-    from serving.output import iter_results
-    from serving.score import ScoreConfig, run_score
+    from serving.jobs.output import iter_results
+    from serving.jobs.engine import ScoreConfig, run_score
 
     cfg = ScoreConfig(inputs=tuple(str(i) for i in inputs), urls=(server.grpc,), model=spec.name, out=str(out),
                       progress=False, **kw)
@@ -179,7 +179,7 @@ def test_folder_hdf5_and_slide_tiles_of_the_same_pixels_agree(served_spec, trito
 
     from serving.synth.dataset import make_patch
     from serving.synth.slide import write_pyramid_tiff
-    from serving.slides import TilingConfig
+    from serving.slides.tiling import TilingConfig
 
     spec = served_spec
     rng = np.random.default_rng(5)
@@ -259,7 +259,7 @@ def test_scoring_records_an_over_limit_file_without_decoding_it(served_spec, tri
 
     from PIL import Image
 
-    from serving.output import errors_path
+    from serving.jobs.output import errors_path
 
     folder = tmp_path / "in"
     folder.mkdir()

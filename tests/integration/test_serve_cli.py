@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from serving.client import PatchClient
-from serving.server import free_port
+from serving.client.patch_client import PatchClient
+from serving.server.embedded import free_port
 
 
 def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tmp_path):

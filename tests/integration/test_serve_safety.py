@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.client import PatchClient
-from serving.server import free_port
-from serving.server_state import members
-from serving.shm import process_gone
+from serving.client.patch_client import PatchClient
+from serving.server.embedded import free_port
+from serving.server.state import members
+from serving.core.procs import process_gone
 
 
 def test_logging_and_trace_apis_need_the_key_kept_private(triton_server):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from patchserve.cli import main as cli
-from serving.output import read_results
+from serving.jobs.output import read_results
 
 
 def _score(server, *args) -> int:
@@ -48,7 +48,7 @@ def corrupt_slide(tmp_path_factory):
 
 def test_a_corrupt_tile_is_recorded_the_slide_reopened_and_every_other_tile_scored(triton_server, corrupt_slide,
                                                                                    tmp_path, capsys):
-    from serving.slides import TilingConfig, plan_tiles
+    from serving.slides.tiling import TilingConfig, plan_tiles
 
     slide, (x0, y0, x1, y1) = corrupt_slide
     spec = triton_server.spec

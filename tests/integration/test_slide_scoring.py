@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from patchserve.cli import main as cli
-from serving.heatmap import LEGEND_BAR_H, colormap, legend_layout, probability_grid
-from serving.output import read_results
-from serving.slides import open_slide
+from serving.slides.heatmap import LEGEND_BAR_H, colormap, legend_layout, probability_grid
+from serving.jobs.output import read_results
+from serving.slides.wsi import open_slide
 
 ATOL = 1e-5
 
@@ -85,7 +85,7 @@ def test_slide_heatmap_and_geojson_are_written_from_the_grid(scored_slide, trito
 @pytest.fixture(scope="module")
 def trained_server(trained_run, tmp_path_factory):
     from export.build import export_run
-    from serving.server import EmbeddedTriton
+    from serving.server.embedded import EmbeddedTriton
 
     repo = tmp_path_factory.mktemp("trained_repo") / "repo"
     result = export_run(trained_run, repo, formats=("python",), with_tta=False, with_dali=False)
@@ -108,7 +108,7 @@ def test_trained_model_heatmap_is_high_inside_the_tumour_mask(trained_server, sy
     assert inside.sum() > 20 and (~inside).sum() > 20
     assert prob[inside].mean() > prob[~inside].mean() + 0.3
     # The heatmap grid holds the same numbers at the tiles' grid positions.
-    from serving.slides import TilingConfig, plan_tiles
+    from serving.slides.tiling import TilingConfig, plan_tiles
 
     grid = plan_tiles(synth_slide / "slides" / "slide_0.tiff", spec.input_hw, TilingConfig())
     values = probability_grid(grid, rows, "prob_tumour")

@@ -84,7 +84,7 @@ def test_bad_strengths_are_refused_naming_the_flag(scale, shift, match):
 
 
 def test_train_pipeline_applies_the_jitter_only_with_stain_augment(synth_data):
-    from serving.sources import discover
+    from serving.inputs.datasets import discover
     from training.pipeline import AugmentConfig, build_train_pipeline, iterate
 
     samples = discover(synth_data, split="train").samples[:8]
@@ -96,15 +96,15 @@ def test_train_pipeline_applies_the_jitter_only_with_stain_augment(synth_data):
         (images, _), = list(iterate(pipe, samples))
         outs.append(images.numpy())
     np.testing.assert_array_equal(outs[0], outs[2])
-    from serving.imageio import load_rgb_u8
+    from serving.core.imageio import load_rgb_u8
 
     np.testing.assert_array_equal(outs[0][0], load_rgb_u8(samples[0].source))  # 48 px: the resize is a copy
     assert np.abs(outs[1].astype(int) - outs[0]).mean() > 1.0
 
 
 def test_random_crop_takes_windows_of_the_model_size_without_resizing(synth_data):
-    from serving.imageio import load_rgb_u8
-    from serving.sources import discover
+    from serving.core.imageio import load_rgb_u8
+    from serving.inputs.datasets import discover
     from training.pipeline import AugmentConfig, build_train_pipeline, iterate
 
     samples = discover(synth_data, split="train").samples[:8]

@@ -14,8 +14,8 @@ import pytest
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from export.build import export_run
-    from serving.server import EmbeddedTriton
-    from serving.spec import ModelSpec
+    from serving.server.embedded import EmbeddedTriton
+    from serving.core.spec import ModelSpec
     from training.checkpoint import write_random_run
 
     tmp = tmp_path_factory.mktemp("watchdog")
@@ -30,7 +30,7 @@ def test_a_killed_preprocessing_stub_restarts_the_server_and_the_ensemble_answer
     import tritonclient.grpc as grpcclient
     from PIL import Image
 
-    from serving.watchdog import live_stubs
+    from serving.server.watchdog import live_stubs
 
     server, spec = served
     buf = io.BytesIO()

@@ -72,8 +72,8 @@ def test_scan_lists_bad_files_and_training_refuses_without_skip_bad(tmp_path):
 
 
 def test_odd_modes_are_converted_once_into_the_run_cache_as_serving_decodes_them(tmp_path):
-    from serving.imageio import load_rgb_u8
-    from serving.sources import discover
+    from serving.core.imageio import load_rgb_u8
+    from serving.inputs.datasets import discover
     from training.scan import scan_samples
 
     _odd_files(tmp_path / "d")
@@ -88,7 +88,7 @@ def test_odd_modes_are_converted_once_into_the_run_cache_as_serving_decodes_them
 
 
 def test_mean_std_is_computed_per_channel_over_pixels(tmp_path):
-    from serving.sources import Sample
+    from serving.inputs.datasets import Sample
     from training.stats import compute_mean_std
 
     a = np.zeros((4, 4, 3), np.uint8)

@@ -20,7 +20,7 @@ def _evaluate(run, data, out, tta="none"):
 
 
 def test_trained_run_has_the_run_folder_layout_and_a_consistent_spec(trained_run):
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.checkpoint import read_checkpoint
 
     for name in ("spec.json", "checkpoint_last.pt", "checkpoint_best.pt", "history.csv", "history.json"):
@@ -63,7 +63,7 @@ def test_metrics_json_agrees_with_sklearn_recomputed_from_predictions_csv(traine
 
 
 def test_five_crop_tta_equals_the_average_of_five_independently_computed_views(trained_run, synth_data, tmp_path):
-    from serving.views import view_boxes
+    from serving.core.views import view_boxes
     from training.checkpoint import load_for_inference
     from training.data import resolve_eval_samples
     from training.pipeline import build_eval_pipeline, iterate, unpad

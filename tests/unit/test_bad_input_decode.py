@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import ImageReadError
-from serving.imageio import MAX_PIXELS, inspect_image, load_rgb_u8, read_header, resize_u8
+from serving.core.errors import ImageReadError
+from serving.core.imageio import MAX_PIXELS, inspect_image, load_rgb_u8, read_header, resize_u8
 
 RNG_IMAGE = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
 

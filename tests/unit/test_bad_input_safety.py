@@ -49,7 +49,7 @@ def test_pretrained_file_holding_a_pickled_object_is_refused(tmp_path, tiny_spec
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "a\\b", "..", ".hidden", "x..y", ""])
 def test_model_names_with_path_parts_are_refused(tiny_spec, name):
-    from serving.errors import SpecError
+    from serving.core.errors import SpecError
 
     with pytest.raises(SpecError, match="is not a safe Triton model name"):
         tiny_spec.replace(name=name)

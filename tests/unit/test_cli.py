@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -105,7 +106,27 @@ def test_import_layers_contract_holds():
     done = subprocess.run([str(lint)], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "Contracts: 2 kept, 0 broken." in done.stdout
+    assert "Contracts: 3 kept, 0 broken." in done.stdout
+    assert "Inside serving: jobs | synth > inputs > client | slides | server | evaluation" in done.stdout
+
+
+def test_an_import_running_up_inside_serving_breaks_the_contract(tmp_path):
+    """The serving contract is not decoration: the client importing the job that uses it fails lint-imports."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("patchserve", "benchmarks", "export", "training", "serving"):
+        shutil.copytree(root / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pyproject.toml", tmp_path)
+    transport = tmp_path / "serving" / "client" / "transport.py"
+    transport.write_text(transport.read_text() + "\nfrom serving.jobs.parts import PartMeta  # noqa\n")
+    (tmp_path / "serving" / "loose.py").write_text("X = 1\n")  # a module beside the subpackages
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode != 0
+    assert "serving.client is not allowed to import serving.jobs" in done.stdout
+    assert "serving.loose" in done.stdout
 
 
 def test_no_project_module_is_imported_by_string():
@@ -157,3 +178,21 @@ def test_score_help_works_on_a_client_only_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "usage: patchserve score" in done.stdout
+
+
+def _duplicate_code(root: Path, *paths: str) -> str:
+    pylint = Path(sys.executable).with_name("pylint")
+    done = subprocess.run([str(pylint), "--disable=all", "--enable=duplicate-code", "--min-similarity-lines=6",
+                           "--score=n", *paths], capture_output=True, text=True, timeout=300, cwd=root)
+    return done.stdout
+
+
+def test_no_block_of_six_lines_stands_twice_in_serving(tmp_path):
+    """One job, two executors: pylint's duplicate-code finds no block of 6 lines written twice in serving/; the
+    same check finds a planted copy."""
+    root = Path(__file__).resolve().parents[2]
+    assert "R0801" not in _duplicate_code(root, "serving")
+    block = "".join(f"    total += {i} * value  # step {i}\n" for i in range(8))
+    for name in ("local.py", "dask_executor.py"):
+        (tmp_path / name).write_text(f"def run_{name[:4]}(value):\n    total = 0\n{block}    return total\n")
+    assert "R0801" in _duplicate_code(tmp_path, "local.py", "dask_executor.py")

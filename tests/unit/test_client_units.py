@@ -9,10 +9,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from serving.batching import check_images, client_views, split_rows, windowed
-from serving.client import ModelInfo, check_spec, encode_batch  # re-exported by the client
-from serving.client_config import ClientConfig, check_tta, check_url
-from serving.errors import BadInputError, InputError, SpecMismatchError
+from serving.client.batching import check_images, client_views, split_rows, windowed
+from serving.client.batching import encode_batch
+from serving.client.config import check_spec
+from serving.client.model_info import ModelInfo
+from serving.client.config import ClientConfig, check_tta, check_url
+from serving.core.errors import BadInputError, InputError, SpecMismatchError
 
 
 def test_client_config_names_the_bad_flag_and_the_choices():
@@ -96,7 +98,8 @@ def test_encoded_files_of_different_lengths_are_zero_padded_rows():
 def test_client_score_and_slides_import_neither_torch_nor_dali():
     code = textwrap.dedent("""
         import sys
-        import serving.client, serving.score, serving.slides, serving.heatmap, serving.output, serving.readers
+        import serving.client.patch_client, serving.jobs.engine, serving.jobs.dask_executor, serving.slides.tiling
+        import serving.slides.heatmap, serving.jobs.output, serving.inputs.registry, serving.server.embedded
         import patchserve.commands.score, patchserve.commands.serve
         bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('nvidia.dali'))
         print(','.join(bad))

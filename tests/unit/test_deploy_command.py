@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.server import NGC_IMAGE, gpu_flavour, ngc_command
+from serving.server.embedded import NGC_IMAGE, gpu_flavour, ngc_command
 
 
 def _repo(root, flavours):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from export.repository import compare_generated, regenerate, render_repository
 from export.triton_config import ExportOptions, read_config
-from serving.spec import ModelSpec
+from serving.core.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
 

@@ -24,7 +24,7 @@ def classifier(tiny_spec_module):
 
 @pytest.fixture(scope="module")
 def tiny_spec_module():
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
 
     # Custom tensor names on purpose: timm's exporter loses the dynamic batch with them.
     return ModelSpec(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
@@ -66,7 +66,7 @@ def test_tta_graph_equals_client_side_views_averaged(classifier, tiny_spec_modul
     import torch
 
     from export.tta import TTAModel
-    from serving.views import combine_views, make_views, num_views
+    from serving.core.views import combine_views, make_views, num_views
 
     spec = tiny_spec_module
     src = _u8((3, *spec.source_hw, 3), 7)
@@ -90,7 +90,7 @@ def test_dali_preprocessing_matches_the_client_pil_path_within_two_grey_levels(
     from export.build import encode
     from export.patches import centre_crop
     from export.preprocess import run_serialized, serialize_pipeline
-    from serving.imageio import load_rgb_u8
+    from serving.core.imageio import load_rgb_u8
 
     spec = tiny_spec_module
     dali = serialize_pipeline(spec, tmp_path / "model.dali", batch_size=spec.max_batch_size)

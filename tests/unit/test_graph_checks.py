@@ -79,7 +79,7 @@ def test_exported_classifier_and_tta_graphs_cast_their_uint8_input_first_and_kee
 
     from export.onnx_export import PROB_ATOL, export_onnx, ort_session, parity_vs_torch
     from export.tta import TTAModel
-    from serving.spec import ModelSpec
+    from serving.core.spec import ModelSpec
     from training.model import ModelConfig, ServedModel, build_model
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import ImageReadError
-from serving.imageio import inspect_image, is_image_file, load_rgb_u8, resize_u8, to_rgb_u8
+from serving.core.errors import ImageReadError
+from serving.core.imageio import inspect_image, is_image_file, load_rgb_u8, resize_u8, to_rgb_u8
 
 GREY = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4 + 1  # 1, 5, ..., 253
 EXPECTED = np.repeat(GREY[:, :, None], 3, axis=2)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from serving.errors import (FingerprintMismatchError, InputError, JobLockedError, ServerMismatchError, SlideError,
-                            SpecError)
-from serving.fingerprint import (JobFingerprint, ServedIdentity, check_resume, check_servers, file_entry, job_path,
-                                 read_job_record, write_job_record)
-from serving.joblock import JobLock, lock_path
-from serving.output import errors_path
+from serving.core.errors import (FingerprintMismatchError, InputError, JobLockedError, ServerMismatchError,
+                                 SlideError, SpecError)
+from serving.jobs.fingerprint import JobFingerprint, check_resume, job_path, read_job_record, write_job_record
+from serving.client.identity import ServedIdentity, check_servers
+from serving.core.hashing import file_entry
+from serving.jobs.lock import JobLock, lock_path
+from serving.jobs.output import errors_path
 
 SERVED = ServedIdentity("m", 1, "a" * 64, "s" * 64)
 
@@ -93,14 +94,14 @@ def test_servers_that_disagree_are_named_with_the_field(tmp_path):
 
 @pytest.mark.parametrize("name", ["name\n", "name\nother", "", "../x", "a b"])
 def test_model_names_are_checked_as_whole_strings(name):
-    from serving.spec import check_model_name
+    from serving.core.spec import check_model_name
 
     with pytest.raises(SpecError, match="is not a safe Triton model name"):
         check_model_name(name)
 
 
 def test_manifest_with_duplicate_paths_is_refused_listing_them(tmp_path):
-    from serving.sources import read_manifest
+    from serving.inputs.datasets import read_manifest
 
     for n in ("a.png", "b.png"):
         (tmp_path / n).write_bytes(b"")
@@ -112,7 +113,7 @@ def test_manifest_with_duplicate_paths_is_refused_listing_them(tmp_path):
 
 
 def test_manifest_whose_labels_are_none_of_the_models_classes_is_refused(tmp_path):
-    from serving.sources import read_manifest
+    from serving.inputs.datasets import read_manifest
 
     (tmp_path / "a.png").write_bytes(b"")
     m = tmp_path / "m.csv"
@@ -123,7 +124,7 @@ def test_manifest_whose_labels_are_none_of_the_models_classes_is_refused(tmp_pat
 
 
 def test_mpp_target_outside_what_the_pyramid_serves_is_refused():
-    from serving.slides import check_mpp_target
+    from serving.slides.tiling import check_mpp_target
 
     check_mpp_target("s.tiff", 0.5, 0.5, (1024, 768), (32, 32))
     check_mpp_target("s.tiff", 16.0, 0.5, (1024, 768), (32, 32))
@@ -134,8 +135,8 @@ def test_mpp_target_outside_what_the_pyramid_serves_is_refused():
 
 
 def test_key_file_is_private_and_stale_client_regions_of_dead_processes_go(tmp_path):
-    from serving.server_state import write_key_file
-    from serving.shm import remove_stale_regions
+    from serving.server.state import write_key_file
+    from serving.client.shm import remove_stale_regions
 
     key = write_key_file(tmp_path / "api_key", "secret")
     assert oct(key.stat().st_mode & 0o777) == "0o600" and key.read_text() == "secret\n"

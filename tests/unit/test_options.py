@@ -9,10 +9,10 @@ import re
 import pytest
 
 from patchserve import cli
-from serving.errors import InputError
-from serving.options import add_options, flag_of, from_args, option
-from serving.score import ScoreConfig
-from serving.slides import TilingConfig
+from serving.core.errors import InputError
+from serving.core.options import add_options, flag_of, from_args, option
+from serving.jobs.engine import ScoreConfig
+from serving.slides.tiling import TilingConfig
 from training.config import EvalConfig, TrainConfig
 
 GENERATED = tuple(cli.COMMANDS)  # every subcommand
@@ -49,7 +49,7 @@ def _option_classes():
     from export.doctor import DoctorConfig
     from export.triton_config import ExportOptions
     from patchserve.demo import DemoConfig
-    from serving.serve_config import ServeConfig
+    from serving.server.config import ServeConfig
     from serving.synth.dataset import SynthConfig, SynthJob
 
     return [TrainConfig, EvalConfig, ScoreConfig, TilingConfig, ExportConfig, ExportOptions, BenchConfig,
@@ -162,7 +162,7 @@ def test_a_field_without_option_metadata_is_refused():
 
 
 def test_serve_ports_are_validated_naming_the_flag():
-    from serving.serve_config import ServeConfig
+    from serving.server.config import ServeConfig
 
     with pytest.raises(InputError, match=r"^--grpc-port: expected a TCP port in 1\.\.65535, got 70000$"):
         ServeConfig(repo="r", grpc_port=70000)

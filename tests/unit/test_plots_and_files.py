@@ -17,7 +17,7 @@ def _history(n: int, best: int) -> list[dict]:
 
 
 def test_learning_curves_have_whole_epoch_ticks_every_series_and_the_best_epoch_marked():
-    from serving.plots import curve_prefixes, training_curves_figure
+    from serving.evaluation.plots import curve_prefixes, training_curves_figure
 
     assert curve_prefixes(list(_history(2, 1)[0])) == ["train", "val", "test"]
     fig = training_curves_figure(_history(3, 2))
@@ -33,7 +33,7 @@ def test_learning_curves_have_whole_epoch_ticks_every_series_and_the_best_epoch_
 
 
 def test_heatmap_has_a_title_band_and_a_colour_bar_from_0_to_1():
-    from serving.heatmap import LEGEND_BAR_H, _with_legend, colormap, legend_layout
+    from serving.slides.heatmap import LEGEND_BAR_H, _with_legend, colormap, legend_layout
 
     heat = np.full((300, 400, 3), 200, np.uint8)
     img = np.asarray(_with_legend(heat, "slide_0.tiff", "tumour"))
@@ -49,7 +49,7 @@ def test_heatmap_has_a_title_band_and_a_colour_bar_from_0_to_1():
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_atomic_files_follow_the_umask(tmp_path, umask, mode):
-    from serving.atomic import atomic_write_text
+    from serving.core.atomic import atomic_write_text
 
     old = os.umask(umask)
     try:
@@ -70,8 +70,8 @@ def test_demo_prints_test_and_shifted_metrics_side_by_side():
 
 
 def test_score_accepts_any_split_folder_name_but_not_a_path():
-    from serving.errors import InputError
-    from serving.score import ScoreConfig
+    from serving.core.errors import InputError
+    from serving.jobs.engine import ScoreConfig
 
     assert ScoreConfig(inputs=("d",), urls=("localhost:1",), model="m", out="o.parquet",
                        split="test_shifted").split == "test_shifted"

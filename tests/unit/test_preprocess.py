@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import SpecError
-from serving.imageio import equalize_grey_u8, load_rgb_u8, read_header, resize_u8
-from serving.preprocess import apply_geometry, fit_centre, prepare_u8, reference_views
-from serving.spec import ModelSpec
-from serving.views import make_views
+from serving.core.errors import SpecError
+from serving.core.imageio import equalize_grey_u8, load_rgb_u8, read_header, resize_u8
+from serving.core.preprocess import apply_geometry, fit_centre, prepare_u8, reference_views
+from serving.core.spec import ModelSpec
+from serving.core.views import make_views
 from tests.matrix_images import upright_exif_image, write_matrix
 
 SPEC = ModelSpec(name="m", class_names=("normal", "tumour"), input_height=32, input_width=32,
@@ -90,7 +90,7 @@ def test_mode_rule_for_grey_rgba_palette_16bit_and_cmyk(matrix):
 
 
 def test_mean_std_of_a_grey_model_are_those_of_the_equalised_images(tmp_path):
-    from serving.sources import Sample
+    from serving.inputs.datasets import Sample
     from training.stats import compute_mean_std
 
     # Bright, low-contrast grey images (an X-ray-like set): raw statistics are far from the equalised ones.
@@ -109,7 +109,7 @@ def test_mean_std_of_a_grey_model_are_those_of_the_equalised_images(tmp_path):
 
 
 def test_training_scan_lists_an_over_limit_image_by_its_header(tmp_path):
-    from serving.sources import Sample
+    from serving.inputs.datasets import Sample
     from tests.unit.test_bad_input_decode import png_header_only
     from training.scan import refuse_bad, scan_samples
     from training.errors import DataError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.fixture import EQUALISED_MAX_OFF_FRACTION, preprocess_agreement, reference_pixels
-from serving.imageio import equalize_grey_u8, grey_equalize_u8
+from serving.core.imageio import equalize_grey_u8, grey_equalize_u8
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -43,6 +43,6 @@ def test_reference_pixels_equalise_before_the_geometry(tiny_spec):
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="PNG")
     _, crop = reference_pixels(buf.getvalue(), spec)
-    from serving.preprocess import reference_views
+    from serving.core.preprocess import reference_views
 
     assert np.array_equal(crop, reference_views(big, spec, "none")[0])

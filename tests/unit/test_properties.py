@@ -9,9 +9,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.sources import read_manifest
-from serving.spec import TTA_MODES, ModelSpec
-from serving.views import combine_views, make_views, num_views, view_boxes
+from serving.inputs.datasets import read_manifest
+from serving.core.spec import TTA_MODES, ModelSpec
+from serving.core.views import combine_views, make_views, num_views, view_boxes
 
 sizes = st.tuples(st.integers(1, 40), st.integers(1, 40))
 

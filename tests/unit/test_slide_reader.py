@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.slide_reader import plan_runs, read_tiles
-from serving.slides import TilingConfig, open_slide, plan_tiles, read_tile
+from serving.slides.runs import plan_runs, read_tiles
+from serving.slides.tiling import TilingConfig, plan_tiles, read_tile
+from serving.slides.wsi import open_slide
 
 
 class CountingSlide:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import SlideError
-from serving.slides import (TilingConfig, open_slide, otsu_threshold, plan_tiles, read_tile, slide_mpp,
-                            tissue_mask)
+from serving.core.errors import SlideError
+from serving.slides.tiling import TilingConfig, plan_tiles, read_tile
+from serving.slides.wsi import open_slide, slide_mpp
+from serving.slides.tissue import otsu_threshold, tissue_mask
 
 
 def _truth(synth_slide, name: str):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import InputError
-from serving.sources import (Sample, discover, has_splits, parse_hdf5_source, read_hdf5, read_hdf5_rows,
-                             read_manifest, split_root)
+from serving.core.errors import InputError
+from serving.inputs.datasets import (Sample, discover, has_splits, parse_hdf5_source, read_hdf5, read_hdf5_rows,
+                                     read_manifest, split_root)
 
 
 def _png(path: Path, value: int = 0) -> Path:

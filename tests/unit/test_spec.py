@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.errors import SpecError
-from serving.spec import ModelSpec, check_model_name
+from serving.core.errors import SpecError
+from serving.core.spec import ModelSpec, check_model_name
 
 BASE = dict(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
             mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15))

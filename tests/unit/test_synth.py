@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import InputError
-from serving.sources import discover, read_hdf5_rows
+from serving.core.errors import InputError
+from serving.inputs.datasets import discover, read_hdf5_rows
 from serving.synth.dataset import DEFAULT_OVERLAP, class_names_for, make_patch, synthesize
 from serving.synth.texture import LOOKS, blend
 

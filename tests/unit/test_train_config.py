@@ -112,7 +112,7 @@ def test_cv_table_is_sorted_best_first_and_loss_ranks_lowest_first():
 
 
 def test_model_name_is_derived_from_the_data_folder_and_made_safe(tmp_path):
-    from serving.spec import check_model_name
+    from serving.core.spec import check_model_name
     from training.data import default_model_name
 
     d = tmp_path / "Chest X-ray (v2)"

@@ -1,4 +1,4 @@
-"""serving.metrics and serving.plots: exact values on small hand-made cases."""
+"""serving.evaluation.metrics and serving.evaluation.plots: exact values on small hand-made cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 
 def test_metrics_on_an_imbalanced_binary_case_expose_low_specificity():
-    from serving.metrics import compute_metrics
+    from serving.evaluation.metrics import compute_metrics
 
     y = np.array([0, 0, 1, 1, 1, 1, 1, 1])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
@@ -29,7 +29,7 @@ def test_metrics_on_an_imbalanced_binary_case_expose_low_specificity():
 def test_multiclass_auc_is_one_vs_rest_and_none_when_a_class_is_absent():
     from sklearn.metrics import roc_auc_score
 
-    from serving.metrics import compute_metrics
+    from serving.evaluation.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     y = np.array([0, 1, 2] * 5)
@@ -43,7 +43,7 @@ def test_write_metrics_writes_json_and_predictions_with_class_names(tmp_path):
     import csv
     import json
 
-    from serving.metrics import compute_metrics, write_metrics
+    from serving.evaluation.metrics import compute_metrics, write_metrics
 
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
     m = compute_metrics([0, 0], probs, ["x", "y"])
@@ -67,7 +67,7 @@ def test_plots_are_written_as_png(tmp_path):
 
 
 def test_serving_metrics_and_plots_import_neither_torch_nor_dali():
-    code = ("import sys, serving.metrics, serving.plots; "
+    code = ("import sys, serving.evaluation.metrics, serving.evaluation.plots; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'nvidia')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.errors import BadInputError
-from serving.views import View, combine_views, make_views, num_views, view_boxes
+from serving.core.errors import BadInputError
+from serving.core.views import View, combine_views, make_views, num_views, view_boxes
 
 
 def test_five_crop_boxes_are_corners_then_centre_in_torchvision_order():

@@ -1,0 +1,78 @@
+"""Predictions for a stream of patch groups across one or more servers, requests in flight, in order."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from serving.client.batching import windowed
+from serving.client.config import check_spec
+from serving.core.errors import InferenceError
+from serving.core.views import combine_views
+
+
+def stream_predictions(clients: Sequence[Any], groups: Iterable[tuple[Any, Any]],
+                       tta: str = "none", send: str = "pixels",
+                       on_error: str = "raise") -> Iterator[tuple[Any, Any]]:
+    """Predict groups of patches across one or more servers, in order.
+
+    Requests go round-robin to ``clients`` with at most ``concurrency`` in
+    flight per client; each group's views are averaged once all its requests
+    are back. ``send="encoded"`` sends file bytes to the ensemble. With
+    ``on_error="record"`` a group the server answered with an error yields its
+    :class:`InferenceError` instead of probabilities, and the stream goes on.
+    """
+    if not clients:
+        raise ValueError("stream_predictions needs at least one client")
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error: expected 'raise' or 'record', got {on_error!r}")
+    first = clients[0]
+    for c in clients[1:]:
+        check_spec(c.spec, first.spec, where=f"{c.url} model {c.model!r}")
+    turn = itertools.cycle(clients)
+
+    def requests():
+        for g, (key, images) in enumerate(groups):
+            if len(images) == 0:
+                yield (g, key, 0, 1, True), None
+                continue
+            planned = first.plan(images, tta, send)
+            for i, (info, array, v) in enumerate(planned):
+                yield (g, key, v, len(planned), i == len(planned) - 1), (info, array)
+
+    def submit(item):
+        req = item[1]
+        if req is None:
+            return None
+        client = next(turn)
+        info = client.model_info(req[0].name) if client is not first else req[0]
+        return client.submit(info, req[1])
+
+    def collect(handle):
+        if handle is None:
+            return None
+        try:
+            return handle.result()
+        except InferenceError as exc:
+            if on_error == "raise":
+                raise
+            return exc
+
+    parts: list[np.ndarray] = []
+    failed: InferenceError | None = None
+    max_in_flight = sum(c.config.concurrency for c in clients)
+    for (tag, _), handle_result in windowed(requests(), submit, collect, max_in_flight):
+        g, key, v, _, last = tag
+        if isinstance(handle_result, InferenceError):
+            failed = failed or handle_result
+        elif handle_result is not None:
+            parts.append(handle_result)
+        if last:
+            if failed is not None:
+                yield key, failed
+            else:
+                probs = np.concatenate(parts) if parts else np.empty((0, first.spec.num_classes), np.float32)
+                yield key, (combine_views(probs, v) if v > 1 else probs)
+            parts, failed = [], None

@@ -1,0 +1,262 @@
+"""The model spec: the one contract between training, export and serving.
+
+Training writes it into the checkpoint and beside it as JSON; export derives
+tensor names, ``config.pbtxt``, labels and a copy of the spec from it; the
+client reads it back from the server and refuses to score when it disagrees.
+No mean, std, patch size, tensor name, class name or model name is written as
+a literal anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.core.errors import SpecError
+
+SPEC_FORMAT_VERSION = 1
+# Keys of the `parameters` map of every exported Triton config: the spec as
+# JSON, and the sha256 of the run's weights the model serves (a client reads
+# both from a live server).
+SPEC_PARAMETER = "patchserve_spec"
+WEIGHTS_PARAMETER = "weights_sha256"
+# The views a server-side TTA model averages ("five" or "ten"), in its config.
+TTA_VIEWS_PARAMETER = "tta_views"
+# Triton uses the model name as a folder name and in URLs: keep it to a
+# conservative character set, no path separators and no "..".
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+TTA_MODES = ("none", "flip", "five", "ten")
+# What evaluation and serving do to a decoded image before its views are cut
+# (serving/core/preprocess.py is the reference; the DALI pipelines follow it):
+#   "resize_crop": an image of exactly the input size is used as it is; any
+#   other size (smaller or larger) is resized (bilinear, antialiased) to the
+#   source size, whose centre crop is the "none" view. Views are then cut from
+#   that image: from an input-size image every crop is the whole image.
+#   "crop": for models trained with --random-crop on images larger than the
+#   model (150 px cropped to 128, 450 to 384): an image of the input size is
+#   used as it is; any other size gives the source-size window at its centre,
+#   without resampling, padded white where the image is smaller.
+# New rules are added here and in serving/core/preprocess.py.
+EVAL_GEOMETRIES = ("resize_crop", "crop")
+# Flavours of an exported model: config.pbtxt is the python one (ONNX Runtime in
+# Triton's Python backend, runs anywhere); a GPU server loads configs/NAME.pbtxt
+# with --model-config-name. GPU_FLAVOURS: the GPU ones, fastest first.
+FLAVOURS = ("python", "onnxruntime", "tensorrt")
+GPU_FLAVOURS = ("tensorrt", "onnxruntime")
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+)
+HEADS = ("linear", "mlp")  # the classification head after the pooled features
+POOL_SIZES = (1, 2, 4, 8)  # adaptive average pooling output side before the head
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_model_name(name: str, flag: str = "name") -> str:
+    """Return ``name`` if it is a safe Triton model name, else raise SpecError."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise SpecError(
+            f"{flag}: {name!r} is not a safe Triton model name; expected 1-64 characters "
+            "of letters, digits, '_', '.', '-', starting with a letter or digit, no '..'"
+        )
+    return name
+
+
+def _three_in_unit_interval(values: Any, field_name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{field_name}: expected three numbers, got {values!r}") from exc
+    if len(values) != 3:
+        raise SpecError(f"{field_name}: expected three values (R, G, B), got {len(values)}")
+    for v in values:
+        if not (math.isfinite(v) and 0.0 < v <= 1.0):
+            raise SpecError(f"{field_name}: every value must be in (0, 1], got {values!r}")
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything downstream needs to know about a trained classifier."""
+
+    name: str
+    class_names: tuple[str, ...]
+    input_height: int
+    input_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    arch: str = "resnet18"
+    version: int = 1
+    # Images not already at the input size are resized to source_* before the
+    # centre crop (evaluation) or the TTA crops (see eval_geometry); 0 means
+    # "input size / 0.875", torchvision's 224-of-256 ratio.
+    source_height: int = 0
+    source_width: int = 0
+    input_dtype: str = "uint8"
+    input_layout: str = "NHWC"
+    input_name: str = "images_nhwc_u8"
+    output_name: str = "probabilities"
+    logits_name: str = "logits"
+    encoded_name: str = "images_encoded"  # ensemble input: encoded JPEG/PNG bytes
+    max_batch_size: int = 64
+    eval_geometry: str = "resize_crop"  # one of EVAL_GEOMETRIES: what happens to an image of any size
+    tta_views: tuple[str, ...] = TTA_MODES
+    format_version: int = SPEC_FORMAT_VERSION
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        check_model_name(self.name, "name")
+        names = tuple(self.class_names) if not isinstance(self.class_names, str) else None
+        if not names:
+            raise SpecError("class_names: expected at least two class names, got none")
+        for c in names:
+            if not isinstance(c, str) or not c.strip():
+                raise SpecError(f"class_names: empty class name in {list(names)!r}")
+            if any(ch in c for ch in "/\\,\n"):
+                raise SpecError(f"class_names: {c!r} contains '/', '\\\\', ',' or a newline")
+        dupes = sorted({c for c in names if names.count(c) > 1})
+        if dupes:
+            raise SpecError(f"class_names: duplicate names {dupes}")
+        if len(names) < 2:
+            raise SpecError(f"class_names: a classifier needs at least two classes, got {list(names)!r}")
+        set_("class_names", names)
+        for f in ("input_height", "input_width", "max_batch_size", "version"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"{f}: expected a positive integer, got {v!r}")
+        for f, base in (("source_height", self.input_height), ("source_width", self.input_width)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SpecError(f"{f}: expected a non-negative integer, got {v!r}")
+            if v == 0:
+                set_(f, int(round(base / 0.875)))
+            elif v < base:
+                raise SpecError(f"{f}: {v} is smaller than the input size {base}")
+        set_("mean", _three_in_unit_interval(self.mean, "mean"))
+        set_("std", _three_in_unit_interval(self.std, "std"))
+        if self.arch not in ARCHITECTURES:
+            raise SpecError(f"arch: invalid architecture {self.arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
+        if self.input_dtype != "uint8":
+            raise SpecError(f"input_dtype: only 'uint8' is supported, got {self.input_dtype!r}")
+        if self.input_layout != "NHWC":
+            raise SpecError(f"input_layout: only 'NHWC' is supported, got {self.input_layout!r}")
+        tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name")
+        tensor_names = tuple(getattr(self, f) for f in tensor_fields)
+        for f, v in zip(tensor_fields, tensor_names):
+            if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+                raise SpecError(f"{f}: {v!r} is not a valid tensor name (letters, digits, '_')")
+        if len(set(tensor_names)) != len(tensor_names):
+            raise SpecError(f"{'/'.join(tensor_fields)} must all differ, got {tensor_names}")
+        if self.eval_geometry not in EVAL_GEOMETRIES:
+            raise SpecError(f"eval_geometry: invalid rule {self.eval_geometry!r}. Only {', '.join(EVAL_GEOMETRIES)} "
+                            "are supported.")
+        views = tuple(self.tta_views)
+        bad = [v for v in views if v not in TTA_MODES]
+        if bad or "none" not in views:
+            raise SpecError(f"tta_views: expected a subset of {TTA_MODES} including 'none', got {views!r}")
+        set_("tta_views", views)
+        if self.format_version != SPEC_FORMAT_VERSION:
+            raise SpecError(
+                f"format_version: this patchserve reads spec format {SPEC_FORMAT_VERSION}, got {self.format_version!r}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def grayscale_equalize(self) -> bool:
+        """Trained on grey-scale, histogram-equalised images (``--grayscale-equalize``)."""
+        return bool(self.extra.get("grayscale_equalize"))
+
+    # The models export writes beside the classifier, and the client asks for.
+    @property
+    def tta_model_name(self) -> str:
+        return f"{self.name}_tta"
+
+    @property
+    def preprocess_model_name(self) -> str:
+        return f"{self.name}_preprocess"
+
+    @property
+    def ensemble_model_name(self) -> str:
+        return f"{self.name}_ensemble"
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return (self.input_height, self.input_width)
+
+    @property
+    def source_hw(self) -> tuple[int, int]:
+        return (self.source_height, self.source_width)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise SpecError(f"spec: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"spec: unknown fields {unknown}; known fields are {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise SpecError(f"spec: missing required fields {missing}")
+        kwargs = dict(data)
+        for k in ("class_names", "mean", "std", "tta_views"):
+            if k in kwargs and isinstance(kwargs[k], list):
+                kwargs[k] = tuple(kwargs[k])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON through an atomic rename."""
+        from serving.core.atomic import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot read spec ({exc.strerror})") from exc
+        try:
+            return cls.from_json(text)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from exc

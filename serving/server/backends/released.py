@@ -1,0 +1,30 @@
+"""Every Python-backend file patchserve has released, by sha256: what ``check-export`` accepts as a model.py.
+
+Export copies ``onnx_model.py`` (classifier, ``_tta``) or ``dali_model.py``
+(``_preprocess``) into each version folder as ``model.py``; the server runs
+it. The gate holds every such file to this registry (export/check.py):
+
+- this version's own file passes;
+- a file an older patchserve released passes too, with a note to re-export
+  (a repository does not break because patchserve was upgraded);
+- a released file that is listed in :data:`WITHDRAWN` fails with its reason
+  and "re-export with this version" (a fix the served code must have);
+- anything else fails: it is code the server would run that no patchserve
+  wrote, even with a manifest rewritten to match.
+
+When a backend file changes, its new sha256 is added here under the version
+that ships it, and the old one stays; a unit test fails while the file on
+disk is not registered.
+"""
+
+RELEASED: dict[str, dict[str, str]] = {
+    "onnx_model.py": {
+        "80b1d28723256aca324807e864cd38c5e5296d3b83691ea0ce7210c9faddc782": "0.1.0",
+    },
+    "dali_model.py": {
+        "041f9e98f8c52c0149d2a2d3ee2aa4ac25c583e58f64e13dfcc388fa1a730d24": "0.1.0",
+    },
+}
+
+# sha256 -> why it must not be served any more (re-export with a patchserve that has the fix).
+WITHDRAWN: dict[str, str] = {}

@@ -1,0 +1,193 @@
+"""A slide's tile grid: tiling options, the kept tiles, and reading one tile.
+
+OpenSlide returns transparent black for reads outside the slide without an
+error, so every read is bounds-checked here and edge tiles are padded white.
+Coordinates in rows and GeoJSON are level-0 pixels of the tile's top-left.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.core.errors import SlideError, SlideFlagError
+from serving.core.imageio import equalize_grey_u8, resize_u8, to_rgb_u8
+from serving.core.options import option
+from serving.slides.tissue import MASK_MIN_SIDE, MASK_PIXELS_PER_TILE, load_user_mask, tissue_mask
+from serving.slides.wsi import MASK_MAX_SIDE, open_slide, slide_mpp, thumbnail
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How to cut a slide into patches; validated like the flags it comes from."""
+
+    mpp_target: float | None = option(None, "microns per pixel to tile at", default_text="the slide's level 0")
+    level: int | None = option(None, "tile at this pyramid level instead of --mpp-target",
+                               default_text="from --mpp-target")
+    stride: int | None = option(None, "tile stride in target pixels", default_text="the patch size")
+    overlap: int = option(0, "tile overlap in target pixels (instead of --stride)")
+    min_tissue: float = option(0.5, "minimum tissue fraction of a tile")
+    tissue_mask: str | None = option(None, "PNG tissue mask (non-zero = tissue) instead of Otsu on saturation",
+                                     metavar="PNG")
+    mpp: float | None = option(None, "level-0 microns per pixel when the slide records none",
+                               default_text="the slide's own")
+    # A slide manifest's per-slide MPP: wins over what the slide records (not a flag: one value per slide).
+    mpp_override: float | None = option(None, cli=False)
+
+    def __post_init__(self) -> None:
+        if self.mpp_target is not None and self.level is not None:
+            raise SlideFlagError("--mpp-target and --level: give one of them, not both")
+        if self.mpp_target is not None and not self.mpp_target > 0:
+            raise SlideFlagError(f"--mpp-target: expected a positive number of microns per pixel, got "
+                                 f"{self.mpp_target}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise SlideFlagError(f"--mpp: expected a positive number of microns per pixel, got {self.mpp}")
+        if self.level is not None and self.level < 0:
+            raise SlideFlagError(f"--level: expected a non-negative level index, got {self.level}")
+        if self.stride is not None and self.stride < 1:
+            raise SlideFlagError(f"--stride: expected a positive number of pixels, got {self.stride}")
+        if self.stride is not None and self.overlap:
+            raise SlideFlagError("--stride and --overlap: give one of them, not both")
+        if self.overlap < 0:
+            raise SlideFlagError(f"--overlap: expected a non-negative number of pixels, got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise SlideFlagError(f"--min-tissue: expected a fraction in [0, 1], got {self.min_tissue}")
+
+
+@dataclass(frozen=True)
+class Tile:
+    col: int
+    row: int
+    x: int  # level-0 top-left
+    y: int
+    tissue: float
+
+
+@dataclass
+class SlideGrid:
+    """A slide's tiling: geometry, the kept tiles, and the tissue mask it used."""
+
+    path: str
+    dims0: tuple[int, int]  # level-0 (width, height)
+    mpp0: float
+    target_mpp: float
+    scale: float  # level-0 pixels per target pixel
+    read_level: int
+    patch_hw: tuple[int, int]  # target pixels
+    stride_hw: tuple[int, int]
+    cols: int
+    rows: int
+    tiles: list[Tile]
+    mask: np.ndarray  # bool, thumbnail resolution
+    mask_scale: tuple[float, float]  # level-0 pixels per mask pixel (x, y)
+
+    @property
+    def tile_size0(self) -> tuple[float, float]:
+        """(width, height) of a tile in level-0 pixels."""
+        return self.patch_hw[1] * self.scale, self.patch_hw[0] * self.scale
+
+    @property
+    def stride0(self) -> tuple[float, float]:
+        return self.stride_hw[1] * self.scale, self.stride_hw[0] * self.scale
+
+
+MAX_UPSAMPLE = 1.05
+
+
+def check_mpp_target(path, mpp_target: float | None, mpp0: float, dims0: tuple[int, int],
+                     patch_hw: tuple[int, int]) -> None:
+    """SlideError at once for a --mpp-target the pyramid cannot serve (finer than level 0, or one tile
+    larger than the whole slide): such a target used to plan billions of tiles, or one blank one."""
+    if mpp_target is None:
+        return
+    finest = mpp0 / MAX_UPSAMPLE
+    coarsest = mpp0 * max(dims0) / min(patch_hw)
+    if not finest <= mpp_target <= coarsest:
+        raise SlideFlagError(f"--mpp-target {mpp_target:g}: {path} can serve {finest:.4g} to {coarsest:.4g} um/px "
+                         f"(level 0 is {mpp0:.4g} um/px, {dims0[0]}x{dims0[1]} px; a {patch_hw[1]}x{patch_hw[0]} "
+                         "patch must fit in the slide)")
+
+
+def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -> SlideGrid:
+    """Open a slide, build its tissue mask and the grid of tiles worth scoring."""
+    slide = open_slide(path)
+    try:
+        mpp0 = cfg.mpp_override or slide_mpp(slide, path, cfg.mpp)
+        if cfg.level is not None:
+            if cfg.level >= slide.level_count:
+                raise SlideFlagError(f"--level {cfg.level}: {path} has levels 0..{slide.level_count - 1}")
+            scale = float(slide.level_downsamples[cfg.level])
+        else:
+            scale = (cfg.mpp_target or mpp0) / mpp0
+            check_mpp_target(path, cfg.mpp_target, mpp0, slide.dimensions, patch_hw)
+        read_level = slide.get_best_level_for_downsample(scale + 1e-6) if scale >= 1 else 0
+        tile0 = min(patch_hw) * scale  # a tile's side in level-0 pixels
+        side = max(slide.dimensions) * MASK_PIXELS_PER_TILE / tile0
+        thumb = thumbnail(slide, int(min(MASK_MAX_SIDE, max(MASK_MIN_SIDE, side))))
+        dims0 = tuple(int(v) for v in slide.dimensions)
+    finally:
+        slide.close()
+    mask = load_user_mask(cfg.tissue_mask, thumb.shape[:2]) if cfg.tissue_mask else tissue_mask(thumb)
+    ph, pw = patch_hw
+    if cfg.stride is not None:
+        sh = sw = cfg.stride
+    else:
+        sh, sw = ph - cfg.overlap, pw - cfg.overlap
+        if sh < 1 or sw < 1:
+            raise SlideFlagError(f"--overlap {cfg.overlap}: must be smaller than the patch size {ph}x{pw}")
+    w0, h0 = dims0
+    sx0, sy0 = sw * scale, sh * scale
+    cols, rows = int(math.ceil(w0 / sx0)), int(math.ceil(h0 / sy0))
+    mscale = (w0 / mask.shape[1], h0 / mask.shape[0])
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    tw0, th0 = pw * scale, ph * scale
+    tiles: list[Tile] = []
+    for r in range(rows):
+        y = int(round(r * sy0))
+        for c in range(cols):
+            x = int(round(c * sx0))
+            # Mask pixels covered by the tile; the part outside the slide counts as background.
+            mx0, my0 = int(x / mscale[0]), int(y / mscale[1])
+            mx1 = max(mx0 + 1, int(math.ceil((x + tw0) / mscale[0])))
+            my1 = max(my0 + 1, int(math.ceil((y + th0) / mscale[1])))
+            cx1, cy1 = min(mx1, mask.shape[1]), min(my1, mask.shape[0])
+            inside = integral[cy1, cx1] - integral[my0, cx1] - integral[cy1, mx0] + integral[my0, mx0]
+            frac = float(inside) / ((mx1 - mx0) * (my1 - my0))
+            cx = min(int((x + tw0 / 2) / mscale[0]), mask.shape[1] - 1)
+            cy = min(int((y + th0 / 2) / mscale[1]), mask.shape[0] - 1)
+            # A row stands for the tissue at its centre: the centre must be tissue too.
+            if frac >= cfg.min_tissue and frac > 0 and mask[cy, cx]:
+                tiles.append(Tile(c, r, x, y, frac))
+    return SlideGrid(str(path), dims0, mpp0, mpp0 * scale, scale, read_level, (ph, pw), (sh, sw), cols, rows,
+                     tiles, mask, mscale)
+
+
+def read_tile(slide, grid: SlideGrid, x: int, y: int, equalize: bool = False) -> np.ndarray:
+    """The patch (uint8 HWC at the grid's patch size) whose level-0 top-left is (x, y).
+
+    ``equalize``: grey-scale equalisation at the read resolution, before the
+    resize, as the reference preprocessing orders it.
+    """
+    w0, h0 = grid.dims0
+    if not (0 <= x < w0 and 0 <= y < h0):
+        raise SlideError(f"{grid.path}: tile at ({x}, {y}) starts outside the slide ({w0}x{h0} at level 0)")
+    tw0, th0 = grid.tile_size0
+    level = grid.read_level
+    ds = float(slide.level_downsamples[level])
+    lw, lh = slide.level_dimensions[level]
+    # Read only the part inside the slide; the rest stays white like glass.
+    full_w, full_h = int(round(tw0 / ds)), int(round(th0 / ds))
+    in_w = min(full_w, int(math.ceil((w0 - x) / ds)), lw - int(x / ds))
+    in_h = min(full_h, int(math.ceil((h0 - y) / ds)), lh - int(y / ds))
+    if in_w <= 0 or in_h <= 0:
+        raise SlideError(f"{grid.path}: tile at ({x}, {y}) lies outside level {level}")
+    region = to_rgb_u8(slide.read_region((x, y), level, (in_w, in_h)))
+    if (in_w, in_h) != (full_w, full_h):
+        canvas = np.full((full_h, full_w, 3), 255, np.uint8)
+        canvas[:in_h, :in_w] = region
+        region = canvas
+    if equalize:
+        region = equalize_grey_u8(region)
+    return resize_u8(region, grid.patch_hw)

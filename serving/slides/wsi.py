@@ -1,0 +1,129 @@
+"""Whole-slide files through OpenSlide: what is a slide, opening it, its microns per pixel, thumbnails, handles.
+
+OpenSlide returns transparent black for reads outside the slide without an
+error, so callers check bounds themselves (serving/slides/tiling.py).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from serving.core.errors import SlideError
+from serving.core.imageio import to_rgb_u8
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
+
+
+def _openslide():
+    try:
+        import openslide
+    except ImportError as exc:  # pragma: no cover - openslide is a dependency
+        raise SlideError("whole-slide input needs openslide-python and openslide-bin") from exc
+    return openslide
+
+
+def is_slide(path: str | Path) -> bool:
+    """True when ``path`` is a file OpenSlide recognises as a slide."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
+        return False
+    try:
+        return _openslide().OpenSlide.detect_format(str(p)) is not None
+    except Exception:  # noqa: BLE001 - unreadable: not a slide we can use
+        return False
+
+
+def open_slide(path: str | Path):
+    p = Path(path)
+    if not p.is_file():
+        raise SlideError(f"{p}: no such slide file")
+    osl = _openslide()
+    try:
+        return osl.OpenSlide(str(p))
+    except Exception as exc:  # noqa: BLE001 - OpenSlideError, OpenSlideUnsupportedFormatError, OSError
+        raise SlideError(f"{p}: OpenSlide cannot open it ({exc})") from exc
+
+
+def slide_open_error(path: str | Path) -> str:
+    """Why ``path`` cannot be scored as a slide: OpenSlide's error, or that it is not one."""
+    try:
+        open_slide(path).close()
+    except SlideError as exc:
+        return str(exc)
+    return f"{path}: OpenSlide does not recognise it as a slide"
+
+
+def slide_mpp(slide, path: str | Path, fallback_mpp: float | None = None) -> float:
+    """Level-0 microns per pixel: OpenSlide's mpp-x, then the TIFF resolution tags, then ``--mpp``."""
+    props = slide.properties
+    osl = _openslide()
+    try:
+        v = float(props.get(osl.PROPERTY_NAME_MPP_X, "nan"))
+        if math.isfinite(v) and v > 0:
+            return v
+    except ValueError:
+        pass
+    try:
+        xres = float(props.get("tiff.XResolution", "nan"))
+        unit = props.get("tiff.ResolutionUnit", "").lower()
+        per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+        if per_unit_um and math.isfinite(xres) and xres > 0:
+            return per_unit_um / xres
+    except ValueError:
+        pass
+    if fallback_mpp:
+        return float(fallback_mpp)
+    raise SlideError(f"{path}: the slide records no microns per pixel (no {osl.PROPERTY_NAME_MPP_X}, no "
+                     "tiff.XResolution in centimeters or inches); pass --mpp")
+
+
+def thumbnail(slide, max_side: int = MASK_MAX_SIDE) -> np.ndarray:
+    w, h = slide.dimensions
+    k = max(w, h) / max_side if max(w, h) > max_side else 1.0
+    size = (max(1, int(round(w / k))), max(1, int(round(h / k))))
+    thumb = slide.get_thumbnail(size).convert("RGB")
+    return to_rgb_u8(thumb if thumb.size == size else thumb.resize(size))
+
+
+class SlideHandles:
+    """One OpenSlide handle per thread and slide: handles are not shared across threads."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def get(self, path: str):
+        cache = getattr(self._local, "slides", None)
+        if cache is None:
+            cache = self._local.slides = {}
+        if path not in cache:
+            cache[path] = open_slide(path)
+            with self._lock:
+                self._all.append(cache[path])
+        return cache[path]
+
+    def reopen(self, path: str) -> None:
+        """Drop this thread's handle of ``path``: after a read error OpenSlide keeps failing on that
+        handle (its error state is sticky), so the next tile gets a fresh one."""
+        cache = getattr(self._local, "slides", None) or {}
+        slide = cache.pop(path, None)
+        if slide is not None:
+            with self._lock:
+                if slide in self._all:
+                    self._all.remove(slide)
+            try:
+                slide.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._all:
+                s.close()
+            self._all.clear()
