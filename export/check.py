@@ -88,18 +88,33 @@ def onnx_io(model) -> tuple[dict, dict]:
     return table(ins), table(outs)
 
 
-# The Python-backend code each role runs: byte for byte patchserve's own, so
-# code added to a model.py fails even when its manifest was rewritten to match.
+# The Python-backend code each role runs: a release of patchserve's own (serving/server/backends/released.py),
+# so code added to a model.py fails even when its manifest was rewritten to match.
 _BACKEND_SOURCE = {"classifier": "onnx_model.py", "tta": "onnx_model.py", "preprocess": "dali_model.py"}
 
 
-def _backend_problems(path: Path, source: Path) -> list[str]:
+def backend_verdict(path: Path, backend: str) -> tuple[list[str], str]:
+    """(problems, detail) for a model folder's ``model.py`` against the released versions of ``backend``."""
+    import hashlib
+
+    from serving.server.backends.released import RELEASED, WITHDRAWN
+
+    rel = f"{path.parent.name}/{path.name}"
     try:
-        same = path.read_bytes() == source.read_bytes()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        current = hashlib.sha256((BACKENDS / backend).read_bytes()).hexdigest()
     except OSError as exc:
-        return [f"{path.parent.name}/{path.name}: cannot read ({exc.strerror})"]
-    return [] if same else [f"{path.parent.name}/{path.name} differs from patchserve's {source.name} "
-                            "(code the server would run)"]
+        return [f"{rel}: cannot read ({exc.strerror})"], ""
+    release = RELEASED.get(backend, {}).get(digest)
+    if digest in WITHDRAWN:
+        return [f"{rel} is patchserve {release or '?'}'s {backend}, withdrawn: {WITHDRAWN[digest]}; "
+                "re-export with this version"], ""
+    if digest == current:
+        return [], f"{rel} is this patchserve's {backend}"
+    if release is not None:
+        return [], f"{rel} is patchserve {release}'s {backend}, an older release (re-export to update it)"
+    return [f"{rel} differs from every released {backend} of patchserve (code the server would run); "
+            "re-export with this version"], ""
 
 
 def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
@@ -157,8 +172,8 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
         else "no weights parameter (no weights)")
     backend = _BACKEND_SOURCE.get(role)
     if backend and version_dir is not None:
-        add("backend", _backend_problems(version_dir / tc.PYTHON_FILE, BACKENDS / backend),
-            f"{version_dir.name}/{tc.PYTHON_FILE} is patchserve's {backend}")
+        problems, detail = backend_verdict(version_dir / tc.PYTHON_FILE, backend)
+        add("backend", problems, detail)
     label_problems, label_files = [], 0
     for out in cfg.output:
         if out.label_filename:

@@ -22,9 +22,31 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_ABSENT = object()
+
+
+def flatten_spec(value, prefix: str = "") -> dict:
+    """A spec's dict as path -> leaf value: ``extra.grayscale_equalize``, ``mean[0]`` (an empty container has no
+    leaves: ``{}`` and an absent mapping mean the same, the field's default)."""
+    if isinstance(value, dict):
+        out: dict = {}
+        for k in sorted(value):
+            out.update(flatten_spec(value[k], f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(flatten_spec(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
 def spec_field_diffs(got: dict, want: dict, where: str, reference: str = "spec.json") -> list[str]:
-    return [f"field {k}: {where} says {_short(got.get(k))}, {reference} says {_short(want.get(k))}"
-            for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    """One problem per path where two specs differ (nested fields by their whole path), in path order."""
+    a, b = flatten_spec(got), flatten_spec(want)
+    shown = lambda v: "(absent)" if v is _ABSENT else _short(v)  # noqa: E731
+    return [f"field {k}: {where} says {shown(a.get(k, _ABSENT))}, {reference} says {shown(b.get(k, _ABSENT))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
 def agreement_problems(spec: ModelSpec, configs: dict[str, object], version: int | None, manifest,

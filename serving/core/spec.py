@@ -5,6 +5,23 @@ tensor names, ``config.pbtxt``, labels and a copy of the spec from it; the
 client reads it back from the server and refuses to score when it disagrees.
 No mean, std, patch size, tensor name, class name or model name is written as
 a literal anywhere else.
+
+The spec format, and how it grows (README, "Compatibility"):
+
+- ``format_version`` is the format's major version. It changes only when a
+  field changes meaning or goes; a reader refuses a spec of a newer format
+  ("upgrade patchserve") and reads every older one.
+- A field is added with a default that means what specs without it meant, so
+  a newer patchserve reads an older spec as it was written.
+- An older patchserve reads a newer spec: fields it does not know are kept
+  (``unknown``: written back unchanged, so both hash the spec alike) and
+  ignored, unless the spec lists them in ``requires``: fields that change
+  what a client must do to prepare the model's inputs. Those it refuses, in
+  one line, naming them. A writer lists a field there by naming it in
+  :data:`MUST_UNDERSTAND`; it is added to ``requires`` whenever the field is
+  not at its default.
+- Nested values (a dict field) are compared by the gate path by path
+  (``extra.grayscale_equalize``), so a change deep inside a field is named.
 """
 
 from __future__ import annotations
@@ -20,6 +37,9 @@ from typing import Any
 from serving.core.errors import SpecError
 
 SPEC_FORMAT_VERSION = 1
+# Fields a reader must understand to prepare a model's inputs right: listed in a spec's ``requires`` when they
+# are not at their default, so an older patchserve refuses the model instead of feeding it the wrong pixels.
+MUST_UNDERSTAND: tuple[str, ...] = ()
 # Keys of the `parameters` map of every exported Triton config: the spec as
 # JSON, and the sha256 of the run's weights the model serves (a client reads
 # both from a live server).
@@ -61,6 +81,12 @@ HEADS = ("linear", "mlp")  # the classification head after the pooled features
 POOL_SIZES = (1, 2, 4, 8)  # adaptive average pooling output side before the head
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def check_model_name(name: str, flag: str = "name") -> str:
@@ -114,6 +140,10 @@ class ModelSpec:
     tta_views: tuple[str, ...] = TTA_MODES
     format_version: int = SPEC_FORMAT_VERSION
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # Fields a reader must understand (MUST_UNDERSTAND ones not at their default, and those of a newer spec).
+    requires: tuple[str, ...] = ()
+    # Fields of a newer spec format this patchserve does not know: kept and written back, never used.
+    unknown: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -167,10 +197,20 @@ class ModelSpec:
         if bad or "none" not in views:
             raise SpecError(f"tta_views: expected a subset of {TTA_MODES} including 'none', got {views!r}")
         set_("tta_views", views)
-        if self.format_version != SPEC_FORMAT_VERSION:
-            raise SpecError(
-                f"format_version: this patchserve reads spec format {SPEC_FORMAT_VERSION}, got {self.format_version!r}"
-            )
+        fmt = self.format_version
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+            raise SpecError(f"format_version: expected a positive integer, got {fmt!r}")
+        if fmt > SPEC_FORMAT_VERSION:
+            raise SpecError(f"format_version: the spec is of format {fmt}, written by a newer patchserve; this one "
+                            f"reads formats up to {SPEC_FORMAT_VERSION}: upgrade patchserve")
+        reqs = tuple(self.requires) if not isinstance(self.requires, str) else None
+        if reqs is None or not all(isinstance(r, str) and r.isidentifier() for r in reqs):
+            raise SpecError(f"requires: expected a list of spec field names, got {self.requires!r}")
+        if not isinstance(self.unknown, dict):
+            raise SpecError(f"unknown: expected a mapping of field names to values, got {self.unknown!r}")
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        derived = {n for n in MUST_UNDERSTAND if getattr(self, n) != _default(defaults[n])}
+        set_("requires", tuple(sorted(set(reqs) | derived)))
 
     @property
     def num_classes(self) -> int:
@@ -207,30 +247,40 @@ class ModelSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """Every field (tuples as lists), and the fields of a newer format this patchserve kept unread."""
         d = dataclasses.asdict(self)
+        unknown = d.pop("unknown")
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
-        return d
+        return {**unknown, **d}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        """A spec of this format or an older one; fields of a newer one are kept unread, unless required."""
         if not isinstance(data, dict):
             raise SpecError(f"spec: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(f"spec: unknown fields {unknown}; known fields are {sorted(known)}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"unknown"}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        fmt = data.get("format_version", SPEC_FORMAT_VERSION)
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > SPEC_FORMAT_VERSION:
+            raise SpecError(f"format_version: the spec is of format {fmt}, written by a newer patchserve; this one "
+                            f"reads formats up to {SPEC_FORMAT_VERSION}: upgrade patchserve")
+        required = data.get("requires", [])
+        needed = sorted(set(required) & set(unknown)) if isinstance(required, (list, tuple)) else []
+        if needed:
+            raise SpecError(f"spec: the model needs a patchserve that understands the spec fields {needed} (they "
+                            "change how its inputs must be prepared); upgrade patchserve")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in data]
         if missing:
             raise SpecError(f"spec: missing required fields {missing}")
-        kwargs = dict(data)
-        for k in ("class_names", "mean", "std", "tta_views"):
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for k in ("class_names", "mean", "std", "tta_views", "requires"):
             if k in kwargs and isinstance(kwargs[k], list):
                 kwargs[k] = tuple(kwargs[k])
-        return cls(**kwargs)
+        return cls(**kwargs, unknown=unknown)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -95,7 +95,7 @@ def _no_record(out: Path) -> FingerprintMismatchError:
         "inputs its rows came from; start over with --overwrite")
 
 
-def _prepare(cfg: ScoreConfig, out: Path, fp: JobFingerprint, plan: Plan) -> str:
+def prepare_output(cfg: ScoreConfig, out: Path, fp: JobFingerprint, plan: Plan) -> str:
     """Refuse, resume or start over; 'complete', 'resume' or 'new'. Nothing is touched before a refusal."""
     parts_dir = parts_path(out)
     if cfg.resume and (out.exists() or parts_dir.exists()):
@@ -144,7 +144,7 @@ def _run_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
     plan = plan_inputs(cfg.inputs, unit_patches=cfg.unit_patches, split=cfg.split, classes=spec.class_names,
                        send=cfg.send)
     fp = JobFingerprint.build(served, cfg.options(), list(plan.listing))
-    state = _prepare(cfg, out, fp, plan)
+    state = prepare_output(cfg, out, fp, plan)
     if state == "complete":
         from serving.jobs.output import count_results
 

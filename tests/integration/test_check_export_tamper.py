@@ -108,10 +108,36 @@ def test_line_appended_to_a_generated_model_py_fails(copy_of, rehash):
         _rehash(folder)
     report = check_repository(repo, serve=False)
     assert _failed(report, "backend", spec.tta_model_name) == \
-        "1/model.py differs from patchserve's onnx_model.py (code the server would run)"
+        "1/model.py differs from every released onnx_model.py of patchserve (code the server would run); " \
+        "re-export with this version"
     if not rehash:
         assert _failed(report, "manifest", spec.tta_model_name) == "1/model.py: sha256 differs from the manifest"
     assert "server" not in {r.check for r in report.rows if r.status == "ok"}
+
+
+def test_a_model_py_of_an_older_release_passes_and_a_withdrawn_one_fails_saying_re_export(copy_of, monkeypatch):
+    """An upgrade of patchserve does not break repositories exported before it; a withdrawn release does."""
+    import hashlib
+
+    from serving.server.backends import released
+
+    repo, spec = copy_of
+    folder = repo / spec.name
+    older = b"# patchserve 0.0.9's onnx_model.py, as an older export copied it\n"
+    (folder / "1" / "model.py").write_bytes(older)
+    _rehash(folder)  # the older export's manifest listed its own model.py
+    digest = hashlib.sha256(older).hexdigest()
+    report = check_repository(repo, serve=False)
+    assert "differs from every released onnx_model.py" in _failed(report, "backend", spec.name)
+    monkeypatch.setitem(released.RELEASED, "onnx_model.py", {**released.RELEASED["onnx_model.py"], digest: "0.0.9"})
+    report = check_repository(repo, serve=False)
+    (row,) = [r for r in report.rows if r.check == "backend" and r.model == spec.name]
+    assert (row.status, row.detail) == ("ok", "1/model.py is patchserve 0.0.9's onnx_model.py, an older release "
+                                              "(re-export to update it)")
+    monkeypatch.setitem(released.WITHDRAWN, digest, "it crashed on truncated PNGs")
+    report = check_repository(repo, serve=False)
+    assert _failed(report, "backend", spec.name) == ("1/model.py is patchserve 0.0.9's onnx_model.py, withdrawn: it "
+                                                     "crashed on truncated PNGs; re-export with this version")
 
 
 @pytest.mark.parametrize("rehash", [False, True], ids=["as-is", "manifest-rewritten"])
@@ -160,7 +186,8 @@ def test_each_spec_field_that_drifts_is_named_by_the_agree_check(copy_of, field)
     path.write_text(text_format.MessageToString(cfg))
     _rehash(folder)
     detail = _failed(check_repository(repo, serve=False), "agree", spec.tta_model_name)
-    assert detail.startswith(f"field {field}: configs/onnxruntime.pbtxt")
+    path_of = {"class_names": "class_names[1]"}  # a list's element is named by its index
+    assert detail.startswith(f"field {path_of.get(field, field)}: configs/onnxruntime.pbtxt")
 
 
 def test_spec_json_of_one_model_drifting_from_its_family_is_named(copy_of):

@@ -234,3 +234,25 @@ def test_hdf5_loaders_reset_per_pass_give_every_row_each_time(synth_data):
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), rows[::-1])
         assert np.concatenate([g[1] for g in got]).tolist() == [s.label for s in order]
     assert evals.builds == train.builds == 1
+
+
+def test_the_training_loops_seeds_give_each_epoch_and_rank_its_own_augmentation(train_samples):
+    """The seeds train() hands the pipeline (training.train.dali_seed): the same samples in the same order at
+    epochs 0 and 1 must be augmented differently, and a rank differently from another; the same (seed, epoch,
+    rank) again gives the same pixels (resume)."""
+    from training.train import dali_seed
+
+    samples = train_samples[:16]
+    aug = AugmentConfig(rotation_deg=20.0, hflip_prob=0.5, vflip_prob=0.5, scale_min=0.6)
+    loader = TrainLoader(samples, input_hw=(24, 24), augment=aug, batch_size=8, num_threads=1)
+
+    def epoch(seed: int, e: int, rank: int) -> np.ndarray:
+        return np.concatenate([x.numpy() for x, _ in loader.epoch(samples, dali_seed(seed, e, rank))])
+
+    first, second, again = epoch(3, 0, 0), epoch(3, 1, 0), epoch(3, 0, 0)
+    other_rank = epoch(3, 0, 1)
+    np.testing.assert_array_equal(first, again)
+    changed = [not np.array_equal(a, b) for a, b in zip(first, second)]
+    assert sum(changed) >= len(samples) // 2, changed  # most images drew other parameters
+    assert not np.array_equal(first, other_rank)
+    assert len({dali_seed(3, e, r) for e in range(50) for r in range(8)}) == 400

@@ -338,3 +338,25 @@ def test_a_slide_without_tissue_is_an_error_with_its_mask_as_in_process(triton_s
     assert reasons["dask"] == reasons["inproc"]
     assert reasons["dask"].startswith(f"{blank},no tissue found: no tile of the ")
     assert reasons["dask"].endswith("nothing scored; see the mask MASK")
+
+
+def test_a_worker_refuses_a_server_whose_weights_changed_after_planning(triton_server, synth_data, tmp_path):
+    """The job recorded one set of weights; a worker whose server now serves others commits nothing."""
+    import dataclasses
+
+    from serving.core.errors import ServerMismatchError
+    from serving.inputs.registry import plan_inputs
+    from serving.jobs.config import ScoreConfig
+    from serving.jobs.dask_executor import score_unit_task
+    from serving.jobs.scorer import UnitJob
+
+    out = tmp_path / "results.parquet"
+    cfg = ScoreConfig(inputs=(str(synth_data / "test"),), urls=(triton_server.grpc,), model=triton_server.spec.name,
+                      out=str(out))
+    (unit, *_) = plan_inputs(cfg.inputs, unit_patches=8, classes=triton_server.spec.class_names).units
+    planned = dataclasses.replace(_served(triton_server), weights_sha256="0" * 64)
+    job = UnitJob(cfg, triton_server.spec, "a-job", planned, "tumour")
+    with pytest.raises(ServerMismatchError, match=rf"{triton_server.grpc} differs from the job's fingerprint: "
+                                                  "weights_sha256"):
+        score_unit_task(job, unit)
+    assert not parts_path(out).exists()

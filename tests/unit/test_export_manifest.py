@@ -131,13 +131,63 @@ def test_export_options_hold_no_max_batch_size_and_an_old_export_json_with_one_i
      "arch", "configs/onnxruntime.pbtxt (spec parameter) says 'resnet50'"),
     (lambda c, s: c.parameters[tc.SPEC_PARAMETER].__setattr__(
         "string_value", tc.spec_json(s.replace(class_names=("normal", "cancer")))),
-     "class_names", 'configs/onnxruntime.pbtxt (spec parameter) says ["normal", "cancer"]'),
+     "class_names[1]", "configs/onnxruntime.pbtxt (spec parameter) says 'cancer'"),
 ], ids=["max_batch_size", "version", "arch", "class_names"])
 def test_a_config_field_that_differs_from_spec_json_is_named(tiny_spec, edit, field, where):
     configs = _configs(tiny_spec)
     edit(configs["configs/onnxruntime.pbtxt"], tiny_spec)
     (problem,) = agreement_problems(tiny_spec, configs, 1, None, None)
     assert problem.startswith(f"field {field}: {where}, spec.json says ")
+
+
+# A different valid value of every ModelSpec field; the test below fails for a field added without one.
+OTHER_VALUES = {
+    "name": "other", "class_names": ("normal", "cancer"), "input_height": 30, "input_width": 30,
+    "mean": (0.7, 0.5, 0.6), "std": (0.15, 0.2, 0.25), "arch": "resnet50", "version": 2, "source_height": 48,
+    "source_width": 48, "input_name": "pixels", "output_name": "probs", "logits_name": "raw",
+    "encoded_name": "files", "max_batch_size": 4, "eval_geometry": "crop", "tta_views": ("none", "flip"),
+    "extra": {"grayscale_equalize": True}, "requires": ("eval_geometry",), "unknown": {"stain_target": [0.1, 0.2]},
+    # These have a single valid value today: changing them makes the spec parameter unreadable, which fails too.
+    "input_dtype": "float32", "input_layout": "NCHW", "format_version": 2,
+}
+
+
+def test_the_gate_names_a_change_of_every_spec_field_one_at_a_time(tiny_spec):
+    """Generated from ModelSpec's fields: a config whose spec parameter differs from spec.json in any one field
+    fails the agreement check, and the problem names that field (its whole path for nested values)."""
+    import dataclasses
+    import json
+
+    fields = [f.name for f in dataclasses.fields(type(tiny_spec))]
+    assert sorted(OTHER_VALUES) == sorted(fields), "give every ModelSpec field a value to change it to"
+    for name in fields:
+        configs = _configs(tiny_spec)
+        data = tiny_spec.to_dict()
+        value = OTHER_VALUES[name]
+        if name == "unknown":
+            data.update(value)
+        else:
+            data[name] = list(value) if isinstance(value, tuple) else value
+        configs["configs/onnxruntime.pbtxt"].parameters[tc.SPEC_PARAMETER].string_value = json.dumps(data)
+        problems = agreement_problems(tiny_spec, configs, 1, None, None)
+        if name in ("input_dtype", "input_layout", "format_version"):
+            assert problems and all(p.startswith("configs/onnxruntime.pbtxt: its spec parameter is invalid (")
+                                    and name in p for p in problems), (name, problems)
+            continue
+        key = "stain_target" if name == "unknown" else name
+        assert problems and any(p.startswith(f"field {key}") for p in problems), (name, problems)
+        assert all(p.startswith("field ") for p in problems), (name, problems)
+
+
+def test_a_nested_spec_value_is_named_by_its_whole_path(tiny_spec):
+    import json
+
+    configs = _configs(tiny_spec)
+    data = {**tiny_spec.to_dict(), "extra": {"grayscale_equalize": True, "note": "x"}}
+    configs["config.pbtxt"].parameters[tc.SPEC_PARAMETER].string_value = json.dumps(data)
+    assert agreement_problems(tiny_spec, configs, 1, None, None) == [
+        "field extra.grayscale_equalize: config.pbtxt (spec parameter) says true, spec.json says (absent)",
+        "field extra.note: config.pbtxt (spec parameter) says 'x', spec.json says (absent)"]
 
 
 def test_version_folder_manifest_and_plan_profile_are_held_to_spec_json(tiny_spec, tmp_path):

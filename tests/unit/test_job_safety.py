@@ -149,3 +149,99 @@ def test_key_file_is_private_and_stale_client_regions_of_dead_processes_go(tmp_p
     assert remove_stale_regions(tmp_path) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["api_key", live.name, other.name])
     assert isinstance(Path(tmp_path), Path)
+
+
+# -- fast guards: what only tests with a server or a trained model caught before ---------------------------
+
+
+def _cfg(tmp_path, inputs, **kw):
+    from serving.jobs.config import ScoreConfig
+
+    return ScoreConfig(inputs=tuple(map(str, inputs)), urls=("127.0.0.1:1",), model="m",
+                       out=str(tmp_path / "out.parquet"), progress=False, retries=0, **kw)
+
+
+def test_a_job_takes_its_outputs_lock_before_it_asks_any_server(tmp_path):
+    from serving.jobs.engine import run_score
+
+    cfg = _cfg(tmp_path, [tmp_path])
+    with JobLock(cfg.out):  # no server listens on port 1: the lock must be what stops the job
+        with pytest.raises(JobLockedError, match="another job is writing it"):
+            run_score(cfg, log=lambda _m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_resume_checks_the_fingerprint_before_touching_anything(synth_data, tmp_path):
+    from serving.inputs.registry import plan_inputs
+    from serving.jobs.engine import prepare_output
+
+    plan = plan_inputs((str(synth_data / "test"),), unit_patches=8)
+    cfg = _cfg(tmp_path, [synth_data / "test"])
+    fp = JobFingerprint.build(SERVED, cfg.options(), list(plan.listing))
+    assert prepare_output(cfg, Path(cfg.out), fp, plan) == "new"
+    record = job_path(cfg.out).read_bytes()
+    other = JobFingerprint.build(ServedIdentity("m", 1, "b" * 64, "s" * 64), cfg.options(), list(plan.listing))
+    resume = _cfg(tmp_path, [synth_data / "test"], resume=True)
+    with pytest.raises(FingerprintMismatchError, match=r"weights_sha256: 'a{64}' then, 'b{64}' now\. Nothing was "
+                                                       "changed"):
+        prepare_output(resume, Path(cfg.out), other, plan)
+    assert job_path(cfg.out).read_bytes() == record
+    assert prepare_output(resume, Path(cfg.out), fp, plan) == "resume"
+    (Path(cfg.out + ".parts") / "manifest.json").write_text("{}")  # an older patchserve's layout
+    with pytest.raises(FingerprintMismatchError, match=r"written by an older patchserve \(one parts manifest\)"):
+        prepare_output(resume, Path(cfg.out), fp, plan)
+
+
+def test_a_changed_modification_time_changes_the_listing_and_the_fingerprint(synth_data, tmp_path):
+    import shutil
+
+    from serving.inputs.registry import plan_inputs
+
+    folder = tmp_path / "images"
+    shutil.copytree(synth_data / "test" / "normal", folder)
+    before = plan_inputs((str(folder),), unit_patches=8).listing
+    first = sorted(folder.iterdir())[0]
+    os.utime(first, ns=(1, 1))
+    after = plan_inputs((str(folder),), unit_patches=8).listing
+    assert [a != b for a, b in zip(before, after)] == [True] + [False] * (len(before) - 1)
+    assert JobFingerprint.build(SERVED, {}, list(before)) != JobFingerprint.build(SERVED, {}, list(after))
+
+
+class _Transport:
+    """What Pending needs from a client: its sends counted, its answers an error of the server's own kind."""
+
+    url = "127.0.0.1:1"
+
+    def __init__(self, status: str | None, retries: int):
+        from serving.client.retry import RetryPolicy
+
+        self.policy = RetryPolicy(retries=retries, backoff_s=0.0)
+        self.status, self.sends = status, 0
+
+    def _send(self, info, array, slot):
+        self.sends += 1
+        return None
+
+    def _receive(self, info, handle, rows, slot):
+        from tritonclient.utils import InferenceServerException
+
+        raise InferenceServerException("the server said no", status=self.status)
+
+
+@pytest.mark.parametrize("status, retried", [
+    ("StatusCode.INVALID_ARGUMENT", False), ("StatusCode.INTERNAL", False), ("400", False), ("500", False),
+    ("StatusCode.UNAVAILABLE", True), ("StatusCode.DEADLINE_EXCEEDED", True), ("503", True), ("429", True),
+])
+def test_retries_follow_the_status_code_never_the_message(status, retried):
+    from serving.client.model_info import ModelInfo
+    from serving.client.retry import Pending, is_retryable
+    from serving.core.errors import InferenceError, ServerUnavailableError
+    from tritonclient.utils import InferenceServerException
+
+    # The message says "unavailable" and "timeout": only the status decides.
+    assert is_retryable(InferenceServerException("unavailable, connection timeout", status=status)) is retried
+    client = _Transport(status, retries=2)
+    info = ModelInfo("m", "x", "UINT8", (1,), "p", 8, {})
+    with pytest.raises(ServerUnavailableError if retried else InferenceError):
+        Pending(client, info, [0], None).result()
+    assert client.sends == (3 if retried else 1)

@@ -151,3 +151,28 @@ def test_equalised_run_reading_is_byte_identical_to_equalised_tile_reading(synth
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
     assert any(not np.array_equal(g, p) for g, p in zip(got, plain))
+
+
+def test_staircase_tissue_read_by_runs_is_byte_identical_to_tile_by_tile(synth_slide):
+    """Tissue shaped like a staircase: each row's first tile sits right after the previous row's last one along x,
+    so a run that joined rows would read a strip of the wrong row."""
+    import dataclasses
+
+    path = synth_slide / "slides" / "slide_0.tiff"
+    from serving.slides.tiling import Tile
+
+    full = plan_tiles(path, (48, 48), TilingConfig(min_tissue=0.0))
+    sx, sy = full.stride0
+    at = lambda c, r: Tile(c, r, int(round(c * sx)), int(round(r * sy)), 1.0)  # noqa: E731
+    steps = [at(c, r) for r in range(4, 8) for c in range(3 * r, 3 * r + 3)]  # row r: cols 3r..3r+2
+    grid = dataclasses.replace(full, tiles=steps)
+    slide = open_slide(path)
+    try:
+        runs = plan_runs(slide, grid, grid.tiles)
+        got = read_tiles(slide, grid, grid.tiles)
+        expected = [read_tile(slide, grid, t.x, t.y) for t in grid.tiles]
+    finally:
+        slide.close()
+    assert [len(r) for r in runs] == [3, 3, 3, 3]  # one run per row, none across rows
+    for t, g, e in zip(grid.tiles, got, expected):
+        np.testing.assert_array_equal(g, e, err_msg=f"tile {t}")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from serving.core.errors import SpecError
-from serving.core.spec import ModelSpec, check_model_name
+from serving.core.spec import TTA_MODES, ModelSpec, check_model_name
 
 BASE = dict(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
             mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15))
@@ -73,7 +73,10 @@ def test_replace_validates_again():
     ({"logits_name": "images_nhwc_u8"}, r"input_name/output_name/logits_name/encoded_name must all differ"),
     ({"tta_views": ("five",)}, r"^tta_views: expected a subset of .* including 'none', got \('five',\)$"),
     ({"tta_views": ("none", "twelve")}, r"^tta_views: expected a subset"),
-    ({"format_version": 2}, r"^format_version: this patchserve reads spec format 1, got 2$"),
+    ({"format_version": 2}, r"^format_version: the spec is of format 2, written by a newer patchserve; this one "
+                            r"reads formats up to 1: upgrade patchserve$"),
+    ({"format_version": 0}, r"^format_version: expected a positive integer, got 0$"),
+    ({"requires": ("a b",)}, r"^requires: expected a list of spec field names"),
 ])
 def test_invalid_field_raises_spec_error_naming_it(changes, match):
     with pytest.raises(SpecError, match=match):
@@ -92,12 +95,46 @@ def test_check_model_name_names_the_flag_it_was_given():
         check_model_name("a/b", "--model-name")
 
 
-def test_unknown_json_fields_are_refused_and_listed():
+def test_a_newer_specs_unknown_fields_are_kept_unread_and_written_back_unchanged():
+    """An older patchserve talking to a newer server: fields it does not know neither break it nor get lost."""
+    from serving.client.identity import spec_sha256
+
     data = spec().to_dict()
-    data["colour"] = "pink"
+    data["stain_target"] = {"method": "macenko", "matrix": [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]}
     data["zoom"] = 2
-    with pytest.raises(SpecError, match=r"^spec: unknown fields \['colour', 'zoom'\]; known fields are \["):
+    got = ModelSpec.from_dict(data)
+    assert got.unknown == {"stain_target": data["stain_target"], "zoom": 2}
+    assert got.to_dict() == data and ModelSpec.from_json(got.to_json()) == got
+    assert spec_sha256(got) == spec_sha256(ModelSpec.from_dict(data)) != spec_sha256(spec())
+    assert got.replace(version=3).unknown == got.unknown
+
+
+def test_a_newer_spec_that_requires_a_field_this_patchserve_lacks_is_refused_naming_it():
+    data = {**spec().to_dict(), "trained_at": 0.5, "requires": ["trained_at"]}
+    with pytest.raises(SpecError, match=r"^spec: the model needs a patchserve that understands the spec fields "
+                                        r"\['trained_at'\] \(they change how its inputs must be prepared\); "
+                                        "upgrade patchserve$"):
         ModelSpec.from_dict(data)
+    with pytest.raises(SpecError, match=r"^format_version: the spec is of format 2, written by a newer patchserve"):
+        ModelSpec.from_dict({**spec().to_dict(), "format_version": 2, "whatever": 1})
+
+
+def test_an_older_spec_without_the_newer_fields_reads_with_their_defaults():
+    data = spec().to_dict()
+    for name in ("requires", "eval_geometry", "tta_views", "format_version", "extra"):
+        del data[name]
+    old = ModelSpec.from_dict(data)
+    assert (old.requires, old.eval_geometry, old.tta_views, old.format_version) == ((), "resize_crop", TTA_MODES, 1)
+    assert old == spec()
+
+
+def test_must_understand_fields_away_from_their_default_are_listed_in_requires(monkeypatch):
+    from serving.core import spec as spec_module
+
+    monkeypatch.setattr(spec_module, "MUST_UNDERSTAND", ("eval_geometry",))
+    assert spec().requires == ()
+    cropped = spec().replace(eval_geometry="crop")
+    assert cropped.requires == ("eval_geometry",) and ModelSpec.from_json(cropped.to_json()) == cropped
 
 
 def test_missing_required_json_fields_are_listed():
