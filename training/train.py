@@ -24,6 +24,7 @@ import torch.nn as nn
 from serving.core.atomic import atomic_write_text
 from serving.evaluation.metrics import compute_metrics
 from serving.core.progress import bar_disable
+from serving.inputs.datasets import recorded_mpp
 from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -171,7 +172,21 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
                     "source_width": max(w, cfg.image_size)}
     return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
                      input_height=cfg.image_size, input_width=cfg.image_size, mean=mean, std=std,
-                     arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra, **geometry)
+                     arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra, trained_mpp=trained_mpp(cfg),
+                     **geometry)
+
+
+def trained_mpp(cfg: TrainConfig) -> float | None:
+    """--mpp, else what the data records; a flag that disagrees with the data by more than 5% says so."""
+    recorded, where = recorded_mpp(cfg.data)
+    if cfg.mpp is None:
+        if recorded is not None:
+            print(f"the patches are {recorded:g} um/px ({where}): recorded in the spec; slides are scored at it",
+                  flush=True)
+        return recorded
+    if recorded is not None and abs(cfg.mpp - recorded) > 0.05 * recorded:
+        print(f"--mpp {cfg.mpp:g} overrides what the data records: {recorded:g} um/px ({where})", flush=True)
+    return cfg.mpp
 
 
 def eval_loader(samples, spec: ModelSpec, *, batch_size: int, num_threads: int, dali_device: str,

@@ -23,7 +23,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    import logging
+
     from serving.jobs.engine import run_score
 
-    result = run_score(from_args(ScoreConfig, args))
+    cfg = from_args(ScoreConfig, args)
+    if cfg.dask.enabled:
+        import distributed  # noqa: F401 - its import sets its loggers up; quieten them after that
+
+        # Dask logs its own tracebacks when a cluster goes away; the job says what happened in one line.
+        for name in ("distributed", "distributed.client", "distributed.core", "distributed.comm"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    result = run_score(cfg)
     return 3 if result.stopped else 0

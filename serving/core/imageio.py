@@ -99,9 +99,36 @@ def _label(source, name: str | None) -> str:
     return name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
 
 
+def not_a_file(p: Path) -> str | None:
+    """Why ``p`` is not a regular file that can be read (a symlink loop, a dangling link, a FIFO, no read
+    permission ...), or None when it is one."""
+    import errno
+    import os
+    import stat as st
+
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        if os.path.islink(p):
+            return f"a dangling symlink (to {os.readlink(p)})"
+        if exc.errno == errno.EACCES:
+            return "permission denied (its folder cannot be searched)"
+        return "no such file"
+    if not st.S_ISREG(mode):
+        kind = {st.S_ISDIR(mode): "a folder", st.S_ISFIFO(mode): "a FIFO (named pipe)", st.S_ISSOCK(mode): "a socket",
+                st.S_ISCHR(mode) or st.S_ISBLK(mode): "a device"}.get(True, "not a regular file")
+        return f"{kind}, not a file"
+    if not os.access(p, os.R_OK):
+        return "permission denied"
+    return None
+
+
 def _check_file(p: Path, label: str) -> None:
-    if not p.is_file():
-        raise ImageReadError(f"{label}: no such file")
+    why = not_a_file(p)
+    if why is not None:
+        raise ImageReadError(f"{label}: {why}")
     if p.stat().st_size == 0:
         raise ImageReadError(f"{label}: empty file (0 bytes)")
 

@@ -39,7 +39,7 @@ from serving.core.errors import SpecError
 SPEC_FORMAT_VERSION = 1
 # Fields a reader must understand to prepare a model's inputs right: listed in a spec's ``requires`` when they
 # are not at their default, so an older patchserve refuses the model instead of feeding it the wrong pixels.
-MUST_UNDERSTAND: tuple[str, ...] = ()
+MUST_UNDERSTAND: tuple[str, ...] = ("trained_mpp",)
 # Keys of the `parameters` map of every exported Triton config: the spec as
 # JSON, and the sha256 of the run's weights the model serves (a client reads
 # both from a live server).
@@ -138,6 +138,8 @@ class ModelSpec:
     max_batch_size: int = 64
     eval_geometry: str = "resize_crop"  # one of EVAL_GEOMETRIES: what happens to an image of any size
     tta_views: tuple[str, ...] = TTA_MODES
+    # Microns per pixel of the patches the model was trained on (None: not known). Slides are read at it.
+    trained_mpp: float | None = None
     format_version: int = SPEC_FORMAT_VERSION
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     # Fields a reader must understand (MUST_UNDERSTAND ones not at their default, and those of a newer spec).
@@ -192,6 +194,15 @@ class ModelSpec:
         if self.eval_geometry not in EVAL_GEOMETRIES:
             raise SpecError(f"eval_geometry: invalid rule {self.eval_geometry!r}. Only {', '.join(EVAL_GEOMETRIES)} "
                             "are supported.")
+        if self.trained_mpp is not None:
+            try:
+                mpp = float(self.trained_mpp)
+            except (TypeError, ValueError) as exc:
+                raise SpecError(f"trained_mpp: expected microns per pixel, got {self.trained_mpp!r}") from exc
+            if isinstance(self.trained_mpp, bool) or not (math.isfinite(mpp) and 0.01 <= mpp <= 100.0):
+                raise SpecError(f"trained_mpp: expected microns per pixel between 0.01 and 100, got "
+                                f"{self.trained_mpp!r}")
+            set_("trained_mpp", mpp)
         views = tuple(self.tta_views)
         bad = [v for v in views if v not in TTA_MODES]
         if bad or "none" not in views:

@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from serving.core.errors import InputError
-from serving.core.imageio import is_image_file
+from serving.core.imageio import IMAGE_SUFFIXES, is_image_file, not_a_file
 
 SPLITS = ("train", "val", "test")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 PCAM_CLASSES = ("normal", "tumour")  # PatchCamelyon: y == 1 means tumour tissue
+# PatchCamelyon's resolution: Camelyon16 scans at 40x (0.243 um/px) undersampled to 10x (its README, "Details").
+PCAM_MPP = 0.972
+PCAM_NAME = "camelyonpatch_level_2_split_"  # the official files' names: camelyonpatch_level_2_split_train_x.h5
+MPP_ATTRIBUTE = "mpp"  # an HDF5 file's attribute: microns per pixel of its patches (patchserve synth writes it)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Dataset:
     classes: tuple[str, ...] | None
     samples: list[Sample]
     bad_rows: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why): entries that are no readable file
 
     @property
     def labelled(self) -> bool:
@@ -51,8 +56,43 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _walk_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files under ``folder`` (links followed, each real folder once), and (path, why) of what looks like
+    an image but cannot be read: symlink loops, dangling links, FIFOs, files or folders without permission."""
+    import os
+
+    found: list[Path] = []
+    bad: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def onerror(exc: OSError) -> None:
+        bad.append((str(exc.filename), f"cannot list this folder ({exc.strerror})"))
+
+    for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: listed once
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs:
+            why = not_a_file(Path(root) / name)
+            if why in ("a symlink loop",) or (why or "").startswith("a dangling"):
+                bad.append((str(Path(root) / name), why))
+        for name in files:
+            p = Path(root) / name
+            if name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            why = not_a_file(p)
+            if why is None:
+                found.append(p)
+            else:
+                bad.append((str(p), why))
+    return sorted(found), sorted(bad)
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    return _walk_images(folder)[0]
 
 
 def has_splits(root: Path) -> bool:
@@ -80,13 +120,15 @@ def read_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> Da
         if unknown:
             raise InputError(f"{root}: class folders {unknown} are not among the model's classes {list(classes)}")
     samples: list[Sample] = []
+    unreadable: list[tuple[str, str]] = []
     for d in dirs:
-        files = _images_in(d)
-        if not files:
+        files, bad = _walk_images(d)
+        unreadable += bad
+        if not files and not bad:
             raise InputError(f"{d}: class folder '{d.name}' holds no images ({', '.join(('.png', '.jpg', '.tif'))} ...)")
         label = classes.index(d.name)
         samples.extend(Sample(str(p), label) for p in files)
-    return Dataset("folder", root, tuple(classes), samples)
+    return Dataset("folder", root, tuple(classes), samples, unreadable=unreadable)
 
 
 def read_manifest(path: Path, split: str | None = None, classes: tuple[str, ...] | None = None,
@@ -272,10 +314,10 @@ def discover(path: str | Path, split: str | None = None, classes: tuple[str, ...
     subdirs = _class_dirs(p)
     if subdirs and not any(is_image_file(f) for f in p.iterdir() if f.is_file()):
         return read_class_folders(p, classes)
-    files = _images_in(p)
-    if not files:
+    files, bad = _walk_images(p)
+    if not files and not bad:
         raise InputError(f"{p}: folder holds no images and no class folders")
-    return Dataset("images", p, classes, [Sample(str(f)) for f in files])
+    return Dataset("images", p, classes, [Sample(str(f)) for f in files], unreadable=bad)
 
 
 def read_hdf5_rows(xpath: str | Path, indices: np.ndarray) -> np.ndarray:
@@ -297,3 +339,34 @@ def parse_hdf5_source(source: str) -> tuple[str, int] | None:
         if f.lower().endswith(HDF5_SUFFIXES) and idx.isdigit():
             return f, int(idx)
     return None
+
+
+def recorded_mpp(path: str | Path) -> tuple[float | None, str]:
+    """The microns per pixel a data set records for its patches, and where it says so (None, "" if nowhere):
+    ``synth.json`` beside or above it (patchserve synth), an HDF5 file's ``mpp`` attribute, PatchCamelyon's
+    own file names."""
+    import json
+
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES:
+        try:
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                value = f.attrs.get(MPP_ATTRIBUTE)
+            if value is not None and float(value) > 0:
+                return float(value), f"{p} (attribute {MPP_ATTRIBUTE!r})"
+        except (OSError, ValueError, TypeError):
+            pass
+        if p.name.startswith(PCAM_NAME):
+            return PCAM_MPP, f"{p.name} (PatchCamelyon: 40x scans undersampled to 10x)"
+    for folder in (p if p.is_dir() else p.parent, *(p if p.is_dir() else p.parent).parents[:2]):
+        info = folder / "synth.json"
+        if info.is_file():
+            try:
+                value = json.loads(info.read_text()).get("patch_mpp")
+            except (OSError, ValueError, AttributeError):
+                value = None
+            if value:
+                return float(value), str(info)
+    return None, ""

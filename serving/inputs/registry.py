@@ -20,9 +20,10 @@ from pathlib import Path
 from serving.core.errors import FlagError, InputError
 from serving.core.hashing import file_entry
 from serving.inputs.datasets import Dataset, discover, parse_hdf5_source
-from serving.inputs.slide_lists import SlideEntry, is_slide_folder, is_slide_manifest, read_slide_manifest, \
-    slides_in_folder
+from serving.inputs.slide_lists import (SlideEntry, is_slide_folder, is_slide_manifest, read_slide_manifest,
+                                       slide_entries, slides_in_folder)
 from serving.inputs.units import FailedUnit, PatchUnit, SlideUnit, Unit
+from serving.slides.dicom import DICOM_SUFFIX, has_dicom
 from serving.slides.wsi import SLIDE_SUFFIXES, is_slide, slide_open_error
 
 
@@ -38,7 +39,7 @@ class PatchInput:
         """Each file with size, mtime and label; an HDF5 file once, with its row count and a digest of its labels
         (so the listing does not grow with the rows)."""
         ds = self.dataset
-        lines = [file_entry(where, "failed") for where, _ in ds.bad_rows]
+        lines = [file_entry(where, "failed") for where, _ in (*ds.bad_rows, *ds.unreadable)]
         if ds.kind == "hdf5":
             files = dict.fromkeys(parse_hdf5_source(s.source)[0] for s in ds.samples)
             labels = hashlib.sha256(ds.labels().tobytes()).hexdigest() if ds.labelled else "-"
@@ -51,6 +52,9 @@ class PatchInput:
         if ds.bad_rows:
             out.append(FailedUnit(first, "bad-rows:" + self.key,
                                   tuple((w, f"malformed manifest row: {why}") for w, why in ds.bad_rows)))
+        if ds.unreadable:  # in the folder, but no readable file: recorded, never silently left out
+            out.append(FailedUnit(first + len(out), "unreadable:" + self.key,
+                                  tuple((w, f"{w}: {why}") for w, why in ds.unreadable)))
         for lo in range(0, len(ds.samples), unit_patches):
             out.append(PatchUnit(first + len(out), self.key, ds.kind, tuple(ds.samples[lo:lo + unit_patches]),
                                  ds.classes))
@@ -66,19 +70,24 @@ class SlideInput:
 
     @property
     def key(self) -> str:
-        return "slide:" + self.entry.path
+        e = self.entry
+        return "slide:" + e.source + (f"#series={e.series}" if e.series else "")
 
     def listing(self) -> list[str]:
+        """The slide file with size and mtime, its ROI file and MPP override; a DICOM slide's every VOLUME
+        instance, with its series."""
         e = self.entry
         if e.error is not None:
             return [file_entry(e.path, "failed")]
         roi = "-" if e.roi is None else file_entry(e.roi).replace("\t", " ")
+        if e.series:
+            return [file_entry(f, f"series {e.series}", f"roi {roi}", f"mpp {e.mpp}") for f in e.files]
         return [file_entry(e.path, f"roi {roi}", f"mpp {e.mpp}")]
 
     def units(self, first: int, unit_patches: int) -> list[Unit]:
         e = self.entry
         if e.error is not None:
-            return [FailedUnit(first, self.key, ((e.path, e.error),))]
+            return [FailedUnit(first, self.key, ((e.source, e.error),))]
         return [SlideUnit(first, self.key, e, self.name)]
 
 
@@ -122,24 +131,32 @@ def open_inputs(paths: tuple[str, ...], *, split: str | None, classes: tuple[str
         p = Path(inp)
         if not p.exists():
             raise FlagError(f"INPUT {p}: no such file or folder")
-        if p.is_file() and is_slide(p):
-            slides = [SlideEntry(str(p), where=f"INPUT {p}")]
-        elif is_slide_manifest(p) or is_slide_folder(p):
-            slides = [_slide_entry(e) for e in (read_slide_manifest(p) if p.is_file() else slides_in_folder(p))]
-        elif p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
-            # A slide OpenSlide cannot read: record why and score the other inputs.
-            found.append(FailedInput("slide:" + str(p.resolve()), [(str(p), slide_open_error(p))]))
-            continue
-        else:
-            ds = discover(p, split=split, classes=classes, strict=False)
-            if send == "encoded" and ds.kind == "hdf5":
-                raise FlagError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
-            found.append(PatchInput(p, ds))
-            continue
-        if send == "encoded" and slides:
-            raise FlagError(f"--send encoded: only for image files; {slides[0].path} is a whole-slide image")
-        found += [SlideInput(e) for e in slides]
+        try:
+            found += _open_input(p, split=split, classes=classes, send=send)
+        except OSError as exc:  # the input itself cannot be read (permissions, a loop): recorded, the others go on
+            found.append(FailedInput("failed:" + str(p), [(str(p), f"{p}: cannot read it ({exc.strerror or exc})")]))
     return found
+
+
+def _open_input(p: Path, *, split: str | None, classes: tuple[str, ...] | None, send: str) -> list[Input]:
+    """The input kind of one path that exists."""
+    if (p.is_dir() and has_dicom(p)) or (p.is_file() and p.suffix.lower() == DICOM_SUFFIX):
+        slides = slide_entries(str(p), None, None, f"INPUT {p}")  # a DICOM slide is its series, not a file
+    elif p.is_file() and is_slide(p):
+        slides = [SlideEntry(str(p), where=f"INPUT {p}")]
+    elif is_slide_manifest(p) or is_slide_folder(p):
+        slides = [_slide_entry(e) for e in (read_slide_manifest(p) if p.is_file() else slides_in_folder(p))]
+    elif p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES:
+        # A slide OpenSlide cannot read: record why and score the other inputs.
+        return [FailedInput("slide:" + str(p.resolve()), [(str(p), slide_open_error(p))])]
+    else:
+        ds = discover(p, split=split, classes=classes, strict=False)
+        if send == "encoded" and ds.kind == "hdf5":
+            raise FlagError(f"--send encoded: only for image files; {p} is an HDF5 file (use --send pixels)")
+        return [PatchInput(p, ds)]
+    if send == "encoded" and slides:
+        raise FlagError(f"--send encoded: only for image files; {slides[0].path} is a whole-slide image")
+    return [SlideInput(e) for e in slides]
 
 
 def _refuse_repeated_slides(slides: list[SlideInput]) -> None:
@@ -169,14 +186,14 @@ def slide_names(entries: list[SlideEntry]) -> list[str]:
     """Distinct, deterministic output names: the file's stem where it is unique; else the path relative to
     the colliding slides' common folder (with the suffix where stems collide in one folder); a second ROI of
     one slide adds the ROI's stem. The order of ``entries`` decides nothing but the last resort (``-N``)."""
-    names = [_safe(Path(e.path).stem) for e in entries]
+    names = [_safe(e.stem) for e in entries]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, n in enumerate(names):
         groups[n].append(i)
     for members in groups.values():
         if len(members) < 2:
             continue
-        paths = [Path(entries[i].path).resolve() for i in members]
+        paths = [Path(entries[i].source).resolve() for i in members]
         if len(set(paths)) > 1:
             common = Path(os.path.commonpath([str(p.parent) for p in paths]))
             rel = [p.relative_to(common) for p in paths]

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from serving.core.errors import SlideError, SlideFlagError
+from serving.core.errors import FlagError, InputError
 from serving.core.spec import ModelSpec
 from serving.inputs.datasets import Sample
 from serving.inputs.items import Item, Task, read_files, read_rows
@@ -170,10 +170,10 @@ class SlideUnit(Unit):
     def open(self, opts: ReadOptions) -> Work:
         try:
             grid = plan_slide(self.entry, opts.slide_patch_hw, opts.tiling)
-        except SlideFlagError:
+        except FlagError:
             raise  # an option this slide cannot honour: the job stops, naming the flag
-        except SlideError as exc:
-            return FailedWork([(self.entry.path, str(exc))], {"name": self.name, "slide": self.entry.path})
+        except InputError as exc:  # the slide, or its region of interest (an invalid, empty or Point ROI)
+            return FailedWork([(self.entry.source, str(exc))], {"name": self.name, "slide": self.entry.source})
         return SlideWork(self, grid, opts.tiling, equalize=opts.spec.grayscale_equalize)
 
 
@@ -198,14 +198,18 @@ class SlideWork(Work):
         self.n = len(grid.tiles) or 1
         self.digest = _digest("slide", grid.cols, grid.rows, grid.read_level, grid.patch_hw, tiles_digest(grid))
         g = grid
-        self.info = {"name": unit.name, "slide": g.path, "dims0": list(g.dims0), "mpp0": g.mpp0,
-                     "target_mpp": g.target_mpp, "scale": g.scale, "read_level": g.read_level,
+        self.source = unit.entry.source  # rows and errors name a DICOM slide by its folder
+        self.info = {"name": unit.name, "slide": self.source, "dims0": list(g.dims0), "mpp0": g.mpp0,
+                     "target_mpp": g.target_mpp, "mpp_from": tiling.mpp_target_source if tiling.mpp_target else
+                     ("--level" if tiling.level is not None else "level 0"), "scale": g.scale,
+                     "read_level": g.read_level,
                      "patch": list(g.patch_hw), "stride": list(g.stride_hw), "grid": [g.cols, g.rows],
-                     "tiles": len(g.tiles)}
+                     "tiles": len(g.tiles), "tissue_mm2": round(g.tissue_mm2, 4), "tissue": g.tissue,
+                     **({"series": unit.entry.series} if unit.entry.series else {})}
 
     @staticmethod
     def no_tissue_reason(grid: SlideGrid, tiling: TilingConfig) -> str:
-        how = f"--tissue-mask {tiling.tissue_mask}" if tiling.tissue_mask else "Otsu's threshold"
+        how = f"--tissue-mask {tiling.tissue_mask}" if tiling.tissue_mask else "the tissue detection"
         return (f"no tissue found: no tile of the {grid.cols}x{grid.rows} grid at {grid.target_mpp:.3g} um/px "
                 f"reaches --min-tissue {tiling.min_tissue} ({how}); nothing scored")
 
@@ -224,9 +228,9 @@ class SlideWork(Work):
             got = [exc] * len(tiles)
         out = []
         for i, t, image in zip(range(lo, hi), tiles, got):
-            item = Item(i, g.path, None, t.x, t.y, t.col, t.row)
+            item = Item(i, self.source, None, t.x, t.y, t.col, t.row)
             if isinstance(image, Exception):  # OpenSlideError on a damaged tile: record, go on
-                item.error = f"{g.path}: tile ({t.x}, {t.y}): {image}"
+                item.error = f"{self.source}: tile ({t.x}, {t.y}): {image}"
             else:
                 item.image = image
             out.append(item)
@@ -236,7 +240,7 @@ class SlideWork(Work):
         if self.no_tissue is not None:
             why = self.no_tissue + (f"; see the mask {self.mask_path}" if self.mask_path else "")
             if any(lo == 0 for lo, _ in ranges):
-                yield lambda: [Item(0, self.grid.path, error=why)]
+                yield lambda: [Item(0, self.source, error=why)]
             return
         for lo, hi in _chunks(ranges, self.unit.chunk):
             yield lambda lo=lo, hi=hi: self._read(lo, hi)

@@ -18,6 +18,7 @@ import uuid
 from contextlib import ExitStack
 from typing import Sequence
 
+from serving.core.errors import JobError
 from serving.inputs.units import Unit
 from serving.jobs.local import UnitFailures
 from serving.jobs.scorer import ClientPool, RunControl, UnitJob, UnitReport, score_unit
@@ -66,11 +67,22 @@ class DaskExecutor:
         return client
 
     def run(self, job: UnitJob, units: Sequence[Unit], tracker: Tracker, stops: tuple[type, ...]) -> UnitFailures:
-        from distributed import as_completed
-
         failures = UnitFailures()
         if not units:
             return failures
+        try:
+            return self._run(job, units, tracker, stops, failures)
+        except stops:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cluster itself failed (a scheduler gone, a refused connection)
+            where = self.dask.scheduler or "the local cluster"
+            raise JobError(f"--scheduler/--workers: {where} failed mid-job ({type(exc).__name__}: {exc}); what was "
+                           f"committed is kept in {job.parts_dir}; run the same command with --resume, on Dask or "
+                           "in this process") from exc
+
+    def _run(self, job, units, tracker, stops, failures) -> UnitFailures:
+        from distributed import as_completed
+
         with ExitStack() as stack:
             client = self._client(stack)
             tracker.start_clock()  # patches/s measures scoring, not the cluster's start

@@ -116,9 +116,35 @@ def prepare_output(cfg: ScoreConfig, out: Path, fp: JobFingerprint, plan: Plan) 
         out.unlink()
     if parts_dir.exists():
         shutil.rmtree(parts_dir)
-    write_job_record(out, fp, list(plan.listing))  # before the first part: a killed job can always be resumed
-    parts_dir.mkdir(parents=True)
+    try:
+        write_job_record(out, fp, list(plan.listing))  # before the first part: a killed job can always be resumed
+        parts_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise FlagError(f"--out {out}: cannot start the job there ({exc.strerror or exc}: {exc.filename or out})") \
+            from exc
     return "new"
+
+
+def _say_resolution(cfg: ScoreConfig, spec: ModelSpec, plan: Plan, log) -> None:
+    """Which resolution slides are read at, and who chose it: the flag, the model's spec, or level 0."""
+    from serving.inputs.units import SlideUnit
+
+    if not any(isinstance(u, SlideUnit) for u in plan.units):
+        return
+    t, trained = cfg.tiling, spec.trained_mpp
+    if t.mpp_target is not None:
+        said = f" (the model was trained at {trained:g} um/px)" if trained and abs(t.mpp_target - trained) > 1e-9 \
+            else ""
+        log(f"slides: read at {t.mpp_target:g} um/px, --mpp-target{said}")
+    elif t.level is not None:
+        log(f"slides: read at level {t.level} (--level)" + (f"; the model was trained at {trained:g} um/px"
+                                                          if trained else ""))
+    elif trained is not None:
+        log(f"slides: read at {trained:g} um/px, the resolution the model was trained at (its spec); "
+            "--mpp-target overrides")
+    else:
+        log("slides: read at each slide's level 0: the model's spec does not say at what resolution it was "
+            "trained (export a run trained with --mpp, or pass --mpp-target)")
 
 
 def _count_errors(path: Path) -> int:
@@ -143,6 +169,7 @@ def _run_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
                                  "to start over")
     plan = plan_inputs(cfg.inputs, unit_patches=cfg.unit_patches, split=cfg.split, classes=spec.class_names,
                        send=cfg.send)
+    _say_resolution(cfg, spec, plan, log)
     fp = JobFingerprint.build(served, cfg.options(), list(plan.listing))
     state = prepare_output(cfg, out, fp, plan)
     if state == "complete":
@@ -200,5 +227,11 @@ def _run_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
             log(f"stopped after {tracker.parts} parts (--stop-after-parts {cfg.stop_after_parts}); they are in "
                 f"{job.parts_dir}; run again with --resume to finish")
             return ScoreResult(out, errors_path(out), 0, tracker.errors, tracker.patches, seconds, stopped=True)
-    return finish(job, units, tracker.reports, fp, plan.listing, tracker.patches, seconds, log)
+    try:
+        return finish(job, units, tracker.reports, fp, plan.listing, tracker.patches, seconds, log,
+                      refused=tracker.refused)
+    except OSError as exc:  # a full disk, a folder gone read-only: the parts stay, the job can be finished
+        raise JobError(f"--out {out}: cannot write the job's outputs ({exc.strerror or exc}: "
+                       f"{exc.filename or out}); the committed parts are kept in {job.parts_dir}: free the space "
+                       "or fix the folder, then run the same command with --resume") from exc
 

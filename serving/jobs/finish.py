@@ -24,6 +24,7 @@ from serving.jobs.fingerprint import JobFingerprint, write_job_record
 from serving.jobs.output import errors_path, result_schema
 from serving.jobs.parts import PartMeta, cover, list_unit, remove_parts
 from serving.jobs.scorer import UnitJob, UnitReport
+from serving.jobs.summary import SlideLine, Summary, class_fractions, write_summary
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ScoreResult:
     errors_file: Path
     rows: int
     errors: int
-    patches_this_run: int
+    patches_this_run: int  # items handled in this run, refused ones included
     seconds: float
     stopped: bool = False
     metrics: dict | None = None
@@ -40,6 +41,7 @@ class ScoreResult:
     heatmaps: list[Path] = field(default_factory=list)
     geojsons: list[Path] = field(default_factory=list)
     slides: list[dict] = field(default_factory=list)  # per slide: what it was read at, tiles, outputs
+    summary: list[Path] = field(default_factory=list)  # the page a person reads: Markdown, HTML
 
     @property
     def patches_per_s(self) -> float:
@@ -136,8 +138,35 @@ def write_metrics(result: ScoreResult, y: np.ndarray, probs: np.ndarray, class_n
     log(f"metrics: {result.metrics_file}")
 
 
+def _summary(job: UnitJob, result: ScoreResult, units: Sequence[Unit], reports: Sequence[UnitReport],
+             parts, refused: int) -> Summary:
+    import pyarrow.parquet as pq
+
+    by_index = {r.index: r for r in reports}
+    s = Summary(result.out, job.cfg.model, job.spec.version, job.spec.class_names, patches_scored=result.rows,
+                patches_refused=result.errors, errors=result.errors, seconds=result.seconds, metrics=result.metrics)
+    for u, unit_parts in zip(units, parts):
+        r = by_index.get(u.index)
+        if r is None or "slide" not in r.info:
+            continue
+        i = r.info
+        if "grid" not in i:  # the slide could not be opened or tiled: its reason is in the errors file
+            s.slides.append(SlideLine(i.get("name") or Path(i["slide"]).name, i["slide"], 0, 0, len(r.errors), None,
+                                      {}, r.seconds, None, None, note="not scored: see the errors file"))
+            continue
+        predicted = [v for path, _ in unit_parts for v in pq.read_table(path, columns=["predicted"])
+                     .column("predicted").to_pylist()]
+        pictures = {Path(p).name.rsplit(".", 2)[-2]: p for p in r.outputs if p.endswith(".png")}
+        s.slides.append(SlideLine(i["name"], i["slide"], r.rows, i["grid"][0] * i["grid"][1] - i["tiles"],
+                                  len(r.errors), i.get("tissue_mm2"), class_fractions(predicted, job.spec.class_names),
+                                  r.seconds, i["target_mpp"], i["read_level"], pictures.get("heatmap"),
+                                  pictures.get("tissue"), note="" if i["tiles"] else "no tissue"))
+    return s
+
+
 def finish(job: UnitJob, units: Sequence[Unit], reports: Sequence[UnitReport], fp: JobFingerprint,
-           listing: Sequence[str], patches: int, seconds: float, log: Callable[[str], None]) -> ScoreResult:
+           listing: Sequence[str], patches: int, seconds: float, log: Callable[[str], None],
+           refused: int = 0) -> ScoreResult:
     """Merge, errors, metrics, the record's slides; the parts folder goes last, once OUT is whole."""
     out = job.out
     parts = committed_parts(job, units)
@@ -168,8 +197,11 @@ def finish(job: UnitJob, units: Sequence[Unit], reports: Sequence[UnitReport], f
     y, probs = _labelled(job, units, parts)
     write_metrics(result, y, probs, job.spec.class_names, log)
     write_job_record(out, fp, listing, slides=result.slides)
+    result.summary = write_summary(_summary(job, result, units, reports, parts, refused))
     remove_parts(job.parts_dir)
-    log(f"scored {patches} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s); {rows} rows in {out}")
+    log(f"summary: {result.summary[0]} ({result.summary[1].name})")
+    log(f"scored {patches - refused} patches in {seconds:.1f} s ({result.patches_per_s:.1f} patches/s), "
+        f"{refused} inputs refused or unreadable in this run; {rows} rows in {out}")
     # The last line, so a user scrolling a long log sees it.
     log(f"{n_errors} inputs recorded as errors, listed in {result.errors_file}")
     return result

@@ -13,6 +13,7 @@ are committed before the unit returns or raises.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,9 +60,18 @@ class UnitJob:
     def columns(self) -> list[str]:
         return result_columns(self.spec.class_names)
 
+    @property
+    def tiling(self):
+        """The job's tiling: slides are read at the resolution the model was trained at, unless --mpp-target
+        or --level say otherwise."""
+        t = self.cfg.tiling
+        if t.mpp_target is None and t.level is None and self.spec.trained_mpp is not None:
+            return dataclasses.replace(t, mpp_target=self.spec.trained_mpp, mpp_target_source="the model's spec")
+        return t
+
     def read_options(self) -> ReadOptions:
         c = self.cfg
-        return ReadOptions(self.spec, c.tta, c.send, c.max_image_pixels, c.tiling)
+        return ReadOptions(self.spec, c.tta, c.send, c.max_image_pixels, self.tiling)
 
 
 @dataclass
@@ -72,7 +82,8 @@ class UnitReport:
     n: int = 0  # the unit's items
     rows: int = 0  # rows committed for the unit, all runs
     errors: list[list[str]] = field(default_factory=list)  # errors committed for the unit, all runs
-    scored: int = 0  # items scored in this run
+    scored: int = 0  # items read and sent (or found unreadable) in this run
+    refused: int = 0  # of those, the ones recorded as errors (unreadable, or refused by the server)
     parts: int = 0  # parts committed in this run
     complete: bool = False
     info: dict = field(default_factory=dict)
@@ -240,6 +251,7 @@ def _score_ranges(job: UnitJob, unit: Unit, work: Work, todo, control: RunContro
                 if item.error is not None or isinstance(probs, InferenceError):
                     # The server refused this request: its patches are listed, never dropped.
                     buffer.add(item, error=item.error or f"server error: {probs}")
+                    report.refused += 1
                     continue
                 buffer.add(item, row=result_row(item, probs[j], job, slide))
                 j += 1
@@ -276,9 +288,9 @@ def score_unit(job: UnitJob, unit: Unit, control: RunControl) -> UnitReport:
         if unit.planned_items is None:
             control.grew(work.n)  # a slide's tiles are known once it is tiled
         if isinstance(work, SlideWork):
-            mask = write_tissue_mask(job.out, work)
-            work.mask_path = str(mask)
-            report.outputs.append(str(mask))
+            pictures = write_tissue_mask(job.out, work)
+            work.mask_path = str(pictures[0])
+            report.outputs += [str(p) for p in pictures]
         if todo and not control.stop.is_set():
             _score_ranges(job, unit, work, todo, control, report)
         after = list_unit(job.parts_dir, unit.index, job.digest, job.columns, verify=False)

@@ -15,7 +15,7 @@ from typing import Sequence
 from serving.core.errors import InputError, PatchserveError
 from serving.inputs.units import SlideWork
 from serving.slides.heatmap import HEATMAP_MAX_SIDE, write_geojson, write_heatmap
-from serving.slides.tissue import write_mask_png
+from serving.slides.tissue import write_mask_png, write_outline_png
 from serving.slides.wsi import open_slide, thumbnail
 
 
@@ -30,13 +30,34 @@ def slide_output_paths(out: Path, name: str) -> list[Path]:
     return [slide_output(out, name, "heatmap.png"), slide_output(out, name, "geojson")]
 
 
-def write_tissue_mask(out: Path, work: SlideWork) -> Path:
-    """The tissue mask a slide was tiled with (every slide that could be tiled has one, tissue or not)."""
-    path = slide_output(out, work.info["name"], "tissue_mask.png")
+def write_tissue_mask(out: Path, work: SlideWork) -> list[Path]:
+    """The tissue mask a slide was tiled with, as a mask (``--tissue-mask`` reads it back) and as its outline
+    over the thumbnail (for a person); every slide that could be tiled has both, tissue or not."""
+    name = work.info["name"]
+    mask, outline = slide_output(out, name, "tissue_mask.png"), slide_output(out, name, "tissue.png")
     try:
-        return write_mask_png(work.grid, path)
+        written = [write_mask_png(work.grid, mask)]
     except OSError as exc:
-        raise InputError(f"{work.grid.path}: cannot write its tissue mask {path}: {exc}") from exc
+        raise InputError(f"{work.source}: cannot write its tissue mask {mask}: {exc}") from exc
+    thumb = _thumbnail(work)
+    if thumb is not None:
+        try:
+            written.append(write_outline_png(work.grid, thumb, outline))
+        except OSError as exc:
+            raise InputError(f"{work.source}: cannot write its tissue outline {outline}: {exc}") from exc
+    return written
+
+
+def _thumbnail(work: SlideWork):
+    """The slide's thumbnail for the pictures, or None when a damaged level cannot give one."""
+    try:
+        slide = open_slide(work.grid.path)
+        try:
+            return thumbnail(slide, HEATMAP_MAX_SIDE)
+        finally:
+            slide.close()
+    except Exception:  # noqa: BLE001 - OpenSlideError on a damaged level: the mask PNG is written already
+        return None
 
 
 def _rows(parts: Sequence[tuple[Path, object]], class_names: Sequence[str]) -> list[dict]:
@@ -57,15 +78,10 @@ def write_slide_outputs(job, work: SlideWork, parts: Sequence[tuple[Path, object
     heatmap, geojson = slide_output_paths(job.out, work.info["name"])
     try:
         written = [write_geojson(grid, rows, spec.class_names, geojson)]
-        try:
-            slide = open_slide(grid.path)
-            try:
-                thumb = thumbnail(slide, HEATMAP_MAX_SIDE)
-            finally:
-                slide.close()
-        except Exception as exc:  # noqa: BLE001 - OpenSlideError on a damaged level: the rows are committed
-            return written, [f"{grid.path}: no heatmap, its thumbnail cannot be read ({exc})"]
-        written.append(write_heatmap(grid, thumb, rows, job.heat_class, heatmap))
+        thumb = _thumbnail(work)
+        if thumb is None:
+            return written, [f"{work.source}: no heatmap, its thumbnail cannot be read"]
+        written.append(write_heatmap(grid, thumb, rows, job.heat_class, heatmap, title=work.info["name"]))
         return written, []
     except (OSError, PatchserveError) as exc:
         raise InputError(f"{grid.path}: cannot write its heatmap or GeoJSON beside {job.out}: {exc}") from exc

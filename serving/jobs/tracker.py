@@ -27,6 +27,7 @@ class Tracker:
         self.stop = threading.Event()
         self.parts = 0
         self.patches = 0
+        self.refused = 0
         self.errors = 0
         self.reports: list[UnitReport] = []
         self.start = time.perf_counter()
@@ -61,6 +62,7 @@ class Tracker:
         with self._lock:
             self.reports.append(report)
             self.patches += report.scored
+            self.refused += report.refused
             self.errors += len(report.errors)
             if bar_counts_units:
                 self.bar.update(1)

@@ -39,7 +39,7 @@ def probability_grid(grid: SlideGrid, rows: Sequence[dict], column: str) -> np.n
 
 
 def write_heatmap(grid: SlideGrid, thumb_rgb_u8: np.ndarray, rows: Sequence[dict], class_name: str,
-                  path: str | Path, alpha: float = 0.5) -> Path:
+                  path: str | Path, alpha: float = 0.5, title: str | None = None) -> Path:
     """The probability of ``class_name`` per tile, painted over the slide's thumbnail."""
     values = probability_grid(grid, rows, f"prob_{class_name}")
     th, tw = thumb_rgb_u8.shape[:2]
@@ -55,7 +55,7 @@ def write_heatmap(grid: SlideGrid, thumb_rgb_u8: np.ndarray, rows: Sequence[dict
         colour[y0:y1, x0:x1] = rgb[r, c]
         weight[y0:y1, x0:x1] = alpha
     out = thumb_rgb_u8 * (1 - weight[..., None]) + colour * weight[..., None]
-    image = _with_legend(np.round(out).astype(np.uint8), Path(grid.path).name, class_name)
+    image = _with_legend(np.round(out).astype(np.uint8), title or Path(grid.path).name, class_name)
     path = Path(path)
     with atomic_path(path) as tmp:
         # Light compression: level 6 cost 4x the time for a file about 15% smaller.

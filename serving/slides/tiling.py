@@ -8,7 +8,7 @@ Coordinates in rows and GeoJSON are level-0 pixels of the tile's top-left.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +16,31 @@ import numpy as np
 from serving.core.errors import SlideError, SlideFlagError
 from serving.core.imageio import equalize_grey_u8, resize_u8, to_rgb_u8
 from serving.core.options import option
-from serving.slides.tissue import MASK_MIN_SIDE, MASK_PIXELS_PER_TILE, load_user_mask, tissue_mask
-from serving.slides.wsi import MASK_MAX_SIDE, open_slide, slide_mpp, thumbnail
+from serving.slides.tissue import (MASK_MIN_SIDE, MASK_PIXELS_PER_TILE, MASK_UM_PER_PX, detect_tissue, load_user_mask,
+                                   with_margin)
+from serving.slides.wsi import MASK_MAX_SIDE, level_mpp_problem, open_slide, slide_mpp, thumbnail
 
 @dataclass(frozen=True)
 class TilingConfig:
     """How to cut a slide into patches; validated like the flags it comes from."""
 
-    mpp_target: float | None = option(None, "microns per pixel to tile at", default_text="the slide's level 0")
+    mpp_target: float | None = option(None, "microns per pixel to tile at; overrides the model's own",
+                                      default_text="the resolution the model was trained at (its spec), else the "
+                                                   "slide's level 0")
     level: int | None = option(None, "tile at this pyramid level instead of --mpp-target",
                                default_text="from --mpp-target")
     stride: int | None = option(None, "tile stride in target pixels", default_text="the patch size")
     overlap: int = option(0, "tile overlap in target pixels (instead of --stride)")
     min_tissue: float = option(0.5, "minimum tissue fraction of a tile")
-    tissue_mask: str | None = option(None, "PNG tissue mask (non-zero = tissue) instead of Otsu on saturation",
+    tissue_mask: str | None = option(None, "PNG tissue mask (non-zero = tissue) instead of the tissue detection",
                                      metavar="PNG")
     mpp: float | None = option(None, "level-0 microns per pixel when the slide records none",
                                default_text="the slide's own")
     # A slide manifest's per-slide MPP: wins over what the slide records (not a flag: one value per slide).
     mpp_override: float | None = option(None, cli=False)
+    # Where mpp_target came from: the flag, or the model's spec (then a slide that cannot serve it is that
+    # slide's error, recorded, not the flag's).
+    mpp_target_source: str = option("--mpp-target", cli=False)
 
     def __post_init__(self) -> None:
         if self.mpp_target is not None and self.level is not None:
@@ -82,6 +88,12 @@ class SlideGrid:
     tiles: list[Tile]
     mask: np.ndarray  # bool, thumbnail resolution
     mask_scale: tuple[float, float]  # level-0 pixels per mask pixel (x, y)
+    tissue: dict = field(default_factory=dict)  # how the mask was made (method, thresholds), for the job record
+
+    @property
+    def tissue_mm2(self) -> float:
+        """The tissue area the mask holds, in square millimetres."""
+        return float(self.mask.sum()) * self.mask_scale[0] * self.mask_scale[1] * self.mpp0 ** 2 / 1e6
 
     @property
     def tile_size0(self) -> tuple[float, float]:
@@ -100,14 +112,23 @@ def check_mpp_target(path, mpp_target: float | None, mpp0: float, dims0: tuple[i
                      patch_hw: tuple[int, int]) -> None:
     """SlideError at once for a --mpp-target the pyramid cannot serve (finer than level 0, or one tile
     larger than the whole slide): such a target used to plan billions of tiles, or one blank one."""
+    check_mpp(path, mpp_target, mpp0, dims0, patch_hw, "--mpp-target")
+
+
+def check_mpp(path, mpp_target: float | None, mpp0: float, dims0: tuple[int, int], patch_hw: tuple[int, int],
+              source: str) -> None:
     if mpp_target is None:
         return
     finest = mpp0 / MAX_UPSAMPLE
     coarsest = mpp0 * max(dims0) / min(patch_hw)
-    if not finest <= mpp_target <= coarsest:
-        raise SlideFlagError(f"--mpp-target {mpp_target:g}: {path} can serve {finest:.4g} to {coarsest:.4g} um/px "
-                         f"(level 0 is {mpp0:.4g} um/px, {dims0[0]}x{dims0[1]} px; a {patch_hw[1]}x{patch_hw[0]} "
-                         "patch must fit in the slide)")
+    if finest <= mpp_target <= coarsest:
+        return
+    serves = (f"{path} can serve {finest:.4g} to {coarsest:.4g} um/px (level 0 is {mpp0:.4g} um/px, "
+              f"{dims0[0]}x{dims0[1]} px; a {patch_hw[1]}x{patch_hw[0]} patch must fit in the slide)")
+    if source == "--mpp-target":
+        raise SlideFlagError(f"--mpp-target {mpp_target:g}: {serves}")
+    raise SlideError(f"the model was trained at {mpp_target:g} um/px ({source}), but {serves}; pass --mpp-target "
+                     "to score it at another resolution")
 
 
 def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -> SlideGrid:
@@ -115,21 +136,36 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     slide = open_slide(path)
     try:
         mpp0 = cfg.mpp_override or slide_mpp(slide, path, cfg.mpp)
+        if cfg.mpp_override is None:
+            problem = level_mpp_problem(path, slide)
+            if problem is not None:
+                raise SlideError(problem)
         if cfg.level is not None:
             if cfg.level >= slide.level_count:
                 raise SlideFlagError(f"--level {cfg.level}: {path} has levels 0..{slide.level_count - 1}")
             scale = float(slide.level_downsamples[cfg.level])
         else:
             scale = (cfg.mpp_target or mpp0) / mpp0
-            check_mpp_target(path, cfg.mpp_target, mpp0, slide.dimensions, patch_hw)
+            check_mpp(path, cfg.mpp_target, mpp0, slide.dimensions, patch_hw, cfg.mpp_target_source)
         read_level = slide.get_best_level_for_downsample(scale + 1e-6) if scale >= 1 else 0
         tile0 = min(patch_hw) * scale  # a tile's side in level-0 pixels
-        side = max(slide.dimensions) * MASK_PIXELS_PER_TILE / tile0
-        thumb = thumbnail(slide, int(min(MASK_MAX_SIDE, max(MASK_MIN_SIDE, side))))
+        # Enough mask pixels per tile, and fine enough for the morphology's microns.
+        side = max(max(slide.dimensions) * MASK_PIXELS_PER_TILE / tile0, max(slide.dimensions) * mpp0 / MASK_UM_PER_PX)
+        try:
+            thumb = thumbnail(slide, int(min(MASK_MAX_SIDE, max(MASK_MIN_SIDE, side))))
+        except Exception as exc:  # noqa: BLE001 - OpenSlideError: a level that fails to decode
+            raise SlideError(f"{path}: cannot read its thumbnail for the tissue mask, a pyramid level fails to "
+                             f"decode ({exc})") from exc
         dims0 = tuple(int(v) for v in slide.dimensions)
     finally:
         slide.close()
-    mask = load_user_mask(cfg.tissue_mask, thumb.shape[:2]) if cfg.tissue_mask else tissue_mask(thumb)
+    um_per_px = mpp0 * dims0[0] / thumb.shape[1]
+    if cfg.tissue_mask:
+        mask, tissue = load_user_mask(cfg.tissue_mask, thumb.shape[:2]), {"method": f"--tissue-mask {cfg.tissue_mask}"}
+        measured = mask
+    else:
+        mask, tissue = detect_tissue(thumb, um_per_px)
+        mask = measured = with_margin(mask, um_per_px)
     ph, pw = patch_hw
     if cfg.stride is not None:
         sh = sw = cfg.stride
@@ -141,7 +177,7 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     sx0, sy0 = sw * scale, sh * scale
     cols, rows = int(math.ceil(w0 / sx0)), int(math.ceil(h0 / sy0))
     mscale = (w0 / mask.shape[1], h0 / mask.shape[0])
-    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    integral = np.pad(measured.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     tw0, th0 = pw * scale, ph * scale
     tiles: list[Tile] = []
     for r in range(rows):
@@ -161,7 +197,7 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
             if frac >= cfg.min_tissue and frac > 0 and mask[cy, cx]:
                 tiles.append(Tile(c, r, x, y, frac))
     return SlideGrid(str(path), dims0, mpp0, mpp0 * scale, scale, read_level, (ph, pw), (sh, sw), cols, rows,
-                     tiles, mask, mscale)
+                     tiles, mask, mscale, tissue)
 
 
 def read_tile(slide, grid: SlideGrid, x: int, y: int, equalize: bool = False) -> np.ndarray:

@@ -38,10 +38,71 @@ def is_slide(path: str | Path) -> bool:
         return False
 
 
+def refuse_ome_tiff(path: str | Path) -> None:
+    """SlideError for an OME-TIFF (QuPath's and Bio-Formats' export): OpenSlide reads neither its SubIFD
+    pyramid nor the pixel size in its OME-XML, so it would serve level 0 alone at an unknown resolution."""
+    p = Path(path)
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        return
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            ome = tif.is_ome
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide says what is wrong with it
+        return
+    if ome:
+        raise SlideError(f"{p}: an OME-TIFF, which OpenSlide cannot tile (it reads neither its SubIFD pyramid nor "
+                         "its OME-XML pixel size); export it as a plain pyramidal TIFF (every level a page, the "
+                         "resolution in its tags) or as SVS, e.g. with vips tiffsave --tile --pyramid")
+
+
+MPP_TOLERANCE = 0.05  # levels whose recorded resolution strays further from level 0's x downsample disagree
+
+
+def level_mpp_problem(path: str | Path, slide) -> str | None:
+    """Why the pyramid's levels disagree on the resolution (a TIFF whose pages' resolution tags, or a DICOM
+    series whose levels' pixel spacing, do not scale with their size), or None."""
+    p = Path(path)
+    recorded: list[tuple[int, float]] = []  # (level width, mpp) as the file records them
+    if p.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                for page in tif.pages:
+                    xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+                    per_unit = {2: 25400.0, 3: 1e4}.get(int(unit.value) if unit is not None else 0)
+                    if xres is None or per_unit is None:
+                        continue
+                    num, den = xres.value
+                    if num > 0:
+                        recorded.append((int(page.imagewidth), per_unit * den / num))
+        except Exception:  # noqa: BLE001 - tifffile cannot read it: OpenSlide's reading decides
+            return None
+    elif slide.properties.get("openslide.vendor") == "dicom":
+        from serving.slides.dicom import level_spacings
+
+        recorded = level_spacings(p)
+    if len(recorded) < 2:
+        return None
+    widths = dict(recorded)
+    w0 = slide.dimensions[0]
+    mpp0 = widths.get(w0) or recorded[0][1]
+    for width, mpp in sorted(widths.items(), reverse=True):
+        expected = mpp0 * w0 / width
+        if abs(mpp - expected) > MPP_TOLERANCE * expected:
+            return (f"{p}: its pyramid levels disagree on the resolution: the {width}-px-wide level records "
+                    f"{mpp:.4g} um/px, level 0 ({w0} px at {mpp0:.4g} um/px) makes it {expected:.4g}; pass --mpp "
+                    "(a manifest's mpp column) to say which is right")
+    return None
+
+
 def open_slide(path: str | Path):
     p = Path(path)
     if not p.is_file():
         raise SlideError(f"{p}: no such slide file")
+    refuse_ome_tiff(p)
     osl = _openslide()
     try:
         return osl.OpenSlide(str(p))

@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from serving.core.errors import InputError
+from serving.inputs.datasets import MPP_ATTRIBUTE
 from serving.core.options import option
+from serving.synth.slide import MPP as PATCH_MPP
 from serving.synth.texture import REFERENCE_SIZE, class_names_for, make_patch
 from serving.core.progress import bar_disable
 
@@ -179,6 +181,7 @@ def _write_hdf5(out: Path, split: str, images: np.ndarray, labels: np.ndarray,
     with h5py.File(xpath, "w", track_order=False) as fx:
         fx.create_dataset("x", data=images, track_times=False)
         fx.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
+        fx.attrs[MPP_ATTRIBUTE] = PATCH_MPP
     with h5py.File(ypath, "w") as fy:
         fy.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1), track_times=False)
     return xpath, ypath
@@ -274,6 +277,8 @@ def synthesize(out: Path, *, classes: int = 2, per_class: int = 60, imbalance: f
         "generator": "patchserve synth",
         "options": options,
         "class_names": list(names),
+        # The resolution the patches stand for: the synthetic slide's level 0 at this patch size.
+        "patch_mpp": PATCH_MPP,
         "counts": counts,
         "stain_shift": {SHIFTED_SPLIT: SHIFTED_STAIN, **{s: 0.0 for s in SPLITS}},
         "mislabelled": flipped,

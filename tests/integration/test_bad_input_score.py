@@ -73,8 +73,8 @@ def _plain_tiff(path, mpp=None):
     import tifffile
 
     kw = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
-    image = np.full((96, 96, 3), 235, np.uint8)
-    image[:, :40] = (150, 90, 160)  # stained tissue over the first 40 columns, glass beyond
+    image = np.full((512, 512, 3), 235, np.uint8)
+    image[:, :200] = (150, 90, 160)  # stained tissue over the first 200 columns (100 um at 0.5 um/px), glass beyond
     tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb", **kw)
     return path
 
@@ -94,7 +94,8 @@ def test_unreadable_slide_and_slide_without_mpp_are_recorded_and_the_rest_scores
     # Given --mpp, the same slide tiles and scores.
     out2 = tmp_path / "slide.csv"
     assert _score(triton_server, no_mpp, "--out", out2, "--mpp", "0.5") == 0
-    assert [(r["col"], r["row"]) for r in read_results(out2)] == [(0, 0), (0, 1), (0, 2)]  # the tissue column
+    got = {(r["col"], r["row"]) for r in read_results(out2)}
+    assert {c for c, _ in got} == set(range(7)) and {r for _, r in got} == set(range(16))  # the tissue columns
     assert (tmp_path / "slide.csv.errors.csv").read_text() == "source,reason\n"
 
 

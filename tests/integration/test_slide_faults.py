@@ -81,7 +81,7 @@ def test_a_slide_without_tissue_is_reported_and_its_mask_written(triton_server, 
     (source, reason), = _errors(tmp_path / "results.csv.errors.csv")
     assert source == str(blank)
     assert reason.startswith("no tissue found: no tile of the 16x16 grid at 0.5 um/px reaches --min-tissue 0.5 "
-                             "(Otsu's threshold); nothing scored; see the mask")
+                             "(the tissue detection); nothing scored; see the mask")
     assert reason.endswith(str(mask_png))
     assert not np.asarray(Image.open(mask_png)).any()
     out_text = capsys.readouterr().out

@@ -37,11 +37,16 @@ def scored_slide(triton_server, synth_slide, tmp_path_factory):
 
 
 def test_slide_tiles_lie_on_tissue_only(scored_slide, synth_slide, triton_server):
-    _, _, rows = scored_slide
+    from serving.slides.tiling import TilingConfig, plan_tiles
+    from tests.unit.test_slides import near_tissue
+
+    _, slide, rows = scored_slide
     tissue, _, ds = _masks(synth_slide)
     size = triton_server.spec.input_height
+    grid = plan_tiles(slide, triton_server.spec.input_hw, TilingConfig(stride=64))
     assert len(rows) > 100
-    assert _at_centres(tissue, ds, rows, size).all()
+    assert _at_centres(near_tissue(tissue, ds, grid), ds, rows, size).all()  # on tissue, or within its margin
+    assert _at_centres(tissue, ds, rows, size).mean() > 0.8
     assert all((r["x"], r["y"]) == (r["col"] * 64, r["row"] * 64) for r in rows)
 
 
@@ -114,3 +119,81 @@ def test_trained_model_heatmap_is_high_inside_the_tumour_mask(trained_server, sy
     values = probability_grid(grid, rows, "prob_tumour")
     assert np.count_nonzero(~np.isnan(values)) == len(rows)
     assert values[rows[0]["row"], rows[0]["col"]] == pytest.approx(rows[0]["prob_tumour"])
+
+
+def _levels_of(slide_path):
+    slide = open_slide(slide_path)
+    try:
+        return [np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]).convert("RGB"))
+                for k in range(slide.level_count)]
+    finally:
+        slide.close()
+
+
+def test_slides_of_one_file_name_in_two_folders_keep_both_outputs(triton_server, synth_slide, tmp_path):
+    import shutil
+
+    slide = synth_slide / "slides" / "slide_0.tiff"
+    for site in ("site_a", "site_b"):
+        (tmp_path / site).mkdir()
+        shutil.copy(slide, tmp_path / site / "case_001.tiff")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide\nsite_a/case_001.tiff\nsite_b/case_001.tiff\n")
+    out = tmp_path / "r.parquet"
+    assert cli(["score", str(manifest), "--url", triton_server.grpc, "--model", triton_server.spec.name,
+                "--out", str(out), "--stride", "96", "--no-progress"]) == 0
+    rows = read_results(out)
+    assert {r["slide"] for r in rows} == {"site_a__case_001", "site_b__case_001"}
+    for name in ("site_a__case_001", "site_b__case_001"):
+        for what in ("heatmap.png", "geojson", "tissue_mask.png", "tissue.png"):
+            assert (tmp_path / f"r.{name}.{what}").stat().st_size > 0
+    n = sum(r["slide"] == "site_a__case_001" for r in rows)
+    assert n == sum(r["slide"] == "site_b__case_001" for r in rows) > 0  # the same pixels, both kept
+
+
+def test_a_model_trained_at_half_a_micron_reads_a_quarter_micron_slide_at_half_a_micron(mpp_server, synth_slide,
+                                                                                      tmp_path, capsys):
+    from serving.synth.slide import write_pyramid_tiff
+
+    fine = tmp_path / "fine.tiff"
+    write_pyramid_tiff(fine, _levels_of(synth_slide / "slides" / "slide_0.tiff"), 0.25)
+    out = tmp_path / "r.parquet"
+    args = ["score", str(fine), "--url", mpp_server.grpc, "--model", mpp_server.spec.name, "--no-progress"]
+    assert cli([*args, "--out", str(out)]) == 0
+    assert "slides: read at 0.5 um/px, the resolution the model was trained at (its spec)" in capsys.readouterr().out
+    (slide,) = json.loads((tmp_path / "r.parquet.job.json").read_text())["slides"]
+    assert (slide["mpp0"], slide["target_mpp"], slide["scale"], slide["read_level"], slide["mpp_from"]) == \
+        (0.25, 0.5, 2.0, 0, "the model's spec")
+    rows = read_results(out)
+    assert all(r["x"] % 64 == 0 and r["y"] % 64 == 0 for r in rows)  # 32-px tiles of 0.5 um/px: 64 level-0 px
+    # --mpp-target still overrides, and says so.
+    assert cli([*args, "--out", str(tmp_path / "q.parquet"), "--mpp-target", "0.25"]) == 0
+    assert "slides: read at 0.25 um/px, --mpp-target (the model was trained at 0.5 um/px)" in capsys.readouterr().out
+    (slide,) = json.loads((tmp_path / "q.parquet.job.json").read_text())["slides"]
+    assert (slide["target_mpp"], slide["scale"]) == (0.25, 1.0)
+    # A slide coarser than the model's resolution is that slide's error, recorded; the job goes on.
+    coarse = tmp_path / "coarse.tiff"
+    write_pyramid_tiff(coarse, _levels_of(synth_slide / "slides" / "slide_0.tiff")[1:], 2.0)
+    capsys.readouterr()
+    assert cli([*args[:1], str(coarse), *args[2:], "--out", str(tmp_path / "c2.parquet")]) == 0
+    errors = (tmp_path / "c2.parquet.errors.csv").read_text()
+    assert "the model was trained at 0.5 um/px (the model's spec), but" in errors and "pass --mpp-target" in errors
+
+
+def test_a_slide_whose_levels_disagree_on_its_resolution_is_recorded_and_the_job_goes_on(triton_server, synth_slide,
+                                                                                        tmp_path):
+    import tifffile
+
+    levels = _levels_of(synth_slide / "slides" / "slide_0.tiff")
+    odd = tmp_path / "odd.tiff"
+    with tifffile.TiffWriter(odd) as tif:
+        for k, (img, mpp) in enumerate(zip(levels, (0.5, 1.0, 8.0))):  # level 1 is 4x smaller: 2.0 um/px, says 1.0
+            tif.write(img, photometric="rgb", tile=(256, 256), subfiletype=1 if k else 0,
+                      resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    out = tmp_path / "r.parquet"
+    assert cli(["score", str(odd), str(synth_slide / "slides" / "slide_0.tiff"), "--url", triton_server.grpc,
+                "--model", triton_server.spec.name, "--out", str(out), "--stride", "96", "--no-progress"]) == 0
+    (line,) = (tmp_path / "r.parquet.errors.csv").read_text().splitlines()[1:]
+    assert line.startswith(f"{odd},") and "its pyramid levels disagree on the resolution: the 512-px-wide level " \
+                                         "records 1 um/px, level 0 (2048 px at 0.5 um/px) makes it 2" in line
+    assert {r["slide"] for r in read_results(out)} == {"slide_0"}

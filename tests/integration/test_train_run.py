@@ -28,6 +28,8 @@ def test_trained_run_has_the_run_folder_layout_and_a_consistent_spec(trained_run
     spec = ModelSpec.load(trained_run / "spec.json")
     assert spec.class_names == ("normal", "tumour")
     assert spec.input_hw == (48, 48)
+    # The synthetic patches record their resolution (synth.json): the spec carries it, and requires it read.
+    assert (spec.trained_mpp, spec.requires) == (0.5, ("trained_mpp",))
     assert spec.name == "run" or spec.name.startswith("synth_data")
     payload = read_checkpoint(trained_run)
     assert payload["spec"] == spec

@@ -234,3 +234,21 @@ def test_official_patchcamelyon_file_names_are_read_as_train_val_and_test(tmp_pa
     test = resolve_eval_samples(tmp_path, "test", ("normal", "tumour"))
     assert [s.label for s in test] == [0, 1, 0]
     assert test[0].source == f"{tmp_path / 'camelyonpatch_level_2_split_test_x.h5'}#0"
+
+
+def test_the_resolution_a_data_set_records_is_found_where_it_says_it(synth_data, tmp_path):
+    import h5py
+    import numpy as np
+
+    from serving.inputs.datasets import PCAM_MPP, recorded_mpp
+
+    for path in (synth_data, synth_data / "train", synth_data / "manifest.csv", synth_data / "pcam" / "train_x.h5"):
+        mpp, where = recorded_mpp(path)
+        assert mpp == 0.5 and where, path  # synth.json, or the HDF5 file's own attribute
+    official = tmp_path / "camelyonpatch_level_2_split_train_x.h5"
+    with h5py.File(official, "w") as f:
+        f.create_dataset("x", data=np.zeros((2, 8, 8, 3), np.uint8))
+    assert recorded_mpp(official) == (PCAM_MPP, f"{official.name} (PatchCamelyon: 40x scans undersampled to 10x)")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert recorded_mpp(plain) == (None, "")

@@ -147,3 +147,19 @@ def test_amp_on_a_cpu_without_native_bf16_is_flagged_in_the_log(monkeypatch):
     assert train_mod.amp_warning(cuda, True) is None  # fp16 on CUDA is native
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
     assert train_mod.amp_warning(cpu, True) is None
+
+
+def test_the_spec_records_the_datas_resolution_and_mpp_overrides_it_saying_so(synth_data, tmp_path, capsys):
+    from training.config import TrainConfig
+    from training.train import trained_mpp
+
+    base = dict(data=str(synth_data), out=str(tmp_path / "run"), device="cpu", dali_device="cpu")
+    assert trained_mpp(TrainConfig(**base)) == 0.5  # synth.json says 0.5 um/px
+    assert "the patches are 0.5 um/px" in capsys.readouterr().out
+    assert trained_mpp(TrainConfig(**base, mpp=0.25)) == 0.25
+    assert "--mpp 0.25 overrides what the data records: 0.5 um/px" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    (plain / "a").mkdir(parents=True)
+    assert trained_mpp(TrainConfig(**{**base, "data": str(plain)})) is None
+    with pytest.raises(TrainingError, match=r"--mpp: expected microns per pixel between 0.01 and 100, got -1"):
+        TrainConfig(**base, mpp=-1.0)
