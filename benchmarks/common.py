@@ -37,7 +37,7 @@ DEFAULT_OUT = "bench-results"
 PACKAGE_DIRS = tuple(SOURCE_ROOT / p for p in ("patchserve", "benchmarks", "export", "training", "serving"))
 
 
-STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask")
+STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain")
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ def update_results(out: str | Path, *, results_md: Path | None = None, results_d
     results_md.write_text(text)
     if readme.exists():
         # Every stage's latest figures: this run's, and the kept ones of stages it did not run.
-        order = {s: i for i, s in enumerate(("data", "train", "infer", "serve", "slide", "int8"))}
+        order = {s: i for i, s in enumerate(STAGES)}
         latest = sorted(_stage_docs(results_dir), key=lambda d: order.get(d["stage"], 99))
         readme.write_text(replace_block(readme.read_text(), "summary", render_summary(latest)))
     return [d["stage"] for d in docs]

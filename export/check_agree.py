@@ -117,3 +117,46 @@ def family_problems(need: dict, family: list[dict]) -> list[str]:
         problems.append(f"serves weights {mine.weights_sha256[:12]}..., {ref['name']} serves "
                         f"{theirs.weights_sha256[:12]}... (models of one export mixed)")
     return problems
+
+
+def stain_problems(spec: ModelSpec, model) -> list[str]:
+    """The stain normalisation an ONNX graph records having been exported with, against ``spec.json``'s."""
+    from export.onnx_export import STAIN_METADATA, read_graph_metadata
+
+    text = read_graph_metadata(model).get(STAIN_METADATA)
+    try:
+        graph = json.loads(text) if text else None
+    except ValueError:
+        return [f"the graph's {STAIN_METADATA} is not JSON"]
+    want = spec.stain_normalization
+    if graph is None and want is None:
+        return []
+    if graph is None or want is None:
+        return [f"stain normalisation: the graph {'computes none' if graph is None else 'computes one'}, spec.json "
+                f"says {'none' if want is None else want.get('method')}"]
+    problems = spec_field_diffs({"stain_normalization": graph}, {"stain_normalization": want}, "the graph")
+    return problems or _stain_constants(want, model)
+
+
+# The arrays of each method's target, and the shapes the exported graph folds them into (2-D ones transposed).
+_STAIN_ARRAYS = {"macenko": ("stain_matrix", "max_concentrations"), "reinhard": ("lab_mean", "lab_std")}
+
+
+def _stain_constants(want: dict, model) -> list[str]:
+    """Each of the target's arrays must be one of the graph's constants (the numbers it computes with, whatever
+    its record says): an initializer or a Constant node of the same values, in either order of a matrix."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    consts = [numpy_helper.to_array(t) for t in model.graph.initializer if int(np.prod(t.dims)) <= 16]
+    consts += [numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value" and int(np.prod(a.t.dims)) <= 16]
+    problems = []
+    for key in _STAIN_ARRAYS[want["method"]]:
+        target = np.asarray(want[key], np.float32)
+        orders = [target.ravel(), target.T.ravel()] if target.ndim == 2 else [target.ravel()]
+        if not any(c.size == target.size and any(np.allclose(c.ravel(), o, rtol=1e-6, atol=1e-7) for o in orders)
+                   for c in consts):
+            problems.append(f"stain_normalization.{key}: the graph computes with no constant equal to spec.json's "
+                            f"{_short(want[key])}")
+    return problems

@@ -28,9 +28,25 @@ PROB_ATOL = 1e-4
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 7: "int64", 10: "float16"}
 
 
+# The graph's own record of the stain normalisation it computes (the spec's field, canonical JSON): the
+# constant folding of the export leaves its parameters unnamed, so the gate compares this with spec.json
+# (and the fixture's logits, computed with them, prove the graph uses them).
+STAIN_METADATA = "patchserve.stain_normalization"
+
+
+def graph_metadata(spec) -> dict[str, str]:
+    """What an exported graph of ``spec`` records about itself."""
+    import json
+
+    if spec.stain_normalization is None:
+        return {}
+    return {STAIN_METADATA: json.dumps(spec.stain_normalization, sort_keys=True, separators=(",", ":"))}
+
+
 def export_onnx(module, sample_nhwc_u8: np.ndarray, path: str | Path, *, input_name: str,
-                output_names: Sequence[str], opset: int = OPSET) -> Path:
-    """Export ``module`` (uint8 NHWC in) to one self-contained ONNX file with a dynamic batch."""
+                output_names: Sequence[str], opset: int = OPSET, metadata: dict[str, str] | None = None) -> Path:
+    """Export ``module`` (uint8 NHWC in) to one self-contained ONNX file with a dynamic batch; ``metadata``
+    goes into the model's ``metadata_props``."""
     import torch
 
     if sample_nhwc_u8.shape[0] < 2:
@@ -50,20 +66,30 @@ def export_onnx(module, sample_nhwc_u8: np.ndarray, path: str | Path, *, input_n
                               dynamic_shapes=({0: batch},), external_data=False, optimize=True)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"{path}: ONNX export failed: {exc}\n{log.getvalue()[-2000:]}") from exc
-    _cast_input_first(path)
+    _cast_input_first(path, metadata or {})
     check_onnx(path)
     return path
 
 
-def _cast_input_first(path: Path) -> None:
-    """Leave the uint8 input feeding only its Cast: TensorRT takes uint8 nowhere else (export.graph_checks)."""
+def _cast_input_first(path: Path, metadata: dict[str, str]) -> None:
+    """Leave the uint8 input feeding only its Cast: TensorRT takes uint8 nowhere else (export.graph_checks);
+    record ``metadata``."""
     import onnx
 
     from export.graph_checks import route_shapes_through_cast
 
     model = onnx.load(str(path))
-    if route_shapes_through_cast(model):
+    changed = route_shapes_through_cast(model)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+        changed = True
+    if changed:
         onnx.save(model, str(path))
+
+
+def read_graph_metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_onnx(path: str | Path):

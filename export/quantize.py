@@ -77,9 +77,26 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_nhwc_u8: np.ndarr
         quantize_static(str(pre), str(staged), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+        _keep_metadata(fp32_path, staged)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), str(out_path))
     return out_path
+
+
+def _keep_metadata(source: Path, target: Path) -> None:
+    """The fp32 graph's record of itself (its stain normalisation) travels to its int8 graph."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+    if not props:
+        return
+    model = onnx.load(str(target))
+    have = {p.key for p in model.metadata_props}
+    for key, value in props.items():
+        if key not in have:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    onnx.save(model, str(target))
 
 
 def int8_figures(session, images_nhwc_u8: np.ndarray, reference_probs: np.ndarray, *, input_name: str,

@@ -9,13 +9,16 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS
-from serving.core.spec import ARCHITECTURES, HEADS, POOL_SIZES, TTA_MODES
 from serving.core.options import option
+from serving.core.spec import ARCHITECTURES, HEADS, POOL_SIZES, STAIN_METHODS, TTA_MODES
 from training.errors import TrainingError
 from training.pipeline import DALI_DEVICES, INTERPOLATIONS, AugmentConfig, default_dali_threads
+
+STAIN_FIT_IMAGES = 64  # training images pooled to fit the stain normalisation's target
 
 if TYPE_CHECKING:
     from training.model import ModelConfig
@@ -101,6 +104,12 @@ class TrainConfig:
     random_crop: bool = option(AugmentConfig.random_crop, "train on random windows of --image-size without "
                                "resizing (images larger than the model, e.g. 150 px cropped to 128); "
                                "replaces --scale-min's random resized crop")
+    stain_normalize: str | None = option(None, "stain normalisation inside the model, on every patch it is fed "
+                                         "(training, evaluation and every served path)", choices=STAIN_METHODS,
+                                         default_text="none")
+    stain_target: str | None = option(None, "the image whose stain the patches are normalised to",
+                                      metavar="IMAGE", default_text=f"fitted from {STAIN_FIT_IMAGES} training images "
+                                      "drawn with --seed, pooled")
     stain_augment: bool = option(AugmentConfig.stain_augment,
                                  "HED stain jitter: scale and shift each stain's optical density per image")
     stain_scale: float = option(AugmentConfig.stain_scale, "HED concentration scale drawn from [1 - x, 1 + x]")
@@ -161,6 +170,16 @@ class TrainConfig:
             raise TrainingError(f"{' and '.join(chosen)} each correct class imbalance; pick one")
         if self.max_batch_size < 1:
             raise TrainingError(f"--max-batch-size: expected a positive integer, got {self.max_batch_size}")
+        if self.stain_normalize is not None and self.stain_normalize not in STAIN_METHODS:
+            raise TrainingError(f"--stain-normalize: invalid method {self.stain_normalize!r}. Only "
+                                f"{', '.join(STAIN_METHODS)} are supported.")
+        if self.stain_target is not None and self.stain_normalize is None:
+            raise TrainingError("--stain-target: give --stain-normalize METHOD too")
+        if self.stain_normalize is not None and self.grayscale_equalize:
+            raise TrainingError("--stain-normalize: a grey-scale model (--grayscale-equalize) has no stains to "
+                                "normalise")
+        if self.stain_target is not None and not Path(self.stain_target).is_file():
+            raise TrainingError(f"--stain-target: no such image {self.stain_target}")
         if self.mpp is not None and not (math.isfinite(self.mpp) and 0.01 <= self.mpp <= 100):
             raise TrainingError(f"--mpp: expected microns per pixel between 0.01 and 100, got {self.mpp}")
         for flag, v in (("--mean", self.mean), ("--std", self.std)):

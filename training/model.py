@@ -59,10 +59,14 @@ class ModelConfig:
 
 
 class Normalize(nn.Module):
-    """uint8 NHWC -> float NCHW (channels-last memory), normalised by the spec's mean/std."""
+    """uint8 NHWC -> float NCHW (channels-last memory), stain-normalised when the spec says so, then normalised
+    by the spec's mean/std."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], stain: dict | None = None):
         super().__init__()
+        from training.stain_norm import StainNormalizer
+
+        self.stain = StainNormalizer(stain) if stain else None
         mean_t = torch.tensor(mean, dtype=torch.float32) * 255.0
         std_t = torch.tensor(std, dtype=torch.float32) * 255.0
         self.register_buffer("mean", mean_t.view(1, 3, 1, 1), persistent=False)
@@ -71,6 +75,8 @@ class Normalize(nn.Module):
     def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
         # Cast before the permute: the uint8 input feeds only a Cast in the ONNX graph.
         x = images_nhwc_u8.float().permute(0, 3, 1, 2)
+        if self.stain is not None:
+            x = self.stain(x)
         return (x - self.mean) * self.inv_std
 
 
@@ -86,7 +92,7 @@ class Classifier(nn.Module):
     def __init__(self, spec: ModelSpec, config: ModelConfig):
         super().__init__()
         self.channels_last = True
-        self.normalize = Normalize(spec.mean, spec.std)
+        self.normalize = Normalize(spec.mean, spec.std, spec.stain_normalization)
         backbone = getattr(torchvision.models, config.arch)(weights=None)
         in_features = backbone.fc.in_features
         backbone.avgpool = nn.AdaptiveAvgPool2d(config.pool_size)

@@ -57,8 +57,9 @@ def mean_std_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int = 0, progress: bool = False,
                      grayscale_equalize: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                     ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Mean and std per channel over all pixels (in [0, 1]) of up to ``max_images`` samples."""
+                     transform=None) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std per channel over all pixels (in [0, 1]) of up to ``max_images`` samples, as the model sees
+    them: ``transform`` (uint8 HWC -> uint8 HWC) first, such as its stain normalisation."""
     from tqdm import tqdm
 
     if not samples:
@@ -72,8 +73,20 @@ def compute_mean_std(samples: list[Sample], *, max_images: int = 1000, seed: int
         image = _load(samples[int(i)], max_pixels)
         if grayscale_equalize:
             image = equalize_grey_u8(image)
+        if transform is not None:
+            image = transform(image)
         hist += channel_histograms(image)
     mean, std = mean_std_from_histograms(hist)
     mean = np.clip(mean, _MIN_VALUE, 1.0)
     std = np.clip(std, _MIN_VALUE, 1.0)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)  # type: ignore[return-value]
+
+
+def sample_images(samples: list[Sample], *, count: int, seed: int,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[np.ndarray]:
+    """Up to ``count`` decoded images drawn from ``samples`` with ``seed`` (the same ones for the same seed)."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(samples))
+    if len(samples) > count:
+        idx = np.sort(rng.choice(len(samples), size=count, replace=False))
+    return [_load(samples[int(i)], max_pixels) for i in idx]

@@ -151,16 +151,56 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo, given: DataSp
     return payload
 
 
+def stain_target(cfg: TrainConfig, data: DataSplit) -> dict | None:
+    """The stain normalisation's target parameters: fitted to --stain-target, or to STAIN_FIT_IMAGES training
+    images drawn with the seed and pooled; TrainingError when they hold too little tissue to fit."""
+    from serving.core.imageio import load_rgb_u8
+    from training.config import STAIN_FIT_IMAGES
+    from training.stain_norm import fit_target
+    from training.stats import sample_images
+
+    if cfg.stain_normalize is None:
+        return None
+    if cfg.stain_target is not None:
+        images, where = [load_rgb_u8(cfg.stain_target, max_pixels=cfg.max_image_pixels)], cfg.stain_target
+        flag = f"--stain-target {cfg.stain_target}"
+    else:
+        images = sample_images(data.train, count=STAIN_FIT_IMAGES, seed=cfg.seed, max_pixels=cfg.max_image_pixels)
+        where = f"the training set: {len(images)} images drawn with seed {cfg.seed}, pooled"
+        flag = f"--stain-normalize {cfg.stain_normalize}"
+    try:
+        params = fit_target(images, cfg.stain_normalize)
+    except ValueError as exc:
+        raise TrainingError(f"{flag}: {exc}") from exc
+    return {**params, "target": where}
+
+
+def _stain_transform(params: dict):
+    """uint8 HWC -> uint8 HWC through the model's stain normaliser (for the mean and std it will be fed)."""
+    from training.stain_norm import StainNormalizer
+
+    module = StainNormalizer(params).eval()
+
+    def apply(image):
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(image, np.float32)).permute(2, 0, 1).unsqueeze(0)
+            return module(x)[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+    return apply
+
+
 def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
+    stain = stain_target(cfg, data)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = cfg.mean, cfg.std
     elif cfg.pretrained:
         mean, std = cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD
     else:
-        # What the model is fed: equalised images for grey-scale models.
+        # What the model is fed: equalised images for grey-scale models, stain-normalised ones when asked.
         mean, std = compute_mean_std(data.train, max_images=cfg.stats_max_images, seed=cfg.seed,
                                      progress=cfg.progress, grayscale_equalize=cfg.grayscale_equalize,
-                                     max_pixels=cfg.max_image_pixels)
+                                     max_pixels=cfg.max_image_pixels,
+                                     transform=_stain_transform(stain) if stain else None)
         mean, std = cfg.mean or mean, cfg.std or std
     extra = {"grayscale_equalize": True} if cfg.grayscale_equalize else {}
     geometry = {}
@@ -173,7 +213,7 @@ def _build_spec(cfg: TrainConfig, data: DataSplit) -> ModelSpec:
     return ModelSpec(name=cfg.name or default_model_name(cfg.data), class_names=data.classes,
                      input_height=cfg.image_size, input_width=cfg.image_size, mean=mean, std=std,
                      arch=cfg.arch, max_batch_size=cfg.max_batch_size, extra=extra, trained_mpp=trained_mpp(cfg),
-                     **geometry)
+                     stain_normalization=stain, **geometry)
 
 
 def trained_mpp(cfg: TrainConfig) -> float | None:

@@ -40,6 +40,8 @@ def _stage(name: str) -> ModuleType:
         from benchmarks import bench_int8 as module
     elif name == "dask":
         from benchmarks import bench_dask as module
+    elif name == "stain":
+        from benchmarks import bench_stain as module
     else:
         raise KeyError(name)
     return module

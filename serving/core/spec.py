@@ -83,6 +83,41 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+STAIN_METHODS = ("macenko", "reinhard")
+
+
+def _numbers(value: Any, shape: tuple[int, ...], what: str) -> list:
+    try:
+        arr = [[float(v) for v in row] for row in value] if len(shape) == 2 else [float(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"stain_normalization.{what}: expected numbers of shape {shape}, got {value!r}") from exc
+    flat = [v for row in arr for v in row] if len(shape) == 2 else arr
+    rows_ok = len(arr) == shape[0] and (len(shape) == 1 or all(len(row) == shape[1] for row in arr))
+    if not rows_ok or not all(math.isfinite(v) for v in flat):
+        raise SpecError(f"stain_normalization.{what}: expected finite numbers of shape {shape}, got {value!r}")
+    return arr
+
+
+def check_stain_normalization(value: Any) -> dict:
+    """A valid stain normalisation: ``{"method": "macenko", "stain_matrix": 2 x 3 (H and E's OD per R, G, B),
+    "max_concentrations": 2}`` or ``{"method": "reinhard", "lab_mean": 3, "lab_std": 3}`` (plus free notes)."""
+    if not isinstance(value, dict) or value.get("method") not in STAIN_METHODS:
+        raise SpecError(f"stain_normalization: expected a mapping with method one of {', '.join(STAIN_METHODS)}, "
+                        f"got {value!r}")
+    out = dict(value)
+    if value["method"] == "macenko":
+        out["stain_matrix"] = _numbers(value.get("stain_matrix"), (2, 3), "stain_matrix")
+        out["max_concentrations"] = _numbers(value.get("max_concentrations"), (2,), "max_concentrations")
+        if min(out["max_concentrations"]) <= 0:
+            raise SpecError("stain_normalization.max_concentrations: expected positive concentrations")
+    else:
+        out["lab_mean"] = _numbers(value.get("lab_mean"), (3,), "lab_mean")
+        out["lab_std"] = _numbers(value.get("lab_std"), (3,), "lab_std")
+        if min(out["lab_std"]) <= 0:
+            raise SpecError("stain_normalization.lab_std: expected positive standard deviations")
+    return out
+
+
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -140,6 +175,9 @@ class ModelSpec:
     tta_views: tuple[str, ...] = TTA_MODES
     # Microns per pixel of the patches the model was trained on (None: not known). Slides are read at it.
     trained_mpp: float | None = None
+    # Stain normalisation computed inside the model, before mean/std (training/stain_norm.py): the method and
+    # its target's parameters; None: none. The graph and the configs hold copies that the gate checks.
+    stain_normalization: dict | None = None
     format_version: int = SPEC_FORMAT_VERSION
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     # Fields a reader must understand (MUST_UNDERSTAND ones not at their default, and those of a newer spec).
@@ -203,6 +241,8 @@ class ModelSpec:
                 raise SpecError(f"trained_mpp: expected microns per pixel between 0.01 and 100, got "
                                 f"{self.trained_mpp!r}")
             set_("trained_mpp", mpp)
+        if self.stain_normalization is not None:
+            set_("stain_normalization", check_stain_normalization(self.stain_normalization))
         views = tuple(self.tta_views)
         bad = [v for v in views if v not in TTA_MODES]
         if bad or "none" not in views:

@@ -147,7 +147,8 @@ OTHER_VALUES = {
     "source_width": 48, "input_name": "pixels", "output_name": "probs", "logits_name": "raw",
     "encoded_name": "files", "max_batch_size": 4, "eval_geometry": "crop", "tta_views": ("none", "flip"),
     "extra": {"grayscale_equalize": True}, "requires": ("eval_geometry",), "unknown": {"stain_target": [0.1, 0.2]},
-    "trained_mpp": 0.25,
+    "trained_mpp": 0.25, "stain_normalization": {"method": "reinhard", "lab_mean": [150.0, 128.0, 128.0],
+                                                  "lab_std": [60.0, 10.0, 10.0]},
     # These have a single valid value today: changing them makes the spec parameter unreadable, which fails too.
     "input_dtype": "float32", "input_layout": "NCHW", "format_version": 2,
 }
