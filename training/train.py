@@ -28,7 +28,7 @@ from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import DataSplit, default_model_name, resolve_eval_samples, resolve_training_data
-from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
+from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object, describe_group,
                                   destroy_process_group, init_process_group)
 from training.errors import CheckpointError, TrainingError
 from training.model import build_model, load_pretrained_backbone
@@ -315,6 +315,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.is_main:
+            print(describe_group(info), flush=True)
     if cfg.compile:
         net = torch.compile(net)
     if info.is_main:
