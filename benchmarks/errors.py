@@ -7,3 +7,7 @@ from serving.core.errors import PatchserveError
 
 class BenchOutError(PatchserveError, ValueError):
     """--out points somewhere benchmark results must not go, or holds no results."""
+
+
+class GpuCheckError(PatchserveError):
+    """A gpu-check step cannot run as asked: names the step or the flag."""

@@ -28,7 +28,7 @@ class RefuseTritonclient:
 sys.meta_path.insert(0, RefuseTritonclient())
 import export, benchmarks
 names = [m.name for m in pkgutil.walk_packages(export.__path__, "export.")]
-names += ["benchmarks.gpu_train", "benchmarks.gpu_serve"]
+names += [f"benchmarks.gpu_{m}" for m in ("check", "common", "ddp", "onnx", "serve", "train")]
 failed = {}
 for name in names:
     try:
