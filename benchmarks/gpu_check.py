@@ -13,7 +13,7 @@ CPU (``benchmarks.gpu_common``), and runs in the test suite.
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import json
 import platform
 import sys
@@ -67,6 +67,16 @@ STEP_NAMES = tuple(s.name for s in STEPS)
 
 # -- inside a step's process ------------------------------------------------------------------
 
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first of ``distributions`` that is installed."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def environment(sizes: GpuSizes) -> dict:
     """What this machine has: versions, the GPU, which packages are installed."""
     import numpy
@@ -86,11 +96,9 @@ def environment(sizes: GpuSizes) -> dict:
                    nccl=".".join(map(str, torch.cuda.nccl.version())))
     else:
         env["device"] = "no CUDA"
-    for module in ("torchvision", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            env[module] = importlib.import_module(module).__version__
-        except ImportError:
-            env[module] = None
+    for name, dists in (("torchvision", ("torchvision",)), ("onnx", ("onnx",)), ("onnxscript", ("onnxscript",)),
+                        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
+        env[name] = _version(*dists)
     if env["onnxruntime"]:
         import onnxruntime
 

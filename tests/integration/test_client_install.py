@@ -27,7 +27,8 @@ from tests.pythons import find_python
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_TESTS = ["tests/integration/test_client_server.py", "tests/integration/test_score_cli.py"]
 HEAVY = ("torch", "onnx", "pytriton", "nvidia.dali", "tensorrt")
-pytestmark = pytest.mark.slow
+# A fresh machine downloads every wheel of the client extra: more than the 900 s every test gets.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 PROBE = f"""
 import importlib.util, json, sys, numpy
 

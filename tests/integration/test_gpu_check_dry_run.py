@@ -24,7 +24,8 @@ from serving.core.procs import descendants, process_gone
 from tests.scripts import SCRIPTS
 
 ROOT = SCRIPTS.parent
-pytestmark = pytest.mark.slow
+# The whole dry run is set up by the first test (up to 800 s on a busy 2-core machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _start(out: Path) -> subprocess.Popen:
