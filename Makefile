@@ -1,5 +1,6 @@
 # The two commands of the README. Each creates .venv and installs the pinned
-# set (constraints.txt) when it is missing or older than the dependency files.
+# set (constraints.txt, which takes constraints/shared.txt in) when it is missing
+# or older than any dependency file.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +11,9 @@ EXTRAS ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo all,test; else ech
 
 .PHONY: demo test install bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+DEPENDENCY_FILES := pyproject.toml constraints.txt $(wildcard constraints/*.txt)
+
+$(STAMP): $(DEPENDENCY_FILES)
 	@case "$(EXTRAS)" in *all*) ;; *) echo "no CUDA here (nvidia-smi): installing without the gpu extra (TensorRT)";; esac
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"

@@ -17,38 +17,30 @@ from benchmarks.common import bar_plot, interleave, measure, write_results
 
 
 def _step_fn(model, device, amp: bool):
+    """The training loop's own step (training.step.train_step) with SGD and cross-entropy."""
     import torch
 
+    from training.step import grad_scaler, train_step
+
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = grad_scaler(device, amp)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step(images, labels):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            loss = loss_fn(model(images).float(), labels)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, images, labels, optimizer=opt, scaler=scaler, criterion=loss_fn, device=device, amp=amp)
 
     return step
 
 
 def _model(arch: str, size: int, channels_last: bool, device):
-    import torch
-
     from serving.core.spec import ModelSpec
     from training.model import ModelConfig, build_model
+    from training.step import place_model
 
     spec = ModelSpec(name="bench", class_names=("a", "b"), input_height=size, input_width=size,
                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), arch=arch)
-    model = build_model(spec, ModelConfig(arch=arch, num_classes=2)).to(device).train()
-    model.channels_last = channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+    return place_model(build_model(spec, ModelConfig(arch=arch, num_classes=2)), device,
+                       channels_last=channels_last).train()
 
 
 def _sync(device) -> None:

@@ -11,3 +11,7 @@ class BenchOutError(PatchserveError, ValueError):
 
 class BenchmarkError(PatchserveError, RuntimeError):
     """What a benchmark or its test data needs could not be made (a download, a converter, a library)."""
+
+
+class GpuCheckError(PatchserveError):
+    """A gpu-check step cannot run as asked: names the step or the flag."""

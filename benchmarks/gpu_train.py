@@ -1,72 +1,71 @@
-"""GPU training throughput: ResNet50 at 224 px, fp16 autocast + GradScaler, channels-last.
+"""GPU training throughput of the project's model: ResNet50 at 224 px, batch 256, fp16 autocast +
+GradScaler, channels-last, through ``training.step.train_step`` (the training loop's own step).
 
-Three figures, each with the device named beside it:
+- :func:`train_throughput`: GPU-resident synthetic uint8 batches (the model's ceiling), eager or
+  ``torch.compile``; images/s median after warm-up against NVIDIA's 2,470 img/s on one A100 80GB,
+  and peak memory.
+- :func:`dali_fed`: the DALI training pipeline alone, then training fed by it (where DALI is installed).
 
-- the model alone, on uint8 NHWC batches already on the GPU (the ceiling);
-- the DALI GPU pipeline alone (nvJPEG mixed decode, random resized crop, flip);
-- training fed by that pipeline (the figure to hold against NVIDIA's published
-  2,470 images/s for ResNet50 AMP training on one A100 80GB, DeepLearningExamples).
-
-Run by ``scripts/gpu-check``; without DALI only the model-alone figure is
-measured and the others say what was missing.
+Run by ``scripts/gpu-check``, each in a process of its own.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-# NVIDIA DeepLearningExamples, ResNet50 v1.5 PyTorch, training, AMP, 1 x A100 80GB, batch 256.
-ANCHOR_IMAGES_S = 2470.0
-ANCHOR = "NVIDIA's published 2,470 img/s (ResNet50 AMP training, 1 x A100 80GB)"
+from benchmarks.gpu_common import (GpuSizes, bench_classifier, device_name, peak_memory, reset_peak_memory,
+                                   synchronize, timed_rates, torch_device, uint8_batch, vs_anchor)
 
 
-def _model(batch: int):
+def _optimiser(model):
     import torch
 
-    from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-    from training.model import ModelConfig, build_model
-
-    spec = ModelSpec(name="bench_r50", class_names=tuple(f"c{i}" for i in range(1000)), input_height=224,
-                     input_width=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, arch="resnet50", max_batch_size=batch)
-    model = build_model(spec, ModelConfig(arch="resnet50", num_classes=1000)).cuda().train()
-    return model.to(memory_format=torch.channels_last)
+    # DeepLearningExamples' ResNet50 recipe: SGD with momentum and weight decay.
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
-def _step_fn(model):
+def train_throughput(sizes: GpuSizes, *, compile: bool = False) -> dict:
+    """Training steps on one synthetic batch held on the device: images/s, peak memory, the first step's time."""
     import torch
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda")
-    loss_fn = torch.nn.CrossEntropyLoss()
+    from training.step import grad_scaler, train_step
 
-    def step(images_nhwc_u8, labels):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type="cuda", dtype=torch.float16):
-            loss = loss_fn(model(images_nhwc_u8).float(), labels)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    device = torch_device(sizes)
+    if sizes.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = bench_classifier(sizes).train()
+    net = torch.compile(model, backend=sizes.compile_backend) if compile else model
+    optimizer, scaler, criterion = _optimiser(model), grad_scaler(device, True), torch.nn.CrossEntropyLoss()
+    x = uint8_batch(sizes, sizes.batch)
+    y = torch.randint(0, sizes.classes, (sizes.batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    losses = []
 
-    return step
+    def step():
+        loss, _ = train_step(net, x, y, optimizer=optimizer, scaler=scaler, criterion=criterion, device=device,
+                             amp=True)
+        losses.append(loss)
 
-
-def _timed(batches, step, *, warmup: int, steps: int, batch: int) -> tuple[float, float]:
-    """(images/s, seconds) over ``steps`` steps after ``warmup`` untimed ones; ``batches`` yields (x, y)."""
-    import torch
-
-    for _ in range(warmup):
-        step(*next(batches))
-    torch.cuda.synchronize()
+    reset_peak_memory(sizes)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step(*next(batches))
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    return steps * batch / seconds, seconds
+    step()  # the first step: cuDNN autotuning, and the compilation with torch.compile
+    synchronize(sizes)
+    first_step_s = time.perf_counter() - t0
+    rates = timed_rates(step, sizes, items=sizes.batch, warmup=sizes.warmup, steps=sizes.steps,
+                        repeats=sizes.repeats)
+    last = float(losses[-1].detach())
+    return {"what": f"{sizes.arch} {sizes.image}px training, batch {sizes.batch}, channels-last, "
+                    f"GPU-resident synthetic uint8 input" + (f", torch.compile ({sizes.compile_backend})"
+                                                            if compile else ", eager"),
+            "device": device_name(sizes), "precision": sizes.precision, "batch": sizes.batch,
+            "first_step_s": round(first_step_s, 2), **rates, **vs_anchor(sizes, rates["images_per_s"]),
+            **peak_memory(sizes), "last_loss": round(last, 4), "loss_finite": math.isfinite(last),
+            "grad_scale": float(scaler.get_scale()) if scaler.is_enabled() else None}
 
 
 def write_jpegs(folder: Path, count: int, size: int = 320, seed: int = 0) -> list[Path]:
@@ -89,63 +88,62 @@ def write_jpegs(folder: Path, count: int, size: int = 320, seed: int = 0) -> lis
     return paths
 
 
-def _dali_batches(paths: list[Path], batch: int, threads: int):
-    """Endless (images, labels) CUDA batches from one GPU DALI pipeline, reset at each epoch end."""
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
+def dali_loader(paths: list[Path], sizes: GpuSizes, threads: int):
+    """Training's own loader (one pipeline, reset each epoch): GPU decoding on CUDA, CPU-only in the dry run."""
     from serving.inputs.datasets import Sample
-    from training.pipeline import READER, AugmentConfig, build_train_pipeline
+    from training.pipeline import AugmentConfig, TrainLoader
 
     samples = [Sample(str(p), int(p.name[0])) for p in paths]
     augment = AugmentConfig(hflip_prob=0.5, vflip_prob=0.0, scale_min=0.08)
-    pipe = build_train_pipeline(samples, input_hw=(224, 224), augment=augment, batch_size=batch, num_threads=threads,
-                                seed=0, device="gpu", device_id=0)
-    it = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
-                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+    gpu = sizes.device == "cuda"
+    loader = TrainLoader(samples, input_hw=(sizes.image, sizes.image), augment=augment, batch_size=sizes.batch,
+                         num_threads=threads, device="gpu" if gpu else "cpu", device_id=0 if gpu else None)
+    return loader, samples
+
+
+def endless(loader, samples, batch: int):
+    """Batches of epoch after epoch of ``loader`` (the last partial batch of each dropped)."""
+    epoch = 0
     while True:
-        for out in it:
-            yield out[0]["images"], out[0]["labels"].reshape(-1).long().cuda()
+        for images, labels in loader.epoch(samples, seed=epoch):
+            if images.shape[0] == batch:
+                yield images, labels
+        epoch += 1
 
 
-def run(workdir: Path, *, quick: bool = False, have_dali: bool = True) -> list[dict]:
-    """Measure; return one row per figure (``images_per_s`` None with a ``missing`` note when it could not run)."""
-    import os
-
+def dali_fed(sizes: GpuSizes, workdir: Path) -> dict:
+    """The DALI training pipeline alone, then training steps fed by it: images/s of each."""
     import torch
 
-    device = torch.cuda.get_device_name(0)
-    batch = 128 if quick else 256
-    warmup, steps = (5, 15) if quick else (10, 40)
-    rows = []
-    torch.backends.cudnn.benchmark = True
-    model = _model(batch)
-    step = _step_fn(model)
-    x = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+    from training.step import grad_scaler, train_step
 
-    def synthetic():
-        while True:
-            yield x, y
+    device = torch_device(sizes)
+    threads = max(1, min(8, (os.cpu_count() or 4) - 2))
+    paths = write_jpegs(workdir / "jpeg", sizes.jpegs, size=sizes.jpeg_size)
+    loader, samples = dali_loader(paths, sizes, threads)
+    batches = endless(loader, samples, sizes.batch)
+    held = {}
 
-    rate, seconds = _timed(synthetic(), step, warmup=warmup, steps=steps, batch=batch)
-    rows.append({"benchmark": "train", "what": "ResNet50 224px AMP fp16 + channels-last, model alone (data on GPU)",
-                 "device": device, "batch": batch, "images_per_s": round(rate, 1), "seconds": round(seconds, 2),
-                 "vs_anchor": round(rate / ANCHOR_IMAGES_S, 3), "anchor": ANCHOR})
-    names = ("DALI GPU pipeline alone (nvJPEG decode, random resized crop, flip)",
-             "ResNet50 224px AMP fp16 + channels-last, fed by the DALI GPU pipeline")
-    if not have_dali:
-        rows += [{"benchmark": "train", "what": n, "device": device, "batch": batch, "images_per_s": None,
-                  "missing": "DALI (pip install nvidia-dali-cuda130)"} for n in names]
-        return rows
-    threads = max(2, min(8, (os.cpu_count() or 4) - 2))
-    paths = write_jpegs(workdir / "jpeg", 4 * batch)
-    batches = _dali_batches(paths, batch, threads)
-    rate, seconds = _timed(batches, lambda a, b: None, warmup=warmup, steps=steps, batch=batch)
-    rows.append({"benchmark": "train", "what": names[0], "device": device, "batch": batch,
-                 "images_per_s": round(rate, 1), "seconds": round(seconds, 2), "cpu_threads": threads})
-    rate, seconds = _timed(batches, step, warmup=warmup, steps=steps, batch=batch)
-    rows.append({"benchmark": "train", "what": names[1], "device": device, "batch": batch,
-                 "images_per_s": round(rate, 1), "seconds": round(seconds, 2), "cpu_threads": threads,
-                 "vs_anchor": round(rate / ANCHOR_IMAGES_S, 3), "anchor": ANCHOR})
-    return rows
+    def pull():
+        held["batch"] = next(batches)
+
+    alone = timed_rates(pull, sizes, items=sizes.batch, warmup=sizes.warmup, steps=sizes.steps,
+                        repeats=sizes.repeats)
+    x, _ = held["batch"]
+    model = bench_classifier(sizes).train()
+    optimizer, scaler, criterion = _optimiser(model), grad_scaler(device, True), torch.nn.CrossEntropyLoss()
+
+    def fed_step():
+        images, labels = next(batches)
+        train_step(model, images, labels, optimizer=optimizer, scaler=scaler, criterion=criterion, device=device,
+                   amp=True)
+
+    fed = timed_rates(fed_step, sizes, items=sizes.batch, warmup=sizes.warmup, steps=sizes.steps,
+                      repeats=sizes.repeats)
+    return {"what": f"DALI training pipeline ({'mixed nvJPEG decode' if sizes.device == 'cuda' else 'CPU decode'}"
+                    f", random resized crop, flip) of {sizes.jpegs} {sizes.jpeg_size}px JPEGs to {sizes.image}px, "
+                    f"alone and feeding {sizes.arch} training",
+            "device": device_name(sizes), "precision": sizes.precision, "batch": sizes.batch, "dali_threads": threads,
+            "batch_on": str(x.device), "batch_dtype": str(x.dtype).replace("torch.", ""),
+            "batch_shape": list(x.shape), "pipeline_builds": loader.builds,
+            "pipeline_alone": alone, "dali_fed_training": {**fed, **vs_anchor(sizes, fed["images_per_s"])}}

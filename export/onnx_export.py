@@ -54,7 +54,9 @@ def export_onnx(module, sample_nhwc_u8: np.ndarray, path: str | Path, *, input_n
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    sample = torch.from_numpy(np.ascontiguousarray(sample_nhwc_u8))
+    # Traced where the module lives: a CUDA model is exported on CUDA.
+    device = next(module.parameters(), torch.empty(0)).device
+    sample = torch.from_numpy(np.ascontiguousarray(sample_nhwc_u8)).to(device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     log = io.StringIO()
     try:

@@ -4,13 +4,19 @@ A session asked for a GPU provider silently falls back to the CPU when the
 provider cannot load (a missing libcublas.so.13, a TensorRT of another major);
 :func:`gpu_session` refuses that fallback, so a parity figure or a benchmark
 labelled "CUDA" or "TensorRT" really ran there.
+
+The TensorRT provider loads ``libnvinfer.so.10`` by name. pip's TensorRT keeps
+that library inside the ``tensorrt_libs`` package, off the loader's path,
+until ``import tensorrt`` loads it: so tensorrt is imported before such a
+session is made, and its absence is :class:`TensorRTUnavailable`, not a
+silent fall-back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from export.errors import ExportError
+from export.errors import ExportError, TensorRTUnavailable
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -32,9 +38,21 @@ def provider_options(provider: str, *, input_name: str, input_hw: tuple[int, int
     raise ExportError(f"Invalid provider {provider!r}. Only {', '.join(GPU_PROVIDERS)} are supported.")
 
 
+def load_tensorrt_libraries() -> None:
+    """Import tensorrt, which loads libnvinfer so the TensorRT provider finds it; typed error when absent."""
+    try:
+        import tensorrt  # noqa: F401 - imported for its side effect: libnvinfer.so.10 loaded
+    except ImportError as exc:
+        raise TensorRTUnavailable("ONNX Runtime's TensorRT provider needs the tensorrt package (tensorrt-cu13 "
+                                  "10.x, which its libnvinfer.so.10 comes from): pip install 'patchserve[gpu]'") \
+            from exc
+
+
 def gpu_session(path: str | Path, provider: str, *, input_name: str, input_hw: tuple[int, int],
                 max_batch_size: int, fp16: bool = False, device_id: int = 0):
     """An InferenceSession whose first active provider is ``provider`` (CUDA behind TensorRT, CPU last)."""
+    if provider == "TensorrtExecutionProvider":
+        load_tensorrt_libraries()
     import onnxruntime as ort
 
     chain = [(provider, provider_options(provider, input_name=input_name, input_hw=input_hw,

@@ -4,6 +4,10 @@ Never string templates: every config is a protobuf message, written with
 ``google.protobuf.text_format``, so a typo is an AttributeError here rather
 than a model that fails to load on a server. Everything comes from the spec
 and :class:`ExportOptions`.
+
+The message classes come from tritonclient (the client extra), imported where
+a config is built or read: every export module imports without it (a GPU
+machine that only exports and measures has no tritonclient).
 """
 
 from __future__ import annotations
@@ -11,15 +15,25 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
+from typing import TYPE_CHECKING
 
 from export.errors import ExportInputError
 from export.tta import TTA_EXPORT_MODES
 from serving.core.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from serving.core.options import option
 from serving.core.spec import FLAVOURS, SPEC_PARAMETER, TTA_VIEWS_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+
+def model_config_pb2():
+    """Triton's ``model_config.proto`` messages (tritonclient's copy)."""
+    # Here, not at the top: export modules must import without tritonclient.
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc
+
 
 FORMATS = FLAVOURS
 TTA_PARAMETER = TTA_VIEWS_PARAMETER
@@ -121,7 +135,8 @@ def _tensor(cls, name: str, dtype: int, dims, **kw):
     return t
 
 
-def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> mc.ModelConfig:
+def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tuple | None) -> ModelConfig:
+    mc = model_config_pb2()
     cfg = mc.ModelConfig(name=name, max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
@@ -139,12 +154,13 @@ def _base(name: str, spec: ModelSpec, opts: ExportOptions, *, warmup_input: tupl
     return cfg
 
 
-def _instances(cfg: mc.ModelConfig, kind: int, count: int) -> None:
+def _instances(cfg: ModelConfig, kind: int, count: int) -> None:
     cfg.instance_group.add(kind=kind, count=count)
 
 
-def _runtime(cfg: mc.ModelConfig, flavour: str, opts: ExportOptions) -> None:
+def _runtime(cfg: ModelConfig, flavour: str, opts: ExportOptions) -> None:
     """Backend, model file and instances of one flavour of an ONNX-derived model."""
+    mc = model_config_pb2()
     if flavour == "python":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = ONNX_FILE
@@ -168,8 +184,9 @@ def _runtime(cfg: mc.ModelConfig, flavour: str, opts: ExportOptions) -> None:
         raise ExportInputError(f"--formats: invalid format {flavour!r}. Only {', '.join(FORMATS)} are supported.")
 
 
-def classifier_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+def classifier_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> ModelConfig:
     """uint8 [H, W, 3] -> probabilities [C] (with labels) and logits [C]."""
+    mc = model_config_pb2()
     dims = [spec.input_height, spec.input_width, 3]
     cfg = _base(spec.name, spec, opts, warmup_input=(spec.input_name, dims))
     cfg.input.append(_tensor(mc.ModelInput, spec.input_name, mc.TYPE_UINT8, dims))
@@ -180,8 +197,9 @@ def classifier_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
     return cfg
 
 
-def tta_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+def tta_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> ModelConfig:
     """uint8 [source H, source W, 3] -> probabilities [C] averaged over the TTA views."""
+    mc = model_config_pb2()
     dims = [spec.source_height, spec.source_width, 3]
     cfg = _base(spec.tta_model_name, spec, opts, warmup_input=(spec.input_name, dims))
     cfg.parameters[TTA_PARAMETER].string_value = opts.tta_views
@@ -192,8 +210,9 @@ def tta_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelCo
     return cfg
 
 
-def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.ModelConfig:
+def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> ModelConfig:
     """Encoded bytes uint8 [-1] (ragged) -> uint8 [H, W, 3]; ``python`` or ``dali`` backend."""
+    mc = model_config_pb2()
     # No warm-up: zeros are not a decodable image and would fail the model load.
     cfg = _base(spec.preprocess_model_name, spec, opts, warmup_input=None)
     cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1], allow_ragged_batch=True))
@@ -215,8 +234,9 @@ def preprocess_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> mc.
     return cfg
 
 
-def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
+def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> ModelConfig:
     """Encoded bytes -> preprocess -> classifier, scheduled by Triton's ensemble scheduler."""
+    mc = model_config_pb2()
     cfg = mc.ModelConfig(name=spec.ensemble_model_name, platform="ensemble", max_batch_size=spec.max_batch_size)
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
@@ -234,30 +254,35 @@ def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> mc.ModelConfig:
     return cfg
 
 
-def set_weights(cfg: mc.ModelConfig, weights_sha256: str | None) -> mc.ModelConfig:
+def set_weights(cfg: ModelConfig, weights_sha256: str | None) -> ModelConfig:
     """Record which weights a model serves, so a client can read it from a live server."""
     if weights_sha256:
         cfg.parameters[WEIGHTS_PARAMETER].string_value = weights_sha256
     return cfg
 
 
-def config_weights(cfg: mc.ModelConfig) -> str | None:
+def config_weights(cfg: ModelConfig) -> str | None:
     return cfg.parameters[WEIGHTS_PARAMETER].string_value if WEIGHTS_PARAMETER in cfg.parameters else None
 
 
-def to_text(cfg: mc.ModelConfig) -> str:
+def to_text(cfg: ModelConfig) -> str:
+    from google.protobuf import text_format
+
     return text_format.MessageToString(cfg)
 
 
-def parse_text(text: str, where: str | Path = "config") -> mc.ModelConfig:
+def parse_text(text: str, where: str | Path = "config") -> ModelConfig:
     """Parse pbtxt into a ModelConfig; ExportInputError names the file on a syntax error."""
+    from google.protobuf import text_format
+
+    mc = model_config_pb2()
     try:
         return text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as exc:
         raise ExportInputError(f"{where}: not a valid Triton ModelConfig ({exc})") from exc
 
 
-def read_config(path: str | Path) -> mc.ModelConfig:
+def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     try:
         text = path.read_text()
@@ -266,7 +291,7 @@ def read_config(path: str | Path) -> mc.ModelConfig:
     return parse_text(text, path)
 
 
-def config_spec(cfg: mc.ModelConfig) -> ModelSpec | None:
+def config_spec(cfg: ModelConfig) -> ModelSpec | None:
     """The spec stored in a config's parameters, or None when there is none."""
     if SPEC_PARAMETER not in cfg.parameters:
         return None

@@ -31,3 +31,13 @@ def tiny_spec():
 
     return ModelSpec(name="tiny", class_names=("normal", "tumour"), input_height=32, input_width=32,
                      mean=(0.7, 0.5, 0.7), std=(0.15, 0.2, 0.15), max_batch_size=8)
+
+
+def pytest_addoption(parser):
+    # A server started elsewhere (tests/integration/test_client_install.py runs the client's own tests in an
+    # environment with the client extra only, against the server of the main environment).
+    group = parser.getgroup("patchserve", "a running Triton server for the client tests (-m client)")
+    group.addoption("--triton-grpc", help="HOST:PORT of its gRPC endpoint")
+    group.addoption("--triton-http", help="HOST:PORT of its HTTP endpoint")
+    group.addoption("--triton-repo", help="the repository it serves (its ONNX files are the tests' reference)")
+    group.addoption("--triton-model", help="the classifier's name in that repository")

@@ -2,7 +2,10 @@
 
 ``triton_server``: the real embedded Triton (``EmbeddedTriton``) serving the
 export area's ``exported_repo`` once per session; yields a ``Served`` with
-the server, the repository and the spec. ``ort_reference``: an in-process
+the server, the repository and the spec. Given ``--triton-grpc``,
+``--triton-http``, ``--triton-repo`` and ``--triton-model`` (a server started
+elsewhere), it serves that one instead and needs neither torch nor the
+embedded server: tests marked ``client`` run so in a client-only environment. ``ort_reference``: an in-process
 ONNX Runtime session on the same ``model.onnx``, for parity checks.
 ``other_weights_server``: the same model name, version and spec exported from
 another random run (only the weights differ), for the job-fingerprint tests of
@@ -21,26 +24,28 @@ import pytest
 
 @dataclass
 class Served:
-    server: object  # serving.server.EmbeddedTriton
+    server: object  # serving.server.EmbeddedTriton; None for a server started elsewhere
     repo: Path
     spec: object  # serving.spec.ModelSpec
-
-    @property
-    def grpc(self) -> str:
-        return self.server.urls.grpc
-
-    @property
-    def http(self) -> str:
-        return self.server.urls.http
+    grpc: str
+    http: str
 
 
 @pytest.fixture(scope="session")
-def triton_server(exported_repo):
+def triton_server(request):
+    option = request.config.getoption
+    if option("--triton-grpc"):
+        from serving.core.spec import ModelSpec
+
+        repo = Path(option("--triton-repo"))
+        yield Served(None, repo, ModelSpec.load(repo / option("--triton-model") / "spec.json"),
+                     option("--triton-grpc"), option("--triton-http"))
+        return
     from serving.server.embedded import EmbeddedTriton
 
-    repo, spec = exported_repo
+    repo, spec = request.getfixturevalue("exported_repo")
     with EmbeddedTriton(repo) as server:
-        yield Served(server, Path(repo), spec)
+        yield Served(server, Path(repo), spec, server.urls.grpc, server.urls.http)
 
 
 class OrtReference:

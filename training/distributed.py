@@ -14,9 +14,13 @@ from training.errors import TrainingError
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Who this process is. ``launched``: started by torchrun, which always means a process group and
+    DDP, even with one rank (so a one-GPU run exercises NCCL and DDP as a multi-GPU one does)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -24,7 +28,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process joins a process group and wraps the model in DDP."""
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -32,10 +37,10 @@ class DistInfo:
 
 
 def dist_info_from_env(env: Mapping[str, str]) -> DistInfo:
-    """torchrun's variables -> DistInfo (single process when they are absent)."""
+    """torchrun's variables -> DistInfo (a single process without a group when they are absent)."""
     try:
         return DistInfo(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
-                        local_rank=int(env.get("LOCAL_RANK", 0)))
+                        local_rank=int(env.get("LOCAL_RANK", 0)), launched="RANK" in env and "WORLD_SIZE" in env)
     except ValueError as exc:
         raise TrainingError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
 
@@ -63,6 +68,18 @@ def init_process_group(info: DistInfo, device_type: str) -> None:
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend=process_group_backend(device_type), rank=info.rank,
                                 world_size=info.world_size)
+
+
+def describe_group(info: DistInfo) -> str | None:
+    """One line for the log saying what distributed training runs here, or None without a group."""
+    if not info.enabled:
+        return None
+    import torch.distributed as dist
+
+    ranks = f"{info.world_size} rank" + ("s" if info.world_size != 1 else "")
+    alone = " (one rank: the group and DDP run, with no other rank to exchange gradients with)" \
+        if info.world_size == 1 else ""
+    return f"DistributedDataParallel over a {dist.get_backend()} process group of {ranks}{alone}"
 
 
 def destroy_process_group() -> None:

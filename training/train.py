@@ -29,7 +29,7 @@ from serving.core.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from training.checkpoint import BEST, LAST, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import DataSplit, default_model_name, resolve_eval_samples, resolve_training_data
-from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object,
+from training.distributed import (DistInfo, all_gather_objects, barrier, broadcast_object, describe_group,
                                   destroy_process_group, init_process_group)
 from training.errors import CheckpointError, TrainingError
 from training.model import build_model, load_pretrained_backbone
@@ -39,6 +39,7 @@ from training.runs import check_run_folder, write_run_config
 from training.sampling import balanced_class_weights, epoch_order
 from training.scan import describe_skipped, refuse_bad, scan_samples, write_bad_list
 from training.stats import common_hw, compute_mean_std
+from training.step import autocast, grad_scaler, place_model, train_step
 
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
@@ -241,7 +242,7 @@ def evaluate_samples(model: nn.Module, loader: EvalLoader, spec: ModelSpec, *, d
     """Softmax probabilities and labels of the loader's samples (centre crop), each sample once across ranks."""
     probs, labels = [], []
     model.eval()
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast(device, amp):
         for images, y in loader:
             logits = model(images.to(device, non_blocking=True)).float()
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())
@@ -281,11 +282,6 @@ def amp_warning(device: torch.device, amp: bool) -> str | None:
                 "emulates it, several times slower than fp32 (the train benchmark measured 9x on a 2-core AMD "
                 "EPYC); leave --amp off here")
     return None
-
-
-def _autocast(device: torch.device, amp: bool):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp)
 
 
 def train(cfg: TrainConfig, info: DistInfo | None = None, data: DataSplit | None = None) -> TrainResult:
@@ -335,10 +331,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     if cfg.freeze_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-    model.to(device)
-    model.channels_last = cfg.channels_last
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device, channels_last=cfg.channels_last)
     ema = None
     if cfg.model_ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -346,7 +339,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model_ema_decay), use_buffers=True)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    scaler = grad_scaler(device, cfg.amp)
     warning = amp_warning(device, cfg.amp)
     if warning and info.is_main:
         print(warning, flush=True)
@@ -377,6 +370,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.is_main:
+            print(describe_group(info), flush=True)
     if cfg.compile:
         net = torch.compile(net)
     if info.is_main:
@@ -405,14 +400,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device, dali_device: 
         bar = tqdm(total=len(order) // info.world_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                    disable=bar_disable(cfg.progress and info.is_main), leave=False)
         for images, y in train_loader.epoch(epoch_samples, dali_seed(cfg.seed, epoch, info.rank)):
-            images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, cfg.amp):
-                logits = net(images)
-                loss = criterion(logits.float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            y = y.to(device, non_blocking=True)
+            loss, logits = train_step(net, images, y, optimizer=optimizer, scaler=scaler, criterion=criterion,
+                                      device=device, amp=cfg.amp)
             if ema is not None:
                 ema.update_parameters(model)
             n = y.shape[0]

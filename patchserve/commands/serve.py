@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 
@@ -17,8 +18,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from serving.server.embedded import EmbeddedTriton
     from serving.core.spec import GPU_FLAVOURS
+    from serving.server.embedded import EmbeddedTriton
 
     cfg = from_args(ServeConfig, args)
     extra = (f"--model-config-name={cfg.model_config_name}",) if cfg.model_config_name else ()
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, systemd) stops as cleanly as Ctrl-C.
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with server:
+        with _gpu_hint_on_load_failure(server, cfg.model_config_name), server:
             print(f"Triton is ready (log: {server.log_path})")
             print(f"  logging, trace and repository APIs need the header in {server.workdir / 'api_key'}")
             print(f"  HTTP     {server.urls.http}")
@@ -53,6 +54,23 @@ def main(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
+
+
+@contextlib.contextmanager
+def _gpu_hint_on_load_failure(server, flavour: str | None):
+    """Models of a GPU flavour failed to load here: add where that flavour can be served."""
+    from serving.core.errors import ModelLoadError
+    from serving.core.spec import GPU_FLAVOURS
+    from serving.server.embedded import triton_backends
+
+    try:
+        yield
+    except ModelLoadError as exc:
+        if flavour not in GPU_FLAVOURS:
+            raise
+        raise ModelLoadError(f"{exc}\nthe embedded server has the {', '.join(triton_backends())} backend only: "
+                             f"serve the {flavour} flavour from NGC's container:\n  {server.ngc_command(flavour)}",
+                             exc.failures) from None
 
 
 def _models(server) -> list[tuple[str, str, str]]:

@@ -39,6 +39,14 @@ class ServerError(PatchserveError):
     """The embedded Triton server could not be started or stopped."""
 
 
+class ModelLoadError(ServerError):
+    """The server started but failed to load models: ``failures`` holds each one with Triton's reason."""
+
+    def __init__(self, message: str, failures: tuple = ()):
+        super().__init__(message)
+        self.failures = tuple(failures)
+
+
 class ClientError(PatchserveError):
     """Base of errors raised while talking to a Triton server."""
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.core.errors import ServerError
+from serving.core.errors import ModelLoadError, ServerError
 from serving.server.state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
 from serving.core.spec import GPU_FLAVOURS
 
@@ -215,13 +215,33 @@ class EmbeddedTriton:
                     if client.is_server_ready():
                         self.protect_shared_memory()
                         return
+                    failures = self._load_failures(client)
                 except Exception:  # noqa: BLE001 - not listening yet
-                    pass
+                    failures = None
+                if failures:
+                    self.stop()
+                    raise ModelLoadError(self._load_failure_message(failures), tuple(failures))
                 time.sleep(0.25)
         finally:
             client.close()
         self.stop()
         raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def _load_failures(self, client):
+        """Live but not ready: the models that failed to load (loading is over once the server is live)."""
+        from serving.server.readiness import load_failures
+
+        if not client.is_server_live():
+            return None
+        index = client.get_model_repository_index(headers=self.admin_headers)
+        return load_failures(index, self.log_path.read_text(errors="replace"))
+
+    def _load_failure_message(self, failures) -> str:
+        lines = [f"tritonserver could not load {len(failures)} model(s) of {self.repo}"
+                 + (f" ({' '.join(self.extra_args)})" if self.extra_args else "") + ":"]
+        lines += [f"  {f.describe()}" for f in failures]
+        lines.append(f"the server was stopped; its log: {self.log_path}")
+        return "\n".join(lines)
 
     def protect_shared_memory(self) -> list[Path]:
         """Make the Python backend's shared-memory regions (they carry the pixels of every request)

@@ -1,15 +1,22 @@
-"""DistributedDataParallel with NCCL: two processes where two GPUs exist, one otherwise (skipped without CUDA)."""
+"""DistributedDataParallel with NCCL: two processes where two GPUs exist, one otherwise (skipped without CUDA).
+
+With one GPU the test runs one rank, and that rank still joins an NCCL
+process group and trains through the DDP wrapper (training does so whenever
+torchrun started it): what runs is the group's set-up, NCCL's collectives on
+one rank and DDP's gradient buckets, not an exchange between GPUs.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from serving.core.subproc import TreeRun, run_tree
 
 pytestmark = pytest.mark.gpu
 
@@ -20,12 +27,13 @@ def _nproc() -> int:
     return min(2, torch.cuda.device_count())
 
 
-def _torchrun(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, timeout_s: float = 300) -> TreeRun:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(_nproc()), *args]
     root = str(Path(__file__).resolve().parents[2])  # the probe script imports training.* from the checkout
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    # run_tree: at the time limit (or pytest-timeout's) torchrun's workers end too, not only torchrun.
+    return run_tree(cmd, timeout_s=timeout_s, env=env)
 
 
 def test_each_rank_is_bound_to_its_local_gpu_and_nccl_all_reduces():
@@ -35,7 +43,7 @@ def test_each_rank_is_bound_to_its_local_gpu_and_nccl_all_reduces():
                   key=lambda r: r["rank"])
     n = _nproc()
     assert [(r["rank"], r["current_device"], r["tensor_device"]) for r in rows] == [(i, i, i) for i in range(n)]
-    assert {r["backend"] for r in rows} == {"nccl"}
+    assert {(r["backend"], r["world_size"]) for r in rows} == {("nccl", n)}
     assert [r["sum"] for r in rows] == [n * (n + 1) / 2] * n
 
 
@@ -49,3 +57,5 @@ def test_nccl_training_on_the_gpus_shards_dali_by_global_rank_and_sees_each_samp
         (row,) = list(csv.DictReader(fh))
     assert (int(row["train_samples"]), int(row["val_samples"])) == (48, 16)
     assert proc.stdout.count("best epoch 1") == 1
+    ranks = f"{_nproc()} rank" + ("s" if _nproc() > 1 else " (one rank: ")
+    assert proc.stdout.count(f"DistributedDataParallel over a nccl process group of {ranks}") == 1

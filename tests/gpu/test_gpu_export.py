@@ -1,4 +1,7 @@
-"""TensorRT plans and ONNX Runtime's CUDA and TensorRT providers against the CPU (skipped without CUDA)."""
+"""TensorRT plans and ONNX Runtime's CUDA and TensorRT providers against the CPU (skipped without CUDA).
+
+``trt_repo`` (tests/gpu/conftest.py) is built once per session for all of them.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,6 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def trt_repo(export_run_dir, tmp_path_factory):
-    from export.build import export_run
-
-    repo = tmp_path_factory.mktemp("trt") / "repo"
-    result = export_run(export_run_dir, repo, formats=("python", "onnxruntime", "tensorrt"), with_tta=False,
-                        with_dali=False, max_batch_size=8, fp16=True, progress=False)
-    return repo, result
 
 
 def test_tensorrt_plan_has_a_profile_to_max_batch_a_manifest_and_matches_onnx_runtime(trt_repo):

@@ -9,6 +9,10 @@ from serving.client.patch_client import PatchClient
 from serving.core.errors import BadInputError, ModelNotFoundError, ServerUnavailableError, SpecMismatchError
 from serving.server.embedded import free_port
 
+# The client's own tests: they run in the main environment and, by tests/integration/test_client_install.py,
+# in a Python 3.12 environment holding the client extra only (numpy 2), against this environment's server.
+pytestmark = pytest.mark.client
+
 # The server runs the same ONNX graph with the same ONNX Runtime; only batching
 # differs, which moves float sums by a few ulps.
 ATOL = 1e-5

@@ -41,6 +41,7 @@ def class_tree(synth_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.client
 def test_score_skips_corrupt_files_records_them_and_writes_metrics(triton_server, ort_reference, class_tree, tmp_path):
     spec = triton_server.spec
     out = tmp_path / "results.parquet"
@@ -63,6 +64,7 @@ def test_score_skips_corrupt_files_records_them_and_writes_metrics(triton_server
     assert (tmp_path / "results.confusion_matrix.png").stat().st_size > 0
 
 
+@pytest.mark.client
 def test_interrupted_job_resumed_yields_exactly_one_row_per_patch(triton_server, synth_data, tmp_path):
     h5 = synth_data / "pcam" / "test_x.h5"
     images = synth_data / "val" / "normal"
@@ -81,6 +83,7 @@ def test_interrupted_job_resumed_yields_exactly_one_row_per_patch(triton_server,
     np.testing.assert_allclose([r["prob_tumour"] for r in got], [r["prob_tumour"] for r in want], atol=ATOL)
 
 
+@pytest.mark.client
 def test_encoded_files_through_the_ensemble_match_pixels(triton_server, synth_data, tmp_path):
     folder = synth_data / "test" / "tumour"
     assert _score(triton_server, folder, "--out", tmp_path / "px.parquet") == 0
@@ -123,6 +126,7 @@ def test_work_spread_over_two_servers_keeps_rows_in_input_order(triton_server, o
     np.testing.assert_allclose(probs, _expected(ort_reference, spec, [r["source"] for r in rows]), atol=ATOL)
 
 
+@pytest.mark.client
 def test_bad_flags_are_refused_with_the_flag_named(triton_server, synth_data, tmp_path, capsys):
     assert _score(triton_server, synth_data / "test", "--out", tmp_path / "r.json") == 2
     assert "--out: " in capsys.readouterr().err
@@ -133,6 +137,7 @@ def test_bad_flags_are_refused_with_the_flag_named(triton_server, synth_data, tm
     assert "missing: no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.client
 def test_existing_output_is_refused_without_resume_or_overwrite(triton_server, class_tree, tmp_path, capsys):
     out = tmp_path / "results.csv"
     assert _score(triton_server, class_tree / "normal", "--out", out) == 0
