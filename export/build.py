@@ -11,17 +11,19 @@ import numpy as np
 
 from export import triton_config as tc
 from export.errors import ExportError, ExportInputError, TensorRTUnavailable
+from export.features import FEATURE_TOLERANCE, relative_errors
 from export.fixture import (EQUALISED_MAX_OFF_FRACTION, FIXTURE_FILE, PREPROCESS_MAX_GREY_DIFF, log_probabilities, pack_encoded, preprocess_agreement, reference_pixels, save_fixture,
                             select_images)
 from export.manifest import write_manifest
-from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, graph_metadata, ort_session, parity_vs_torch,
-                                require_parity, top1_agreement, torch_outputs)
+from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, features_parity, graph_metadata, ort_session,
+                                parity_vs_torch, require_parity, top1_agreement, torch_outputs)
 from export.patches import encode
 from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
                                resolve_spec, write_generated)
 from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
 from serving.core.options import option
-from serving.core.spec import ModelSpec
+from serving.core.errors import SpecError
+from serving.core.spec import FEATURE_LAYERS, ModelSpec
 from serving.core.views import combine_views, make_views, num_views
 from serving.core.progress import bar_disable
 
@@ -43,6 +45,11 @@ class ExportConfig:
                                         default_text="the spec's max_batch_size")
     data: Path | None = option(None, "patches for the top-1 agreement check and int8 calibration",
                                default_text="the data folder the run recorded")
+    features: str | None = option(
+        None, "the features output beside the probabilities: the global average pool of the last block "
+              "(layer4: 512 values for resnet18/34, 2048 for resnet50 and wider) or of the third (layer3, as CLAM's "
+              "truncated ResNet50: 256 / 1024), or none; recorded in the spec (feature_layer, feature_size)",
+        choices=(*FEATURE_LAYERS, "none"), default_text="the run's feature_layer, else layer4")
     overwrite: bool = option(False, "replace an existing version folder")
     progress: bool = option(True, "progress bar (on a terminal only)")
     options: tc.ExportOptions = option(default_factory=tc.ExportOptions,
@@ -53,6 +60,9 @@ class ExportConfig:
         object.__setattr__(self, "repo", Path(self.repo))
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
+        if self.features is not None and self.features not in (*FEATURE_LAYERS, "none"):
+            raise ExportInputError(f"--features: invalid value {self.features!r}. Only "
+                                   f"{', '.join(FEATURE_LAYERS)}, none are supported.")
 
     @classmethod
     def of(cls, run: Path, repo: Path, **kw) -> "ExportConfig":
@@ -105,17 +115,33 @@ def dali_vs_pil(dali_path: Path, spec: ModelSpec, images: list[np.ndarray]) -> P
                      DALI_MAX_GREY_DIFF)
 
 
+def exported_features(spec: ModelSpec, features: str | None) -> ModelSpec:
+    """The exported spec's features output: ``--features``, else the run's own, else layer4."""
+    if features is None:
+        layer = spec.feature_layer or FEATURE_LAYERS[0]
+    else:
+        layer = None if features == "none" else features
+    if layer is None and spec.features_only:
+        raise ExportInputError("--features none: the run is a features-only model (no classes); its features "
+                               "are all it outputs")
+    try:
+        return spec.with_features(layer)
+    except SpecError as exc:
+        raise ExportInputError(f"--features: {exc}") from exc
+
+
 def build_repository(cfg: ExportConfig) -> ExportResult:
     from tqdm import tqdm
 
     from training.checkpoint import weights_sha256
-    from training.model import ServedModel, build_model
+    from training.model import ServedModel, build_model, served_outputs
 
     opts = cfg.options
     repo, data, version = cfg.repo, cfg.data, opts.version
     formats, with_tta, with_dali, precision = opts.formats, opts.with_tta, opts.with_dali, opts.precision
     payload = _read_run(cfg.run)
     spec = resolve_spec(payload["spec"], name=cfg.name, version=version, max_batch_size=cfg.max_batch_size)
+    spec = exported_features(spec, cfg.features)
     if data is None:
         recorded = (payload.get("train_config") or {}).get("data")
         data = Path(recorded) if recorded and Path(recorded).exists() else None
@@ -131,7 +157,7 @@ def build_repository(cfg: ExportConfig) -> ExportResult:
     classifier = build_model(spec, payload["model_config"])
     classifier.load_state_dict(payload["model"])
     classifier.eval()
-    served = ServedModel(classifier).eval()
+    served = ServedModel(classifier, spec.feature_layer).eval()
     # Everything is written beside the repository and swapped in at the end (export.staging).
     work = work_folder(repo)
     stage = work / "staging"
@@ -145,17 +171,17 @@ def build_repository(cfg: ExportConfig) -> ExportResult:
         encoded, pixels = select_images(data, spec, served, notes)
         cls_dir = stage / spec.name / str(version)
         onnx_path = export_onnx(served, _random_u8((2, *spec.input_hw, 3), 1), cls_dir / tc.ONNX_FILE,
-                                input_name=spec.input_name, output_names=[spec.output_name, spec.logits_name],
+                                input_name=spec.input_name, output_names=served_outputs(spec),
                                 metadata=graph_metadata(spec))
         bar.update()
         session = ort_session(onnx_path)
-        io_names = dict(input_name=spec.input_name, output_name=spec.output_name)
         for batch in sorted({PARITY_BATCH, spec.max_batch_size}):
-            rows.append(parity_vs_torch(served, session, _random_u8((batch, *spec.input_hw, 3), 2 + batch),
-                                        model=spec.name, **io_names))
-        if real is not None:
-            rows.append(top1_agreement(served, session, real[1], model=spec.name, **io_names))
-        save_fixture(cls_dir / FIXTURE_FILE, {"pixels": pixels, "logits": _logits(served, pixels)})
+            rows += _parity_rows(served, session, _random_u8((batch, *spec.input_hw, 3), 2 + batch), spec,
+                                 spec.name, served_outputs(spec))
+        if real is not None and not spec.features_only:
+            rows.append(top1_agreement(served, session, real[1], model=spec.name, input_name=spec.input_name,
+                                       output_name=spec.output_name))
+        save_fixture(cls_dir / FIXTURE_FILE, {"pixels": pixels, **_answers(served, spec, pixels)})
         copy_backend("onnx_model.py", cls_dir / tc.PYTHON_FILE)
         bar.update()
         if with_tta:
@@ -199,8 +225,32 @@ def build_repository(cfg: ExportConfig) -> ExportResult:
                         notes=tuple(notes), weights_sha256=weights)
 
 
-def _logits(served, pixels: np.ndarray) -> np.ndarray:
-    return np.concatenate([torch_outputs(served, pixels[i:i + 64])[1] for i in range(0, len(pixels), 64)])
+def _parity_rows(module, session, images: np.ndarray, spec: ModelSpec, model: str, outputs: list[str]
+                 ) -> list[ParityRow]:
+    """ONNX Runtime against PyTorch on one batch: the probabilities (absolute), the features (relative)."""
+    rows = []
+    if spec.output_name in outputs:
+        rows.append(parity_vs_torch(module, session, images, model=model, input_name=spec.input_name,
+                                    output_name=spec.output_name))
+    if spec.features_name in outputs:
+        rows.append(features_parity(module, session, images, model=model, input_name=spec.input_name,
+                                    features_name=spec.features_name, index=outputs.index(spec.features_name),
+                                    rtol=FEATURE_TOLERANCE["fp32"]))
+    return rows
+
+
+def _answers(served, spec: ModelSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """PyTorch's answers on ``pixels`` for a fixture: ``logits`` (models with classes), ``features``."""
+    from training.model import served_outputs
+
+    names = served_outputs(spec)
+    chunks = [torch_outputs(served, pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
+    out = {}
+    if spec.logits_name in names:
+        out["logits"] = np.concatenate([c[names.index(spec.logits_name)] for c in chunks])
+    if spec.features_name in names:
+        out["features"] = np.concatenate([c[names.index(spec.features_name)] for c in chunks])
+    return out
 
 
 def _check_staged(stage: Path, names: list[str]) -> None:
@@ -236,7 +286,7 @@ def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: li
     # Triton needs the version folder of an ensemble; git keeps no empty folders.
     (ens_dir / ".gitkeep").touch()
     save_fixture(ens_dir / FIXTURE_FILE, {**pack_encoded(encoded), "dali_pixels": dali_pixels,
-                                          "logits": _logits(served, dali_pixels)})
+                                          **_answers(served, spec, dali_pixels)})
     return rows
 
 
@@ -248,21 +298,31 @@ def _to_int8(module, onnx_path: Path, data: Path, spec: ModelSpec, real, *, sour
     PyTorch answers: the gate holds the int8 graph to them with the int8 row
     of export.fixture's tolerances.
     """
-    from export.quantize import (INT8_PROB_ATOL, INT8_TOP1_MIN, calibration_images, int8_figures, quantize_int8,
-                                 write_int8_parity)
+    from export.quantize import (INT8_FEATURES_RTOL, INT8_PROB_ATOL, INT8_TOP1_MIN, calibration_images, int8_figures,
+                                 quantize_int8, write_int8_parity)
 
     model = onnx_path.parent.parent.name
     calib = calibration_images(data, spec, source=source)
     images = (real[0] if source else real[1]) if real is not None else calib
-    reference = torch_outputs(module, images)[0]
+    answers = torch_outputs(module, images)
+    # The module's outputs: the probabilities first (models with classes), the features last (models with them).
+    reference = None if spec.features_only else answers[0]
+    features = answers[-1] if spec.has_features else None
     quantize_int8(onnx_path, onnx_path, calib, input_name=spec.input_name)
     session = ort_session(onnx_path)
-    figures = int8_figures(session, images, reference, input_name=spec.input_name, output_name=spec.output_name)
-    write_int8_parity(onnx_path.parent, images, reference, figures)
+    figures = int8_figures(session, images, reference, input_name=spec.input_name,
+                           output_name=None if spec.features_only else spec.output_name,
+                           reference_features=features, features_name=spec.features_name if spec.has_features else None)
+    write_int8_parity(onnx_path.parent, images, reference, figures, reference_features=features)
     n = figures["images"]
-    return [ParityRow("int8 top-1 agreement", model, n, figures["top1_agreement"], INT8_TOP1_MIN,
-                      higher_is_better=True),
-            ParityRow("int8 max |p - p_fp32|", model, n, figures["max_prob_diff"], INT8_PROB_ATOL)]
+    rows = []
+    if reference is not None:
+        rows += [ParityRow("int8 top-1 agreement", model, n, figures["top1_agreement"], INT8_TOP1_MIN,
+                           higher_is_better=True),
+                 ParityRow("int8 max |p - p_fp32|", model, n, figures["max_prob_diff"], INT8_PROB_ATOL)]
+    if features is not None:
+        rows.append(ParityRow("int8 max rel |f - f_fp32|", model, n, figures["max_features_rel"], INT8_FEATURES_RTOL))
+    return rows
 
 
 def _load_data(data: Path, spec: ModelSpec, notes: list[str]):
@@ -275,27 +335,43 @@ def _load_data(data: Path, spec: ModelSpec, notes: list[str]):
 
 def _export_tta(classifier, spec: ModelSpec, mode: str, stage: Path, version: int, cls_session, real,
                 encoded: list[bytes]):
-    from export.tta import TTAModel
+    from export.tta import TTAModel, tta_outputs
+    from training.model import served_outputs
 
     tta = TTAModel(classifier, spec, mode).eval()
     tta_dir = stage / spec.tta_model_name / str(version)
+    outputs = tta_outputs(spec)
     path = export_onnx(tta, _random_u8((2, *spec.source_hw, 3), 4), tta_dir / tc.ONNX_FILE,
-                       input_name=spec.input_name, output_names=[spec.output_name], metadata=graph_metadata(spec))
+                       input_name=spec.input_name, output_names=outputs, metadata=graph_metadata(spec))
     session = ort_session(path)
-    io_names = dict(input_name=spec.input_name, output_name=spec.output_name)
     fixture = _random_u8((PARITY_BATCH, *spec.source_hw, 3), 5)
-    rows = [parity_vs_torch(tta, session, fixture, model=spec.tta_model_name, **io_names)]
-    # The server-side graph must equal client-side TTA on the exported classifier.
+    rows = _parity_rows(tta, session, fixture, spec, spec.tta_model_name, outputs)
+    # The server-side graph must equal client-side TTA on the exported classifier: the mean of the views'
+    # probabilities, and of their features.
     views = make_views(fixture, mode, spec.input_hw)
-    client = combine_views(cls_session.run([spec.output_name], {spec.input_name: views})[0], num_views(mode))
-    server = session.run([spec.output_name], {spec.input_name: fixture})[0]
-    rows.append(ParityRow("max |p_tta - p_client_tta|", spec.tta_model_name, PARITY_BATCH,
-                          float(np.abs(server - client).max()), PROB_ATOL))
-    if real is not None:
-        rows.append(top1_agreement(tta, session, real[0], model=spec.tta_model_name, **io_names))
+    served = served_outputs(spec)
+    client = dict(zip(served, cls_session.run(served, {spec.input_name: views})))
+    server = dict(zip(outputs, session.run(outputs, {spec.input_name: fixture})))
+    if spec.output_name in outputs:
+        rows.append(ParityRow("max |p_tta - p_client_tta|", spec.tta_model_name, PARITY_BATCH,
+                              float(np.abs(server[spec.output_name]
+                                           - combine_views(client[spec.output_name], num_views(mode))).max()),
+                              PROB_ATOL))
+    if spec.features_name in outputs:
+        rel = relative_errors(server[spec.features_name], combine_views(client[spec.features_name], num_views(mode)))
+        rows.append(ParityRow("max rel |f_tta - f_client_tta|", spec.tta_model_name, PARITY_BATCH,
+                              float(rel.max()), FEATURE_TOLERANCE["fp32"]))
+    if real is not None and spec.output_name in outputs:
+        rows.append(top1_agreement(tta, session, real[0], model=spec.tta_model_name, input_name=spec.input_name,
+                                   output_name=spec.output_name))
     sources = np.stack([reference_pixels(e, spec)[0] for e in encoded])
-    probs = np.concatenate([torch_outputs(tta, sources[i:i + 16])[0] for i in range(0, len(sources), 16)])
-    save_fixture(tta_dir / FIXTURE_FILE, {"sources": sources, "log_probabilities": log_probabilities(probs)})
+    answers = [torch_outputs(tta, sources[i:i + 16]) for i in range(0, len(sources), 16)]
+    arrays = {"sources": sources}
+    if spec.output_name in outputs:
+        arrays["log_probabilities"] = log_probabilities(np.concatenate([a[0] for a in answers]))
+    if spec.features_name in outputs:
+        arrays["features"] = np.concatenate([a[outputs.index(spec.features_name)] for a in answers])
+    save_fixture(tta_dir / FIXTURE_FILE, arrays)
     copy_backend("onnx_model.py", tta_dir / tc.PYTHON_FILE)
     return rows
 

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from export import triton_config as tc
 from export.check_agree import agreement_problems, family_problems, plan_max_batch, stain_problems, weights_problems
-from export.check_fixture import CPU_PRECISION, expected_of, fixture_of, in_process_row, run_rows
+from export.check_fixture import CPU_PRECISION, expected_of, fixture_of, in_process_rows, run_rows
 from export.check_report import FAIL, OK, SKIP, CheckReport, CheckRow
 from export.errors import ExportInputError, RepositoryCheckError
 from export.fixture import FIXTURE_FILE
@@ -38,12 +38,14 @@ def role_of(name: str, spec: ModelSpec) -> str | None:
 def expected_io(spec: ModelSpec, role: str) -> tuple[dict, dict]:
     """(inputs, outputs): tensor name -> (dtype, dims without the batch) that the spec implies."""
     pixels = ("uint8", (spec.input_height, spec.input_width, 3))
-    probs = ("float32", (spec.num_classes,))
+    probs = {} if spec.features_only else {spec.output_name: ("float32", (spec.num_classes,))}
+    logits = {} if spec.features_only else {spec.logits_name: ("float32", (spec.num_classes,))}
+    features = {spec.features_name: ("float32", (spec.feature_size,))} if spec.has_features else {}
     encoded = {spec.encoded_name: ("uint8", (-1,))}
-    both = {spec.output_name: probs, spec.logits_name: probs}
+    both = {**probs, **logits, **features}
     return {
         "classifier": ({spec.input_name: pixels}, both),
-        "tta": ({spec.input_name: ("uint8", (spec.source_height, spec.source_width, 3))}, {spec.output_name: probs}),
+        "tta": ({spec.input_name: ("uint8", (spec.source_height, spec.source_width, 3))}, {**probs, **features}),
         "preprocess": (encoded, {spec.input_name: pixels}),
         "ensemble": (encoded, both),
     }[role]
@@ -222,8 +224,12 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     if version_dir is not None:
         try:
             need["fixture"] = fixture_of(need)
-            need["expected"] = expected_of(role, need["fixture"])
-            add("fixture", [], f"{len(need['expected'])} images ({FIXTURE_FILE})")
+            need["expected"] = expected_of(role, need["fixture"], spec)
+            need["expected_features"] = need["fixture"].get("features")
+            count = len(need["expected"] if need["expected"] is not None else need["expected_features"])
+            add("fixture", [], f"{count} images ({FIXTURE_FILE})"
+                + (f", features [{spec.feature_size}] of {spec.feature_layer}" if spec.has_features and
+                   role != "preprocess" else ""))
         except PatchserveError as exc:
             add("fixture", [str(exc)])
     return rows, need
@@ -237,22 +243,24 @@ def _is_int8(folder: Path, spec: ModelSpec) -> bool:
 
 def _int8_rows(folder: Path, version_dir: Path, spec: ModelSpec) -> list[CheckRow]:
     """Precision int8: the recorded parity against fp32, recomputed and held to the stated tolerance."""
-    from export.quantize import INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity
+    from export.quantize import INT8_FEATURES_RTOL, INT8_PROB_ATOL, INT8_TOP1_MIN, check_int8_parity
 
     if not _is_int8(folder, spec):
         return []
-    problems = check_int8_parity(version_dir, input_name=spec.input_name, output_name=spec.output_name)
-    return [CheckRow("int8-parity", folder.name, FAIL if problems else OK, "; ".join(problems) or
-                     f"top-1 agreement >= {INT8_TOP1_MIN}, max |p_int8 - p_fp32| <= {INT8_PROB_ATOL}")]
+    problems = check_int8_parity(version_dir, input_name=spec.input_name,
+                                 output_name=None if spec.features_only else spec.output_name,
+                                 features_name=spec.features_name if spec.has_features else None)
+    held = ([] if spec.features_only else [f"top-1 agreement >= {INT8_TOP1_MIN}",
+                                           f"max |p_int8 - p_fp32| <= {INT8_PROB_ATOL}"]) + \
+        ([f"max ||f_int8 - f_fp32|| / ||f_fp32|| <= {INT8_FEATURES_RTOL}"] if spec.has_features else [])
+    return [CheckRow("int8-parity", folder.name, FAIL if problems else OK, "; ".join(problems) or ", ".join(held))]
 
 
 def _fixture_rows(needs: list[dict]) -> list[CheckRow]:
     rows = []
     for need in needs:
         if need["fixture"] is not None and (need["onnx"] is not None or need["role"] in ("preprocess", "ensemble")):
-            row = in_process_row(need)
-            if row is not None:
-                rows.append(row)
+            rows += in_process_rows(need)
     return rows
 
 

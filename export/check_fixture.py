@@ -8,7 +8,8 @@ import numpy as np
 
 from export import triton_config as tc
 from export.check_report import FAIL, OK, CheckRow
-from export.fixture import (FIXTURE_FILE, FIXTURE_KEYS, INT8_PROBABILITIES, compare, preprocess_agreement,
+from export.features import compare_features
+from export.fixture import (FIXTURE_FILE, INT8_PROBABILITIES, compare, fixture_keys, preprocess_agreement,
                             load_fixture, log_probabilities, unpack_encoded)
 from serving.core.errors import PatchserveError
 
@@ -19,7 +20,7 @@ CPU_PRECISION = "fp32"
 
 
 def fixture_of(need: dict) -> dict:
-    return load_fixture(need["version_dir"] / FIXTURE_FILE, FIXTURE_KEYS[need["role"]])
+    return load_fixture(need["version_dir"] / FIXTURE_FILE, fixture_keys(need["role"], need["spec"]))
 
 
 def inputs_of(role: str, fixture: dict) -> list[np.ndarray] | np.ndarray:
@@ -31,9 +32,35 @@ def inputs_of(role: str, fixture: dict) -> list[np.ndarray] | np.ndarray:
     return unpack_encoded(fixture)
 
 
-def expected_of(role: str, fixture: dict) -> np.ndarray:
+def expected_of(role: str, fixture: dict, spec) -> np.ndarray | None:
+    """The fixture's logits, log-probabilities or pixels for ``role``; None for a features-only model, whose
+    fixture holds features alone (``fixture["features"]``)."""
+    if role != "preprocess" and spec.features_only:
+        return None
     key = {"classifier": "logits", "tta": "log_probabilities", "preprocess": "pixels", "ensemble": "logits"}[role]
     return fixture[key]
+
+
+# The features rows of each stage of the gate (beside the logits' rows of the same stage).
+FEATURE_CHECKS = {"fixture-onnx": "features-onnx", "serve": "features-serve", "run": "features-run"}
+
+
+def feature_output_of(role: str, spec) -> str | None:
+    """The features output the gate compares, or None where the role has none."""
+    return spec.features_name if role != "preprocess" and spec.has_features else None
+
+
+def judge_features(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str,
+                   precision: str | None = None) -> CheckRow:
+    """One row: features against the fixture's, per patch ||got - want|| / ||want|| within the precision's
+    relative tolerance (export.features)."""
+    precision = precision or need.get("precision", CPU_PRECISION)
+    name = need["name"]
+    if got.shape != want.shape:
+        return CheckRow(check, name, FAIL, f"{where}: features shape {got.shape}, fixture {want.shape}")
+    result = compare_features(got, want, precision)
+    return CheckRow(check, name, OK if result.passed else FAIL,
+                    f"{where} features: {result.describe(precision)}" + ("" if result.passed else " OUT OF TOLERANCE"))
 
 
 def output_of(role: str, spec) -> str:
@@ -71,29 +98,39 @@ def judge(check: str, need: dict, got: np.ndarray, want: np.ndarray, where: str,
                     + ("" if result.passed else " OUT OF TOLERANCE"))
 
 
-def in_process_row(need: dict) -> CheckRow | None:
-    """ONNX Runtime (classifier, TTA) or DALI (preprocess) in-process on the fixture; None for the ensemble."""
+def in_process_rows(need: dict) -> list[CheckRow]:
+    """ONNX Runtime (classifier, TTA) or DALI (preprocess) in-process on the fixture: a row for the logits (or
+    pixels) and one for the features; none for the ensemble."""
     role, spec = need["role"], need["spec"]
     if role == "ensemble":
-        return None
+        return []
     check = "fixture-dali" if role == "preprocess" else "fixture-onnx"
+    want, want_features = need["expected"], need.get("expected_features")
+    names = ([output_of(role, spec)] if want is not None else []) + \
+        ([feature_output_of(role, spec)] if want_features is not None and feature_output_of(role, spec) else [])
     try:
         x = inputs_of(role, need["fixture"])
         if role == "preprocess":
             from export.preprocess import run_serialized
 
-            got = np.stack(run_serialized(need["version_dir"] / tc.DALI_FILE, x, input_name=spec.encoded_name,
-                                          batch_size=spec.max_batch_size))
+            got = [np.stack(run_serialized(need["version_dir"] / tc.DALI_FILE, x, input_name=spec.encoded_name,
+                                           batch_size=spec.max_batch_size))]
         else:
             from export.onnx_export import ort_session
 
             session = ort_session(need["onnx"])
             step = spec.max_batch_size
-            got = np.concatenate([session.run([output_of(role, spec)], {spec.input_name: x[i:i + step]})[0]
-                                  for i in range(0, len(x), step)])
+            parts = [session.run(names, {spec.input_name: x[i:i + step]}) for i in range(0, len(x), step)]
+            got = [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
     except Exception as exc:  # noqa: BLE001 - report the model, check the others
-        return CheckRow(check, need["name"], FAIL, f"in-process run failed: {type(exc).__name__}: {str(exc)[:300]}")
-    return judge(check, need, got, need["expected"], "in-process")
+        return [CheckRow(check, need["name"], FAIL,
+                         f"in-process run failed: {type(exc).__name__}: {str(exc)[:300]}")]
+    rows = []
+    if want is not None:
+        rows.append(judge(check, need, got[0], want, "in-process"))
+    if len(got) > len(rows):
+        rows.append(judge_features(FEATURE_CHECKS[check], need, got[-1], want_features, "in-process"))
+    return rows
 
 
 def run_rows(run: Path, needs: list[dict]) -> list[CheckRow]:
@@ -105,7 +142,7 @@ def run_rows(run: Path, needs: list[dict]) -> list[CheckRow]:
     from export.errors import ExportInputError
     from export.onnx_export import torch_outputs
     from training.checkpoint import read_checkpoint, weights_sha256
-    from training.model import ServedModel, build_model
+    from training.model import ServedModel, build_model, served_outputs
 
     try:
         payload = read_checkpoint(run)
@@ -114,10 +151,10 @@ def run_rows(run: Path, needs: list[dict]) -> list[CheckRow]:
     weights = weights_sha256(payload["model"])
     classifier = build_model(payload["spec"], payload["model_config"])
     classifier.load_state_dict(payload["model"])
-    served = ServedModel(classifier.eval()).eval()
+    classifier.eval()
     rows = []
     for need in needs:
-        name, role = need["name"], need["role"]
+        name, role, spec = need["name"], need["role"], need["spec"]
         if role == "preprocess" or need.get("fixture") is None:
             continue
         if need["manifest"].weights_sha256 != weights:
@@ -127,22 +164,33 @@ def run_rows(run: Path, needs: list[dict]) -> list[CheckRow]:
         fixture = need["fixture"]
         try:
             if role == "tta":
-                from export.tta import TTAModel
+                from export.tta import TTAModel, tta_outputs
 
-                module = TTAModel(classifier, need["spec"], need["config"].parameters[tc.TTA_PARAMETER].string_value)
-                x = fixture["sources"]
-                fresh = log_probabilities(np.concatenate([torch_outputs(module, x[i:i + 16])[0]
-                                                          for i in range(0, len(x), 16)]))
+                module = TTAModel(classifier, spec, need["config"].parameters[tc.TTA_PARAMETER].string_value)
+                x, step, names = fixture["sources"], 16, tta_outputs(spec)
             else:
+                # The features the repository's spec says it serves, from the run's weights.
+                module = ServedModel(classifier, spec.feature_layer).eval()
                 x = fixture["pixels"] if role == "classifier" else fixture["dali_pixels"]
-                fresh = np.concatenate([torch_outputs(served, x[i:i + 64])[1] for i in range(0, len(x), 64)])
+                step, names = 64, served_outputs(spec)
+            chunks = [torch_outputs(module, x[i:i + step]) for i in range(0, len(x), step)]
+            answers = {n: np.concatenate([c[k] for c in chunks]) for k, n in enumerate(names)}
         except Exception as exc:  # noqa: BLE001 - a mismatched architecture raises from load/forward
             rows.append(CheckRow("run", name, FAIL, f"PyTorch could not run the fixture: {type(exc).__name__}: "
                                                     f"{str(exc)[:300]}"))
             continue
         # Both sides are fp32 PyTorch answers, whatever the served graph's precision.
-        row = judge("run", need, need["expected"], fresh, "stored fixture vs PyTorch on the run's checkpoint",
-                    raw=False, precision=CPU_PRECISION)
-        rows.append(CheckRow("run", name, row.status, f"weights sha256 {weights[:12]}... match; {row.detail}"))
-        need["expected"] = fresh
+        proof = f"weights sha256 {weights[:12]}... match"
+        where = "stored fixture vs PyTorch on the run's checkpoint"
+        if need["expected"] is not None:
+            fresh = log_probabilities(answers[spec.output_name]) if role == "tta" else answers[spec.logits_name]
+            row = judge("run", need, need["expected"], fresh, where, raw=False, precision=CPU_PRECISION)
+            rows.append(CheckRow("run", name, row.status, f"{proof}; {row.detail}"))
+            need["expected"] = fresh
+        if need.get("expected_features") is not None and spec.features_name in answers:
+            fresh = answers[spec.features_name]
+            row = judge_features("features-run", need, need["expected_features"], fresh, where,
+                                 precision=CPU_PRECISION)
+            rows.append(CheckRow("features-run", name, row.status, f"{proof}; {row.detail}"))
+            need["expected_features"] = fresh
     return rows

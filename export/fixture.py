@@ -12,6 +12,10 @@ takes and what PyTorch answered:
 - ``_ensemble``: the ``encoded`` bytes, ``dali_pixels`` (what the exported DALI
   pipeline made of them) and the PyTorch ``logits`` on those pixels.
 
+A model with a features output (the spec's ``feature_layer``) also keeps
+PyTorch's ``features`` of the same images in each fixture (for ``_tta`` the
+mean over its views); a features-only model has features and no logits.
+
 Logits are compared within a tolerance stated per precision; a top-1 flip on
 an image whose margin exceeds that tolerance fails on its own.
 """
@@ -57,10 +61,21 @@ def preprocess_agreement(got: np.ndarray, want: np.ndarray, equalised: bool) -> 
     return ok, off, (f"equalised model, max {worst}: share of pixels more than {PREPROCESS_MAX_GREY_DIFF} grey "
                      f"level(s) from the reference decoding {off:.4%} {'<=' if ok else '>'} "
                      f"{EQUALISED_MAX_OFF_FRACTION:.0%}")
-# What each model's fixture holds (see the module docstring).
+# What each model's fixture holds (see the module docstring); fixture_keys() adapts it to a spec.
 FIXTURE_KEYS = {"classifier": ("pixels", "logits"), "tta": ("sources", "log_probabilities"),
                 "preprocess": ("encoded", "encoded_offsets", "pixels"),
                 "ensemble": ("encoded", "encoded_offsets", "dali_pixels", "logits")}
+
+
+def fixture_keys(role: str, spec: ModelSpec) -> tuple[str, ...]:
+    """The arrays the fixture of ``role`` must hold for ``spec``: ``features`` with a feature_layer; no logits
+    (or log-probabilities) for a features-only model."""
+    keys = FIXTURE_KEYS[role]
+    if role == "preprocess":
+        return keys
+    if spec.features_only:
+        keys = tuple(k for k in keys if k not in ("logits", "log_probabilities"))
+    return keys + (("features",) if spec.has_features else ())
 
 
 @dataclass(frozen=True)
@@ -286,6 +301,17 @@ def select_images(data: Path | None, spec: ModelSpec, served, notes: list[str]) 
         notes.append(f"fixture: no data recorded by the run and no --data: {len(encoded)} synthetic tissue "
                      "images stand in for validation images")
     pixels = np.stack([reference_pixels(e, spec)[1] for e in encoded])
+    if spec.features_only:
+        # No class to be decisive about: images spread evenly over the candidates, validation ones first.
+        first = np.linspace(0, leading - 1, min(FIXTURE_IMAGES, leading)).astype(int) if leading else []
+        idx = np.array(sorted(set(np.asarray(first).tolist())), dtype=np.int64)
+        if len(idx) < FIXTURE_IMAGES and leading < len(encoded):
+            rest = np.arange(leading, len(encoded))
+            more = rest[np.linspace(0, len(rest) - 1, min(FIXTURE_IMAGES - len(idx), len(rest))).astype(int)]
+            idx = np.concatenate([idx, np.unique(more)])
+        if len(idx) < FIXTURE_IMAGES:
+            notes.append(f"fixture: {len(idx)} images (fewer than {FIXTURE_IMAGES} in the data)")
+        return [encoded[i] for i in idx], pixels[idx]
     logits = np.concatenate([torch_outputs(served, pixels[i:i + 64])[1] for i in range(0, len(pixels), 64)])
     # Validation images first: all of them when they are too few, the rest picked from the other splits.
     idx = pick(logits[:leading], labels[:leading], FIXTURE_IMAGES)

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from export.errors import ExportError, ParityError
+from export.features import relative_errors
 
 # Opset 18 is what torch 2.15's dynamo exporter emits natively; onnxruntime
 # 1.31 and Triton 24.10's ONNX Runtime backend both run it.
@@ -175,6 +176,18 @@ def parity_vs_torch(module, session, images_nhwc_u8: np.ndarray, *, model: str, 
         raise ParityError(f"{model}: ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}")
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     return ParityRow("max |p_onnx - p_torch|", model, int(images_nhwc_u8.shape[0]), diff, atol)
+
+
+def features_parity(module, session, images_nhwc_u8: np.ndarray, *, model: str, input_name: str,
+                    features_name: str, index: int, rtol: float) -> ParityRow:
+    """Largest per-patch relative error ||f_onnx - f_torch|| / ||f_torch|| of the features output (the
+    ``index``-th output of ``module``) for one batch."""
+    expected = torch_outputs(module, images_nhwc_u8)[index]
+    got = session.run([features_name], {input_name: images_nhwc_u8})[0]
+    if got.shape != expected.shape:
+        raise ParityError(f"{model}: ONNX Runtime returned features of shape {got.shape}, PyTorch {expected.shape}")
+    return ParityRow("max rel |f_onnx - f_torch|", model, int(images_nhwc_u8.shape[0]),
+                     float(relative_errors(got, expected).max()), rtol)
 
 
 def top1_agreement(module, session, images_nhwc_u8: np.ndarray, *, model: str, input_name: str,

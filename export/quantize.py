@@ -19,12 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from export.features import FEATURE_TOLERANCE, relative_errors
+
 PRECISIONS = ("fp32", "int8")
 INT8_PARITY_JSON = "int8_parity.json"
 INT8_PARITY_NPZ = "int8_parity.npz"
 # Stated tolerance of an int8 graph against the fp32 model, on the export's images.
 INT8_TOP1_MIN = 0.9
 INT8_PROB_ATOL = 0.15
+# The largest relative error ||f_int8 - f_fp32|| / ||f_fp32|| of one patch's features: the gate's int8
+# feature tolerance (export.features).
+INT8_FEATURES_RTOL = FEATURE_TOLERANCE["int8"]
 CALIBRATION_IMAGES = 64
 
 
@@ -99,34 +104,55 @@ def _keep_metadata(source: Path, target: Path) -> None:
     onnx.save(model, str(target))
 
 
-def int8_figures(session, images_nhwc_u8: np.ndarray, reference_probs: np.ndarray, *, input_name: str,
-                 output_name: str, batch: int = 32) -> dict:
-    """Top-1 agreement and the largest |p_int8 - p_fp32| of an int8 session on ``images``."""
-    got = np.concatenate([session.run([output_name], {input_name: images_nhwc_u8[i:i + batch]})[0]
-                          for i in range(0, len(images_nhwc_u8), batch)])
-    return {"images": int(len(images_nhwc_u8)),
-            "top1_agreement": float((got.argmax(1) == reference_probs.argmax(1)).mean()),
-            "max_prob_diff": float(np.abs(got - reference_probs).max())}
+def int8_figures(session, images_nhwc_u8: np.ndarray, reference_probs: np.ndarray | None, *, input_name: str,
+                 output_name: str | None, batch: int = 32, reference_features: np.ndarray | None = None,
+                 features_name: str | None = None) -> dict:
+    """Top-1 agreement and the largest |p_int8 - p_fp32| of an int8 session on ``images`` (models with
+    classes), and the largest relative error of its features against the fp32 ones (models with features)."""
+    names = ([output_name] if reference_probs is not None else []) + \
+            ([features_name] if reference_features is not None else [])
+    got = [session.run(names, {input_name: images_nhwc_u8[i:i + batch]}) for i in range(0, len(images_nhwc_u8), batch)]
+    figures: dict = {"images": int(len(images_nhwc_u8))}
+    if reference_probs is not None:
+        probs = np.concatenate([g[0] for g in got])
+        figures.update(top1_agreement=float((probs.argmax(1) == reference_probs.argmax(1)).mean()),
+                       max_prob_diff=float(np.abs(probs - reference_probs).max()))
+    if reference_features is not None:
+        features = np.concatenate([g[-1] for g in got])
+        figures["max_features_rel"] = float(relative_errors(features, reference_features).max())
+    return figures
 
 
-def write_int8_parity(version_dir: Path, images: np.ndarray, reference_probs: np.ndarray, figures: dict) -> None:
-    np.savez(version_dir / INT8_PARITY_NPZ, inputs=images, probabilities_fp32=reference_probs)
+def write_int8_parity(version_dir: Path, images: np.ndarray, reference_probs: np.ndarray | None, figures: dict,
+                      reference_features: np.ndarray | None = None) -> None:
+    arrays = {"inputs": images}
+    if reference_probs is not None:
+        arrays["probabilities_fp32"] = reference_probs
+    if reference_features is not None:
+        arrays["features_fp32"] = reference_features
+    np.savez(version_dir / INT8_PARITY_NPZ, **arrays)
     doc = {"precision": "int8", **figures,
-           "tolerance": {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL}}
+           "tolerance": {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL,
+                         "max_features_rel_max": INT8_FEATURES_RTOL}}
     (version_dir / INT8_PARITY_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def within_tolerance(figures: dict, tolerance: dict | None = None) -> list[str]:
-    t = {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL, **(tolerance or {})}
+    t = {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL,
+         "max_features_rel_max": INT8_FEATURES_RTOL, **(tolerance or {})}
     problems = []
-    if figures["top1_agreement"] < t["top1_agreement_min"]:
+    if "top1_agreement" in figures and figures["top1_agreement"] < t["top1_agreement_min"]:
         problems.append(f"int8 top-1 agreement {figures['top1_agreement']:.3f} < {t['top1_agreement_min']}")
-    if figures["max_prob_diff"] > t["max_prob_diff_max"]:
+    if "max_prob_diff" in figures and figures["max_prob_diff"] > t["max_prob_diff_max"]:
         problems.append(f"int8 max |p_int8 - p_fp32| {figures['max_prob_diff']:.3f} > {t['max_prob_diff_max']}")
+    if "max_features_rel" in figures and figures["max_features_rel"] > t["max_features_rel_max"]:
+        problems.append(f"int8 max ||f_int8 - f_fp32|| / ||f_fp32|| {figures['max_features_rel']:.3f} > "
+                        f"{t['max_features_rel_max']}")
     return problems
 
 
-def check_int8_parity(version_dir: Path, *, input_name: str, output_name: str, onnx_file: str = "model.onnx") -> list[str]:
+def check_int8_parity(version_dir: Path, *, input_name: str, output_name: str, onnx_file: str = "model.onnx",
+                      features_name: str | None = None) -> list[str]:
     """The gate's int8 check: recompute the recorded figures on the served graph; hold them to the tolerance.
 
     The tolerance is this module's (the repository's recorded one may not loosen it).
@@ -139,12 +165,20 @@ def check_int8_parity(version_dir: Path, *, input_name: str, output_name: str, o
         return [f"precision int8: {', '.join(missing)} missing in {version_dir}"]
     recorded = json.loads(doc_path.read_text())
     with np.load(npz_path) as z:
-        images, reference = z["inputs"], z["probabilities_fp32"]
+        images = z["inputs"]
+        reference = z["probabilities_fp32"] if "probabilities_fp32" in z.files else None
+        features = z["features_fp32"] if "features_fp32" in z.files else None
+    problems = []
+    if features_name is not None and features is None:
+        problems.append(f"precision int8: {INT8_PARITY_NPZ} holds no fp32 features for the features output")
     figures = int8_figures(ort_session(version_dir / onnx_file), images, reference, input_name=input_name,
-                           output_name=output_name)
-    problems = within_tolerance(figures)
-    for key in ("top1_agreement", "max_prob_diff"):
-        if abs(figures[key] - float(recorded.get(key, float("nan")))) > 1e-5 or recorded.get(key) is None:
+                           output_name=output_name, reference_features=features if features_name else None,
+                           features_name=features_name)
+    problems += within_tolerance(figures)
+    for key in ("top1_agreement", "max_prob_diff", "max_features_rel"):
+        if key not in figures:
+            continue
+        if recorded.get(key) is None or abs(figures[key] - float(recorded.get(key, float("nan")))) > 1e-5:
             problems.append(f"int8 {key}: recorded {recorded.get(key)}, measured {figures[key]:.6g} "
                             f"({INT8_PARITY_JSON} does not describe this graph)")
     return problems

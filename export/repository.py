@@ -56,7 +56,7 @@ def render_repository(spec: ModelSpec, opts: tc.ExportOptions, weights_sha256: s
         for flavour, cfg in configs.items():
             files[f"{name}/{tc.config_file(flavour)}"] = tc.to_text(tc.set_weights(cfg, weights_sha256
                                                                                   if with_labels else None))
-        if with_labels:
+        if with_labels and not spec.features_only:  # a features-only model has no classes to label
             files[f"{name}/{tc.LABELS_FILE}"] = labels
         files[f"{name}/{SPEC_FILE}"] = spec.to_json() + "\n"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError, TensorRTUnavailable
+from export.features import FEATURE_TOLERANCE, relative_errors
 from export.onnx_export import ParityRow, ort_session
 from serving.core.atomic import atomic_write_bytes, atomic_write_text
 from serving.core.spec import ModelSpec
@@ -100,7 +101,13 @@ class PlanRunner:
 
     def __call__(self, images_nhwc_u8: np.ndarray) -> np.ndarray:
         """Probabilities for a host batch (copied in and out, as a server would)."""
+        return self.outputs(images_nhwc_u8)[self.spec.output_name]
+
+    def outputs(self, images_nhwc_u8: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the plan (probabilities, logits, features: the spec's) for a host batch."""
         import torch
+
+        from training.model import served_outputs
 
         spec = self.spec
         with torch.cuda.stream(self.stream):
@@ -108,15 +115,16 @@ class PlanRunner:
             self.context.set_input_shape(spec.input_name, tuple(x.shape))
             self.context.set_tensor_address(spec.input_name, x.data_ptr())
             outputs = {}
-            for name in (spec.output_name, spec.logits_name):
-                out = torch.empty((x.shape[0], spec.num_classes), dtype=torch.float32, device="cuda")
+            for name in served_outputs(spec):
+                width = spec.feature_size if name == spec.features_name else spec.num_classes
+                out = torch.empty((x.shape[0], width), dtype=torch.float32, device="cuda")
                 self.context.set_tensor_address(name, out.data_ptr())
                 outputs[name] = out
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise ExportError(f"{self.plan_path}: TensorRT execution failed")
-            probs = outputs[spec.output_name].cpu()
+            host = {name: out.cpu() for name, out in outputs.items()}
         self.stream.synchronize()
-        return probs.numpy()
+        return {name: out.numpy() for name, out in host.items()}
 
 
 def run_plan(plan_path: Path, spec: ModelSpec, images_nhwc_u8: np.ndarray) -> np.ndarray:
@@ -131,8 +139,14 @@ def plan_parity(plan_path: Path, onnx_path: Path, spec: ModelSpec, *, fp16: bool
     rows = []
     for batch in sorted({1, 3, spec.max_batch_size}):
         x = rng.integers(0, 256, size=(batch, *spec.input_hw, 3), dtype=np.uint8)
-        expected = session.run([spec.output_name], {spec.input_name: x})[0]
-        got = runner(x)
-        rows.append(ParityRow("max |p_trt - p_onnx|", spec.name, batch, float(np.abs(got - expected).max()),
-                              TRT_ATOL[fp16]))
+        got = runner.outputs(x)
+        if not spec.features_only:
+            expected = session.run([spec.output_name], {spec.input_name: x})[0]
+            rows.append(ParityRow("max |p_trt - p_onnx|", spec.name, batch,
+                                  float(np.abs(got[spec.output_name] - expected).max()), TRT_ATOL[fp16]))
+        if spec.has_features:
+            expected = session.run([spec.features_name], {spec.input_name: x})[0]
+            rows.append(ParityRow("max rel |f_trt - f_onnx|", spec.name, batch,
+                                  float(relative_errors(got[spec.features_name], expected).max()),
+                                  FEATURE_TOLERANCE["fp16" if fp16 else "fp32"]))
     return rows

@@ -185,27 +185,37 @@ def _runtime(cfg: ModelConfig, flavour: str, opts: ExportOptions) -> None:
 
 
 def classifier_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> ModelConfig:
-    """uint8 [H, W, 3] -> probabilities [C] (with labels) and logits [C]."""
+    """uint8 [H, W, 3] -> probabilities [C] (with labels) and logits [C]; features [D] with a feature_layer."""
     mc = model_config_pb2()
     dims = [spec.input_height, spec.input_width, 3]
     cfg = _base(spec.name, spec, opts, warmup_input=(spec.input_name, dims))
     cfg.input.append(_tensor(mc.ModelInput, spec.input_name, mc.TYPE_UINT8, dims))
-    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
-                              label_filename=LABELS_FILE))
-    cfg.output.append(_tensor(mc.ModelOutput, spec.logits_name, mc.TYPE_FP32, [spec.num_classes]))
+    _outputs(cfg, spec, logits=True)
     _runtime(cfg, flavour, opts)
     return cfg
 
 
+def _outputs(cfg: ModelConfig, spec: ModelSpec, *, logits: bool) -> None:
+    """The probabilities (with labels) and, with ``logits``, the logits of a model with classes; then the
+    features [feature_size] of a model with a feature_layer."""
+    mc = model_config_pb2()
+    if not spec.features_only:
+        cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
+                                  label_filename=LABELS_FILE))
+        if logits:
+            cfg.output.append(_tensor(mc.ModelOutput, spec.logits_name, mc.TYPE_FP32, [spec.num_classes]))
+    if spec.has_features:
+        cfg.output.append(_tensor(mc.ModelOutput, spec.features_name, mc.TYPE_FP32, [spec.feature_size]))
+
+
 def tta_config(spec: ModelSpec, opts: ExportOptions, flavour: str) -> ModelConfig:
-    """uint8 [source H, source W, 3] -> probabilities [C] averaged over the TTA views."""
+    """uint8 [source H, source W, 3] -> probabilities [C] (and features [D]) averaged over the TTA views."""
     mc = model_config_pb2()
     dims = [spec.source_height, spec.source_width, 3]
     cfg = _base(spec.tta_model_name, spec, opts, warmup_input=(spec.input_name, dims))
     cfg.parameters[TTA_PARAMETER].string_value = opts.tta_views
     cfg.input.append(_tensor(mc.ModelInput, spec.input_name, mc.TYPE_UINT8, dims))
-    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
-                              label_filename=LABELS_FILE))
+    _outputs(cfg, spec, logits=False)
     _runtime(cfg, flavour, opts)
     return cfg
 
@@ -241,16 +251,14 @@ def ensemble_config(spec: ModelSpec, opts: ExportOptions) -> ModelConfig:
     cfg.version_policy.latest.num_versions = 1
     cfg.parameters[SPEC_PARAMETER].string_value = spec_json(spec)
     cfg.input.append(_tensor(mc.ModelInput, spec.encoded_name, mc.TYPE_UINT8, [-1]))
-    cfg.output.append(_tensor(mc.ModelOutput, spec.output_name, mc.TYPE_FP32, [spec.num_classes],
-                              label_filename=LABELS_FILE))
-    cfg.output.append(_tensor(mc.ModelOutput, spec.logits_name, mc.TYPE_FP32, [spec.num_classes]))
+    _outputs(cfg, spec, logits=True)
     pre = cfg.ensemble_scheduling.step.add(model_name=spec.preprocess_model_name, model_version=-1)
     pre.input_map[spec.encoded_name] = spec.encoded_name
     pre.output_map[spec.input_name] = spec.input_name
     cls = cfg.ensemble_scheduling.step.add(model_name=spec.name, model_version=-1)
     cls.input_map[spec.input_name] = spec.input_name
-    cls.output_map[spec.output_name] = spec.output_name
-    cls.output_map[spec.logits_name] = spec.logits_name
+    for out in cfg.output:
+        cls.output_map[out.name] = out.name
     return cfg
 
 

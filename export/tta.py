@@ -17,7 +17,9 @@ TTA_EXPORT_MODES = ("five", "ten")
 
 
 class TTAModel(nn.Module):
-    """uint8 NHWC at the spec's source size -> class probabilities averaged over the views."""
+    """uint8 NHWC at the spec's source size -> class probabilities averaged over the views; with the spec's
+    features, also the features averaged over the views (a features-only model: those alone), in
+    :func:`tta_outputs` order."""
 
     def __init__(self, classifier: nn.Module, spec: ModelSpec, mode: str):
         super().__init__()
@@ -27,8 +29,9 @@ class TTAModel(nn.Module):
         self.mode = mode
         self.crop_hw = spec.input_hw
         self.boxes = tuple(view_boxes(mode, spec.source_hw, spec.input_hw))
+        self.feature_layer = spec.feature_layer
 
-    def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
+    def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         ch, cw = self.crop_hw
         # Cast first, so the uint8 input feeds only a Cast (TensorRT accepts uint8 nowhere
         # else); crops and flips of the float copy are the same integers.
@@ -38,7 +41,18 @@ class TTAModel(nn.Module):
             crop = images[:, top:top + ch, left:left + cw, :]
             views.append(torch.flip(crop, dims=[2]) if flip else crop)
         # View-major stacking: one classifier call on N * V images.
-        n = images.shape[0]
-        logits = self.classifier(torch.cat(views, dim=0)).float()
-        probs = torch.softmax(logits, dim=1)
-        return probs.reshape(len(self.boxes), n, -1).mean(dim=0)
+        n, v = images.shape[0], len(self.boxes)
+        logits, features = self.classifier.logits_and_features(torch.cat(views, dim=0), self.feature_layer)
+        out: tuple[torch.Tensor, ...] = ()
+        if logits is not None:
+            out = (torch.softmax(logits.float(), dim=1).reshape(v, n, -1).mean(dim=0),)
+        if features is not None:
+            out += (features.float().reshape(v, n, -1).mean(dim=0),)
+        # A model without features keeps its one output, as before.
+        return out[0] if len(out) == 1 and features is None else out
+
+
+def tta_outputs(spec: ModelSpec) -> list[str]:
+    """The TTA graph's outputs in :class:`TTAModel`'s order: the averaged probabilities (models with classes),
+    then the averaged features (models with a feature_layer)."""
+    return ([] if spec.features_only else [spec.output_name]) + ([spec.features_name] if spec.has_features else [])

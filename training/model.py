@@ -42,8 +42,9 @@ class ModelConfig:
             raise ModelConfigError(f"--pool-size: {self.pool_size} is not one of {POOL_SIZES}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"--dropout: expected a value in [0, 1), got {self.dropout}")
-        if self.num_classes < 2:
-            raise ModelConfigError(f"num_classes: a classifier needs at least two classes, got {self.num_classes}")
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ModelConfigError(f"num_classes: a classifier needs at least two classes (0: a features-only "
+                                   f"model without a head), got {self.num_classes}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if self.head == "mlp" and (not self.hidden or min(self.hidden) <= 0):
             raise ModelConfigError(f"--hidden: expected positive layer sizes for the mlp head, got {self.hidden}")
@@ -87,6 +88,8 @@ class Classifier(nn.Module):
     receives the normaliser's channels-last tensor as it is, or a contiguous
     NCHW copy: the permute of NHWC input is channels-last already, so without
     the copy --no-channels-last would not change the memory format at all.
+    A features-only model (``num_classes`` 0) has no head: only
+    :meth:`logits_and_features` runs it.
     """
 
     def __init__(self, spec: ModelSpec, config: ModelConfig):
@@ -98,8 +101,12 @@ class Classifier(nn.Module):
         backbone.avgpool = nn.AdaptiveAvgPool2d(config.pool_size)
         backbone.fc = nn.Identity()
         self.backbone = backbone
+        self.pool_size = config.pool_size
         feat = in_features * config.pool_size * config.pool_size
-        if config.head == "linear":
+        self.head: nn.Module | None
+        if config.num_classes == 0:
+            self.head = None
+        elif config.head == "linear":
             self.head = nn.Linear(feat, config.num_classes)
         else:
             layers: list[nn.Module] = []
@@ -111,22 +118,56 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(*layers)
 
     def forward(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ModelConfigError("a features-only model has no head: it gives features, not logits")
+        return self.logits_and_features(images_nhwc_u8, None)[0]
+
+    def logits_and_features(self, images_nhwc_u8: torch.Tensor,
+                            feature_layer: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (None without a head) and the global-average-pooled output of ``feature_layer`` ("layer4",
+        "layer3"; None: no features), from one pass through the body."""
         x = self.normalize(images_nhwc_u8)
         if not self.channels_last:
             x = x.contiguous()
-        return self.head(self.backbone(x))
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.layer3(b.layer2(b.layer1(x)))
+        features = x.mean(dim=(2, 3)) if feature_layer == "layer3" else None
+        if self.head is None and feature_layer == "layer3":
+            return None, features  # the last block is not needed
+        x = b.layer4(x)
+        pooled = torch.flatten(b.avgpool(x), 1)
+        if feature_layer == "layer4":
+            # The head's own input when it pools to 1 x 1: the same numbers, computed once.
+            features = pooled if self.pool_size == 1 else x.mean(dim=(2, 3))
+        return (self.head(pooled) if self.head is not None else None), features
 
 
 class ServedModel(nn.Module):
-    """What export traces: probabilities and logits from uint8 NHWC images."""
+    """What export traces: from uint8 NHWC images, probabilities and logits, then the features when
+    ``feature_layer`` is given (a features-only model: the features alone), in :func:`served_outputs` order."""
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, feature_layer: str | None = None):
         super().__init__()
+        if classifier.head is None and feature_layer is None:
+            raise ModelConfigError("a features-only model needs its feature_layer")
         self.classifier = classifier
+        self.feature_layer = feature_layer
 
-    def forward(self, images_nhwc_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(images_nhwc_u8).float()
-        return torch.softmax(logits, dim=1), logits
+    def forward(self, images_nhwc_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, features = self.classifier.logits_and_features(images_nhwc_u8, self.feature_layer)
+        out: tuple[torch.Tensor, ...] = ()
+        if logits is not None:
+            logits = logits.float()
+            out = (torch.softmax(logits, dim=1), logits)
+        return out + ((features.float(),) if features is not None else ())
+
+
+def served_outputs(spec: ModelSpec) -> list[str]:
+    """The classifier graph's outputs in :class:`ServedModel`'s order: probabilities and logits (models with
+    classes), then the features (models with a feature_layer)."""
+    names = [] if spec.features_only else [spec.output_name, spec.logits_name]
+    return names + ([spec.features_name] if spec.has_features else [])
 
 
 def build_model(spec: ModelSpec, config: ModelConfig) -> Classifier:

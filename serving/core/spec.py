@@ -20,6 +20,8 @@ The spec format, and how it grows (README, "Compatibility"):
   one line, naming them. A writer lists a field there by naming it in
   :data:`MUST_UNDERSTAND`; it is added to ``requires`` whenever the field is
   not at its default.
+- A field added later may be written only when set (:data:`WRITTEN_WHEN_SET`),
+  so specs without it keep their bytes and their hash.
 - Nested values (a dict field) are compared by the gate path by path
   (``extra.grayscale_equalize``), so a change deep inside a field is named.
 """
@@ -40,6 +42,10 @@ SPEC_FORMAT_VERSION = 1
 # Fields a reader must understand to prepare a model's inputs right: listed in a spec's ``requires`` when they
 # are not at their default, so an older patchserve refuses the model instead of feeding it the wrong pixels.
 MUST_UNDERSTAND: tuple[str, ...] = ("trained_mpp",)
+# Fields written only when they are not at their default, so a spec without them serialises (and hashes, for
+# the job fingerprint) exactly as before they existed: a model exported before features keeps its spec.json,
+# configs and fingerprints byte for byte.
+WRITTEN_WHEN_SET: tuple[str, ...] = ("feature_layer", "feature_size", "features_name")
 # Keys of the `parameters` map of every exported Triton config: the spec as
 # JSON, and the sha256 of the run's weights the model serves (a client reads
 # both from a live server).
@@ -77,6 +83,15 @@ ARCHITECTURES = (
     "wide_resnet50_2",
     "resnext50_32x4d",
 )
+# The features a model can output beside its probabilities (``feature_layer``): the global average pool of
+# the output of a torchvision ResNet's last block ("layer4", what the classification head reads), or of its
+# third block ("layer3", CLAM's truncated ResNet50). Their sizes per architecture: a client knows them from
+# the spec without torch.
+FEATURE_LAYERS = ("layer4", "layer3")
+_WIDE = {"layer3": 1024, "layer4": 2048}
+FEATURE_SIZES = {"resnet18": {"layer3": 256, "layer4": 512}, "resnet34": {"layer3": 256, "layer4": 512},
+                 "resnet50": _WIDE, "resnet101": _WIDE, "resnet152": _WIDE, "wide_resnet50_2": _WIDE,
+                 "resnext50_32x4d": _WIDE}
 HEADS = ("linear", "mlp")  # the classification head after the pooled features
 POOL_SIZES = (1, 2, 4, 8)  # adaptive average pooling output side before the head
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,6 +185,7 @@ class ModelSpec:
     output_name: str = "probabilities"
     logits_name: str = "logits"
     encoded_name: str = "images_encoded"  # ensemble input: encoded JPEG/PNG bytes
+    features_name: str = "features"  # the features output (float32 [feature_size]), when feature_layer is set
     max_batch_size: int = 64
     eval_geometry: str = "resize_crop"  # one of EVAL_GEOMETRIES: what happens to an image of any size
     tta_views: tuple[str, ...] = TTA_MODES
@@ -178,6 +194,11 @@ class ModelSpec:
     # Stain normalisation computed inside the model, before mean/std (training/stain_norm.py): the method and
     # its target's parameters; None: none. The graph and the configs hold copies that the gate checks.
     stain_normalization: dict | None = None
+    # The features output beside the probabilities (one of FEATURE_LAYERS), and its size (FEATURE_SIZES of the
+    # arch; 0 with a layer: that size); None and 0: the model outputs none. A features-only model (no head) has no
+    # class_names.
+    feature_layer: str | None = None
+    feature_size: int = 0
     format_version: int = SPEC_FORMAT_VERSION
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     # Fields a reader must understand (MUST_UNDERSTAND ones not at their default, and those of a newer spec).
@@ -189,8 +210,11 @@ class ModelSpec:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
         check_model_name(self.name, "name")
         names = tuple(self.class_names) if not isinstance(self.class_names, str) else None
-        if not names:
-            raise SpecError("class_names: expected at least two class names, got none")
+        if names == () and self.feature_layer is not None:
+            names = ()  # a features-only model: features, no head, no classes
+        elif not names:
+            raise SpecError("class_names: expected at least two class names, got none (a features-only model "
+                            "names its feature_layer)")
         for c in names:
             if not isinstance(c, str) or not c.strip():
                 raise SpecError(f"class_names: empty class name in {list(names)!r}")
@@ -199,7 +223,7 @@ class ModelSpec:
         dupes = sorted({c for c in names if names.count(c) > 1})
         if dupes:
             raise SpecError(f"class_names: duplicate names {dupes}")
-        if len(names) < 2:
+        if len(names) == 1:
             raise SpecError(f"class_names: a classifier needs at least two classes, got {list(names)!r}")
         set_("class_names", names)
         for f in ("input_height", "input_width", "max_batch_size", "version"):
@@ -222,7 +246,7 @@ class ModelSpec:
             raise SpecError(f"input_dtype: only 'uint8' is supported, got {self.input_dtype!r}")
         if self.input_layout != "NHWC":
             raise SpecError(f"input_layout: only 'NHWC' is supported, got {self.input_layout!r}")
-        tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name")
+        tensor_fields = ("input_name", "output_name", "logits_name", "encoded_name", "features_name")
         tensor_names = tuple(getattr(self, f) for f in tensor_fields)
         for f, v in zip(tensor_fields, tensor_names):
             if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
@@ -243,6 +267,7 @@ class ModelSpec:
             set_("trained_mpp", mpp)
         if self.stain_normalization is not None:
             set_("stain_normalization", check_stain_normalization(self.stain_normalization))
+        self._check_features()
         views = tuple(self.tta_views)
         bad = [v for v in views if v not in TTA_MODES]
         if bad or "none" not in views:
@@ -261,11 +286,50 @@ class ModelSpec:
             raise SpecError(f"unknown: expected a mapping of field names to values, got {self.unknown!r}")
         defaults = {f.name: f for f in dataclasses.fields(self)}
         derived = {n for n in MUST_UNDERSTAND if getattr(self, n) != _default(defaults[n])}
+        if self.features_only:
+            # No probabilities: a patchserve that ignores feature_layer would find no class to score. A
+            # classifier's features need no such entry: its inputs and probabilities are what they were.
+            derived.add("feature_layer")
         set_("requires", tuple(sorted(set(reqs) | derived)))
+
+    def _check_features(self) -> None:
+        layer, size = self.feature_layer, self.feature_size
+        if layer is None:
+            if size != 0:
+                raise SpecError(f"feature_size: {size!r} without a feature_layer; a model without features has 0")
+            return
+        if layer not in FEATURE_LAYERS:
+            raise SpecError(f"feature_layer: invalid layer {layer!r}. Only {', '.join(FEATURE_LAYERS)} are "
+                            "supported.")
+        want = FEATURE_SIZES[self.arch][layer]
+        if size == 0 and not isinstance(size, bool):
+            object.__setattr__(self, "feature_size", want)  # stated by the arch: a writer may leave it out
+        elif isinstance(size, bool) or size != want:
+            raise SpecError(f"feature_size: {self.arch}'s {layer} features have {want} values, the spec says "
+                            f"{size!r}")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_features(self) -> bool:
+        """The model outputs features (``features_name``) beside its probabilities, or alone."""
+        return self.feature_layer is not None
+
+    @property
+    def features_only(self) -> bool:
+        """A features-only model: no head, no classes, no probabilities or logits."""
+        return not self.class_names
+
+    def with_features(self, layer: str | None) -> "ModelSpec":
+        """This spec with the features output of ``layer`` (its size from the arch), or without features."""
+        if layer is None:
+            return self.replace(feature_layer=None, feature_size=0)
+        if layer not in FEATURE_LAYERS:
+            raise SpecError(f"feature_layer: invalid layer {layer!r}. Only {', '.join(FEATURE_LAYERS)} are "
+                            "supported.")
+        return self.replace(feature_layer=layer, feature_size=FEATURE_SIZES[self.arch][layer])
 
     @property
     def grayscale_equalize(self) -> bool:
@@ -301,6 +365,10 @@ class ModelSpec:
         """Every field (tuples as lists), and the fields of a newer format this patchserve kept unread."""
         d = dataclasses.asdict(self)
         unknown = d.pop("unknown")
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        for k in WRITTEN_WHEN_SET:
+            if d[k] == _default(defaults[k]):
+                del d[k]
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)

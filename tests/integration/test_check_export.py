@@ -31,6 +31,11 @@ def test_good_repository_passes_every_check_including_real_inference_and_the_run
         assert f"manifest       {model}" in out
     for model in (spec.name, spec.tta_model_name, spec.ensemble_model_name):
         assert f"run            {model}" in out
+        # The features output, held like the logits: by the server and by the run's checkpoint.
+        for check in ("features-serve", "features-run"):
+            assert re.search(rf"{check} +{model} +ok", out), (check, model)
+    for model in (spec.name, spec.tta_model_name):
+        assert re.search(rf"features-onnx +{model} +ok", out), model
     assert "32 images" in out
     assert "FAIL" not in out
 

@@ -13,7 +13,7 @@ import pytest
 
 from export import triton_config as tc
 from export.check import check_repository
-from export.quantize import INT8_PARITY_JSON, INT8_PARITY_NPZ, INT8_PROB_ATOL, INT8_TOP1_MIN
+from export.quantize import INT8_FEATURES_RTOL, INT8_PARITY_JSON, INT8_PARITY_NPZ, INT8_PROB_ATOL, INT8_TOP1_MIN
 from serving.core.spec import ModelSpec
 
 
@@ -54,7 +54,12 @@ def test_int8_export_records_its_parity_and_the_gate_checks_it(int8_repo, capsys
         doc = json.loads((version / INT8_PARITY_JSON).read_text())
         assert doc["precision"] == "int8" and doc["images"] > 0
         assert doc["top1_agreement"] >= INT8_TOP1_MIN and doc["max_prob_diff"] <= INT8_PROB_ATOL
-        assert doc["tolerance"] == {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL}
+        assert doc["tolerance"] == {"top1_agreement_min": INT8_TOP1_MIN, "max_prob_diff_max": INT8_PROB_ATOL,
+                                    "max_features_rel_max": INT8_FEATURES_RTOL}
+        # The features output (layer4 by default) is quantized too, and held to its own relative tolerance.
+        with capsys.disabled():
+            print(f"{name}: int8 features, max ||f_int8 - f_fp32|| / ||f_fp32|| {doc['max_features_rel']:.4f}")
+        assert 0 < doc["max_features_rel"] <= INT8_FEATURES_RTOL
         assert 0 < doc["max_prob_diff"]  # a quantized graph: not the fp32 one
         ops = _op_types(version / "model.onnx")
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops

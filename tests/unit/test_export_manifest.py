@@ -149,8 +149,10 @@ OTHER_VALUES = {
     "extra": {"grayscale_equalize": True}, "requires": ("eval_geometry",), "unknown": {"stain_target": [0.1, 0.2]},
     "trained_mpp": 0.25, "stain_normalization": {"method": "reinhard", "lab_mean": [150.0, 128.0, 128.0],
                                                   "lab_std": [60.0, 10.0, 10.0]},
-    # These have a single valid value today: changing them makes the spec parameter unreadable, which fails too.
-    "input_dtype": "float32", "input_layout": "NCHW", "format_version": 2,
+    "feature_layer": "layer4", "features_name": "feats",
+    # These have a single valid value today (feature_size: the one the arch and feature_layer state): changing
+    # them makes the spec parameter unreadable, which fails too.
+    "input_dtype": "float32", "input_layout": "NCHW", "format_version": 2, "feature_size": 512,
 }
 
 
@@ -172,7 +174,7 @@ def test_the_gate_names_a_change_of_every_spec_field_one_at_a_time(tiny_spec):
             data[name] = list(value) if isinstance(value, tuple) else value
         configs["configs/onnxruntime.pbtxt"].parameters[tc.SPEC_PARAMETER].string_value = json.dumps(data)
         problems = agreement_problems(tiny_spec, configs, 1, None, None)
-        if name in ("input_dtype", "input_layout", "format_version"):
+        if name in ("input_dtype", "input_layout", "format_version", "feature_size"):
             assert problems and all(p.startswith("configs/onnxruntime.pbtxt: its spec parameter is invalid (")
                                     and name in p for p in problems), (name, problems)
             continue

@@ -70,7 +70,7 @@ def test_replace_validates_again():
     ({"input_layout": "NCHW"}, r"^input_layout: only 'NHWC' is supported, got 'NCHW'$"),
     ({"input_name": "1images"}, r"^input_name: '1images' is not a valid tensor name"),
     ({"output_name": "probs-out"}, r"^output_name: 'probs-out' is not a valid tensor name"),
-    ({"logits_name": "images_nhwc_u8"}, r"input_name/output_name/logits_name/encoded_name must all differ"),
+    ({"logits_name": "images_nhwc_u8"}, r"input_name/output_name/logits_name/encoded_name/features_name must all differ"),
     ({"tta_views": ("five",)}, r"^tta_views: expected a subset of .* including 'none', got \('five',\)$"),
     ({"tta_views": ("none", "twelve")}, r"^tta_views: expected a subset"),
     ({"format_version": 2}, r"^format_version: the spec is of format 2, written by a newer patchserve; this one "
