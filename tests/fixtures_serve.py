@@ -119,4 +119,4 @@ def mpp_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("mpp_repo") / "repo"
     export_run(run, repo, formats=("python",), with_tta=False, with_dali=False, max_batch_size=8)
     with EmbeddedTriton(repo) as server:
-        yield Served(server, repo, spec)
+        yield Served(server, repo, spec, server.urls.grpc, server.urls.http)

@@ -100,7 +100,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
 
 
 def _plots(out: Path, metrics: dict, y_true, probs, class_names, wrong, history_csv: Path) -> None:
-    from serving import plots
+    from serving.evaluation import plots
 
     plots.plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png")
     plots.plot_roc(y_true, probs, class_names, out / "roc.png")

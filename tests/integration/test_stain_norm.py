@@ -181,7 +181,7 @@ def stain_served(stain_run, synth_data, tmp_path_factory):
     result = export_run(stain_run, repo, formats=("python", "onnxruntime"), tta_views="five", with_tta=True,
                         with_dali=True, max_batch_size=8, data=synth_data)
     with EmbeddedTriton(repo) as server:
-        yield Served(server, repo, result.spec)
+        yield Served(server, repo, result.spec, server.urls.grpc, server.urls.http)
 
 
 def test_the_spec_records_the_target_fitted_from_the_training_set(stain_run):

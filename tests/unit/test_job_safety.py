@@ -36,7 +36,7 @@ def test_second_lock_on_one_output_is_refused_naming_the_holder(tmp_path):
 
 def test_a_sigkilled_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "out.parquet"
-    code = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from serving.joblock import JobLock; "
+    code = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from serving.jobs.lock import JobLock; "
             f"JobLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

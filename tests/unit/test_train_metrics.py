@@ -55,7 +55,7 @@ def test_write_metrics_writes_json_and_predictions_with_class_names(tmp_path):
 
 
 def test_plots_are_written_as_png(tmp_path):
-    from serving import plots
+    from serving.evaluation import plots
 
     plots.plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
     plots.plot_roc([0, 1, 1, 0], np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]]), ["a", "b"], tmp_path / "roc.png")
