@@ -18,6 +18,7 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "synth": "write deterministic synthetic patches, HDF5 and a whole-slide image",
     "train": "train a ResNet on a DALI pipeline",
+    "init-run": "a run folder from local torchvision weights, without training (features-only without classes)",
     "evaluate": "evaluate a run on a data set (metrics, report, plots, TTA)",
     "cv": "cross-validated grid search, then refit the best combination",
     "export": "export a run into a Triton model repository",
@@ -36,6 +37,8 @@ def _command(name: str) -> ModuleType:
         from patchserve.commands import synth as module
     elif name == "train":
         from patchserve.commands import train as module
+    elif name == "init-run":
+        from patchserve.commands import init_run as module
     elif name == "evaluate":
         from patchserve.commands import evaluate as module
     elif name == "cv":
