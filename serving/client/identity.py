@@ -55,7 +55,12 @@ def read_spec(info: ModelInfo) -> ModelSpec:
 
 
 def check_input(info: ModelInfo, spec: ModelSpec) -> None:
-    """The classifier's config input must be the spec's uint8 NHWC tensor."""
+    """The classifier's config input must be the spec's uint8 NHWC tensor; a features-only model is refused
+    (it serves no probabilities: its first output would be read as such)."""
+    if spec.features_only:
+        raise SpecMismatchError(
+            f"--model {info.name}: a features-only model (its {spec.feature_layer} features, no classes): it "
+            "serves no probabilities to score; score a model exported from a run with classes")
     want = (*spec.input_hw, 3)
     if info.datatype != "UINT8" or info.dims != want or info.input_name != spec.input_name:
         raise SpecMismatchError(

@@ -106,3 +106,17 @@ def test_client_score_and_slides_import_neither_torch_nor_dali():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_features_only_model_is_refused_by_the_client_naming_the_model():
+    from serving.client.identity import check_input
+    from serving.client.model_info import ModelInfo
+    from serving.core.errors import SpecMismatchError
+    from serving.core.spec import ModelSpec
+
+    spec = ModelSpec(name="feats", class_names=(), feature_layer="layer4", input_height=32, input_width=32,
+                     mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    info = ModelInfo("feats", spec.input_name, "UINT8", (32, 32, 3), spec.features_name, 8, {})
+    with pytest.raises(SpecMismatchError, match="--model feats: a features-only model .*layer4.* no probabilities"):
+        check_input(info, spec)
+    check_input(info, spec.replace(class_names=("a", "b")))  # the same model with classes is scored
