@@ -18,7 +18,7 @@ from serving.server.state import members
 from serving.core.procs import process_gone
 
 
-def test_logging_and_trace_apis_need_the_key_kept_private(triton_server):
+def test_logging_and_trace_apis_are_closed_to_every_client_and_the_repository_api_needs_the_key(triton_server):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -29,18 +29,26 @@ def test_logging_and_trace_apis_need_the_key_kept_private(triton_server):
     assert key_file.read_text().strip() == server.api_key and len(server.api_key) >= 32
     http = httpclient.InferenceServerClient(server.urls.http)
     grpc = grpcclient.InferenceServerClient(server.urls.grpc)
+    grpc_key = {f"triton-grpc-protocol-{k}": v for k, v in server.admin_headers.items()}
     try:
-        restricted = "This API is restricted, expecting header 'patchserve-api-key'"
-        with pytest.raises(InferenceServerException, match=restricted):
-            http.update_log_settings({"log_verbose_level": 1})
-        with pytest.raises(InferenceServerException, match=restricted):
-            http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
-        with pytest.raises(InferenceServerException, match="This protocol is restricted, expecting header"):
-            grpc.update_log_settings({"log_verbose_level": 1})
-        with pytest.raises(InferenceServerException, match=restricted):
-            http.update_log_settings({"log_verbose_level": 1}, headers={"patchserve-api-key": "guess"})
-        # patchserve's own calls, with the key, still work; inference needs no key.
-        assert http.get_log_settings(headers=server.admin_headers)["log_verbose_level"] == 0
+        for headers in ({}, server.admin_headers, {"patchserve-api-key": "guess"}):
+            with pytest.raises(InferenceServerException) as refused:
+                http.update_log_settings({"log_verbose_level": 1}, headers=headers)
+            assert refused.value.status() == "403"
+            with pytest.raises(InferenceServerException) as refused:
+                http.update_trace_settings(settings={"trace_rate": "7"}, headers=headers)
+            assert refused.value.status() == "403"
+        for headers in ({}, grpc_key):
+            with pytest.raises(InferenceServerException) as refused:
+                grpc.update_log_settings({"log_verbose_level": 1}, headers=headers)
+            assert refused.value.status() == "StatusCode.UNAVAILABLE" and grpc.is_server_ready()
+        with pytest.raises(InferenceServerException) as refused:
+            http.get_model_repository_index(headers={"patchserve-api-key": "guess"})
+        assert refused.value.status() == "403"
+        # patchserve's own listing, with the key, works; inference needs no key.
+        names = {m["name"] for m in http.get_model_repository_index(headers=server.admin_headers)}
+        assert triton_server.spec.name in names
+        assert grpc.get_model_repository_index(headers=grpc_key).models
         assert http.is_model_ready(triton_server.spec.name)
     finally:
         http.close()
