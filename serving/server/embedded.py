@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.core.errors import ServerError
+from serving.server.guard import release, start_guard
 from serving.server.state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
 from serving.core.spec import GPU_FLAVOURS
 
@@ -128,7 +129,8 @@ class EmbeddedTriton:
         if workdir is None:
             # Work folders of SIGKILLed servers (whose owner is gone) go before a new one is made.
             remove_stale_temp_workdirs(Path(tempfile.gettempdir()), TEMP_PREFIX)
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        # Absolute: tritonserver starts in the work folder, and a relative path would name another.
+        self.workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         self.api_key = ""
         self.startup_timeout_s = startup_timeout_s
         self.log_verbose = log_verbose
@@ -201,6 +203,8 @@ class EmbeddedTriton:
         state = {"owner_pid": os.getpid(), "server_pid": self.process.pid, "pgid": self.process.pid,
                  "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
         (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
+        # Should this process die, however it dies, the guard ends the server and removes what it left.
+        self._guard = start_guard(self.workdir, remove_workdir=self._own_workdir, env=self.environment())
         self.wait_ready()
         from serving.server.watchdog import StubWatchdog
 
@@ -277,6 +281,8 @@ class EmbeddedTriton:
                 self.process.wait()
         if self.process is not None:
             clean_stale(self.workdir)
+        release(getattr(self, "_guard", None))  # last: an owner killed while stopping is still covered
+        self._guard = None
         if getattr(self, "_log", None):
             self._log.close()
 

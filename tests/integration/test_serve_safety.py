@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 import socket
 import subprocess
 import sys
@@ -59,10 +61,11 @@ def _python_child():
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal starts a foreground job
 
 
-def _serve(repo: Path, workdir: Path, ports: tuple[int, int, int]) -> tuple[subprocess.Popen, list[str]]:
+def _serve(repo: Path, workdir: Path | None, ports: tuple[int, int, int]) -> tuple[subprocess.Popen, list[str]]:
     http, grpc, metrics = ports
     cmd = [sys.executable, "-m", "patchserve", "serve", "--repo", str(repo), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workdir", str(workdir)]
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    cmd += ["--workdir", str(workdir)] if workdir is not None else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=_python_child)
     lines = []
@@ -80,6 +83,60 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _children(pid: int) -> dict[int, str]:
+    """Live children of ``pid``: PID -> command line."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _guard_of(serve_pid: int) -> int:
+    (pid,) = [p for p, cmd in _children(serve_pid).items() if "serving.server.guard" in cmd]
+    return pid
+
+
+def _workdir_of(lines: list[str]) -> Path:
+    (line,) = [ln for ln in lines if ln.startswith("Triton is ready (log: ")]
+    return Path(line[len("Triton is ready (log: "):-1]).parent
+
+
+@pytest.mark.parametrize("given_workdir", [False, True], ids=["temporary-workdir", "given-workdir"])
+def test_nothing_keeps_serving_after_serve_is_sigkilled(exported_repo, tmp_path, given_workdir):
+    """SIGKILL gives serve no chance to stop its server: its guard does, and removes what it left."""
+    repo, spec = exported_repo
+    ports = (free_port(), free_port(), free_port())
+    proc, lines = _serve(repo, tmp_path / "work" if given_workdir else None, ports)
+    try:
+        workdir = _workdir_of(lines)
+        state = json.loads((workdir / "server.json").read_text())
+        group = members(state["pgid"], workdir)
+        stubs = [p for p in group if p != state["server_pid"]]
+        decoders = [c for s in stubs for c in _children(s)]  # the preprocessing stub's DALI process
+        regions = sorted(Path("/dev/shm").glob(state["shm_prefix"] + "*"))
+        assert len(stubs) == 3 and len(decoders) == 1 and regions
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60  # a condition wait on a busy machine, not a speed check
+    left = lambda: ([p for p in group + decoders if not process_gone(p)], [r for r in regions if r.exists()])  # noqa: E731
+    while left() != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == ([], [])
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing listens there any more
+    assert workdir.exists() == given_workdir
+    if given_workdir:
+        assert not (workdir / "server.json").exists()
+
+
 def test_sigkilled_serve_is_cleaned_up_by_the_next_serve_on_its_work_folder(exported_repo, tmp_path):
     repo, spec = exported_repo
     workdir = tmp_path / "work"
@@ -93,7 +150,9 @@ def test_sigkilled_serve_is_cleaned_up_by_the_next_serve_on_its_work_folder(expo
         assert server_pid in group and len(stubs) == 3  # one stub per Python-backend model: classifier, TTA, preprocess
         regions = sorted(Path("/dev/shm").glob(prefix + "*"))
         assert regions and {oct(r.stat().st_mode & 0o777) for r in regions} == {"0o600"}
-        first.kill()  # serve dies without a chance to stop its server
+        # serve and its guard die together (a whole process tree killed): nothing could stop the server
+        os.kill(_guard_of(first.pid), signal.SIGKILL)
+        first.kill()
         first.wait()
         assert not process_gone(server_pid)  # the orphaned server and its stubs still run, holding the ports
         second, lines = _serve(repo, workdir, ports)
@@ -109,8 +168,6 @@ def test_sigkilled_serve_is_cleaned_up_by_the_next_serve_on_its_work_folder(expo
         new_group = members(new_state["pgid"], workdir)
         new_regions = sorted(Path("/dev/shm").glob(new_state["shm_prefix"] + "*"))
         # Ctrl-C in the terminal: serve stops the server and every stub of its group.
-        import os
-
         os.killpg(second.pid, signal.SIGINT)
         rest = second.communicate(timeout=60)[0]
     finally:
