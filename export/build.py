@@ -17,8 +17,8 @@ from export.manifest import write_manifest
 from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, ort_session, parity_vs_torch, require_parity,
                                 top1_agreement, torch_outputs)
 from export.patches import encode
-from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
-                               resolve_spec, write_generated)
+from export.repository import (ENSEMBLE_KEEP, PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing,
+                               render_repository, resolve_spec, write_generated)
 from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
 from serving.core.options import option
 from serving.core.spec import ModelSpec
@@ -232,8 +232,7 @@ def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: li
                               PREPROCESS_MAX_GREY_DIFF))
     ens_dir = stage / spec.ensemble_model_name / str(version)
     ens_dir.mkdir(parents=True, exist_ok=True)
-    # Triton needs the version folder of an ensemble; git keeps no empty folders.
-    (ens_dir / ".gitkeep").touch()
+    (ens_dir / ENSEMBLE_KEEP).touch()
     save_fixture(ens_dir / FIXTURE_FILE, {**pack_encoded(encoded), "dali_pixels": dali_pixels,
                                           "logits": _logits(served, dali_pixels)})
     return rows
