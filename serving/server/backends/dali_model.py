@@ -161,7 +161,9 @@ def check_image(data, i, max_pixels):
     return None, end
 
 
-# A copy of serving/core/encoded.py's walk (tests/unit/test_encoded_walk.py holds the two to one answer).
+# A copy of serving/core/encoded.py's walk: this file runs in the server without patchserve, so it cannot
+# import it (tests/unit/test_encoded_walk.py holds the two to one answer and message).
+# pylint: disable=duplicate-code
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -331,6 +333,7 @@ def _skip_entropy_data(data, pos):
         return pos
 
 
+# pylint: enable=duplicate-code
 # -- DALI in a child process -------------------------------------------------------------------------------
 
 class DecoderFailed(Exception):

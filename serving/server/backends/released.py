@@ -23,7 +23,7 @@ RELEASED: dict[str, dict[str, str]] = {
     },
     "dali_model.py": {
         "041f9e98f8c52c0149d2a2d3ee2aa4ac25c583e58f64e13dfcc388fa1a730d24": "0.1.0",
-        "3011fe344d4d791face228f1a5e0e62fa85a534af5aa33731ea3ac261c039a53": "0.2.0",
+        "a6e3755d457d9b4f2874eedbc0c7b79129417baa6fa3597883fa401334fcae46": "0.2.0",
     },
 }
 
