@@ -51,6 +51,13 @@ class ExportConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
         object.__setattr__(self, "repo", Path(self.repo))
+        # Checked before anything is read or built: the repository is (or will be) a folder.
+        for where in (self.repo, *self.repo.parents):
+            if where.exists():
+                if not where.is_dir():
+                    raise ExportInputError(f"--repo {self.repo}: {where} is a file, not a folder; give a model "
+                                           "repository folder (it is created if missing)")
+                break
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
 
