@@ -204,6 +204,7 @@ class EmbeddedTriton:
                  "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
         (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
         # Should this process die, however it dies, the guard ends the server and removes what it left.
+        release(getattr(self, "_guard", None))  # a guard of a server killed without stop() (fault tests)
         self._guard = start_guard(self.workdir, remove_workdir=self._own_workdir, env=self.environment())
         self.wait_ready()
         from serving.server.watchdog import StubWatchdog
