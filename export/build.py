@@ -18,8 +18,8 @@ from export.manifest import write_manifest
 from export.onnx_export import (PROB_ATOL, ParityRow, export_onnx, features_parity, graph_metadata, ort_session,
                                 parity_vs_torch, require_parity, top1_agreement, torch_outputs)
 from export.patches import encode
-from export.repository import (PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing, render_repository,
-                               resolve_spec, write_generated)
+from export.repository import (ENSEMBLE_KEEP, PLAN_MANIFEST, ExportResult, copy_backend, refuse_existing,
+                               render_repository, resolve_spec, write_generated)
 from export.staging import carry_other_versions, clean_leftovers, swap_in, work_folder
 from serving.core.options import option
 from serving.core.errors import SpecError
@@ -58,6 +58,13 @@ class ExportConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
         object.__setattr__(self, "repo", Path(self.repo))
+        # Checked before anything is read or built: the repository is (or will be) a folder.
+        for where in (self.repo, *self.repo.parents):
+            if where.exists():
+                if not where.is_dir():
+                    raise ExportInputError(f"--repo {self.repo}: {where} is a file, not a folder; give a model "
+                                           "repository folder (it is created if missing)")
+                break
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
         if self.features is not None and self.features not in (*FEATURE_LAYERS, "none"):
@@ -283,8 +290,7 @@ def _export_dali(served, spec: ModelSpec, stage: Path, version: int, encoded: li
                               PREPROCESS_MAX_GREY_DIFF))
     ens_dir = stage / spec.ensemble_model_name / str(version)
     ens_dir.mkdir(parents=True, exist_ok=True)
-    # Triton needs the version folder of an ensemble; git keeps no empty folders.
-    (ens_dir / ".gitkeep").touch()
+    (ens_dir / ENSEMBLE_KEEP).touch()
     save_fixture(ens_dir / FIXTURE_FILE, {**pack_encoded(encoded), "dali_pixels": dali_pixels,
                                           **_answers(served, spec, dali_pixels)})
     return rows

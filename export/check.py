@@ -23,7 +23,7 @@ from export.fixture import FIXTURE_FILE
 from export.graph_checks import uint8_feed_problems
 from export.manifest import read_manifest, verify_manifest
 from export.onnx_export import check_onnx, onnx_signature
-from export.repository import BACKENDS, SPEC_FILE
+from export.repository import BACKENDS, SPEC_FILE, export_files, read_export_options
 from serving.core.errors import PatchserveError
 from serving.core.spec import ModelSpec
 
@@ -119,6 +119,19 @@ def backend_verdict(path: Path, backend: str) -> tuple[list[str], str]:
             "re-export with this version"], ""
 
 
+def _unwritten(folder: Path, spec: ModelSpec, role: str, version: int, manifest) -> list[str]:
+    """Files a (rewritten) manifest lists that export never writes into a model of this role, flavours,
+    precision and format (its own export.json says which)."""
+    try:
+        opts = read_export_options(folder.parent, spec)
+    except PatchserveError as exc:
+        return [f"cannot tell which files export writes for {folder.name}: {exc}"]
+    expected = export_files(spec, role, opts, version)
+    return [f"{rel}: listed in the manifest, but export never writes it into the {role} model (formats "
+            f"{','.join(opts.formats)}, precision {opts.precision})" for rel in sorted(manifest.files)
+            if rel not in expected]
+
+
 def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     """Static checks of one model folder; returns the rows and what the later checks need."""
     name = folder.name
@@ -160,8 +173,8 @@ def check_model(folder: Path) -> tuple[list[CheckRow], dict | None]:
     if version is not None:
         try:
             manifest = read_manifest(folder, version)
-            add("manifest", verify_manifest(folder, manifest), f"{len(manifest.files)} files match their sha256; "
-                                                                 "no unlisted file")
+            add("manifest", verify_manifest(folder, manifest) + _unwritten(folder, spec, role, version, manifest),
+                f"{len(manifest.files)} files match their sha256; no unlisted file; each is one export writes")
         except PatchserveError as exc:
             add("manifest", [str(exc)])
     plan_top, plan_problem = plan_max_batch(version_dir)

@@ -87,39 +87,6 @@ def read_manifest(folder: Path, version: int) -> Manifest:
         raise ManifestError(f"{version}/{MANIFEST_FILE} is unreadable ({exc})") from exc
 
 
-def is_cache_of_listed_source(folder: Path, rel: str, listed: dict[str, str]) -> bool:
-    """True for ``V/__pycache__/model.<tag>.pyc`` that the Python backend wrote for a listed ``V/model.py``.
-
-    The server's Python backend imports model.py and caches its bytecode
-    beside it; a cache is only accepted when it is what this interpreter
-    compiles from the listed source (a timestamp pyc matching the source's
-    mtime and size, and an equal code object), so it cannot run other code.
-    """
-    import importlib.util
-    import marshal
-    import sys
-
-    parts = Path(rel).parts
-    tag = sys.implementation.cache_tag
-    if len(parts) != 3 or parts[1] != "__pycache__" or not parts[2].endswith(f".{tag}.pyc"):
-        return False
-    source_rel = f"{parts[0]}/{parts[2][:-len(f'.{tag}.pyc')]}.py"
-    if source_rel not in listed:
-        return False
-    try:
-        data = (folder / rel).read_bytes()
-        source = folder / source_rel
-        st = source.stat()
-        if data[:4] != importlib.util.MAGIC_NUMBER or int.from_bytes(data[4:8], "little") != 0:
-            return False
-        if int.from_bytes(data[8:12], "little") != int(st.st_mtime) & 0xFFFFFFFF or \
-                int.from_bytes(data[12:16], "little") != st.st_size & 0xFFFFFFFF:
-            return False
-        return marshal.loads(data[16:]) == compile(source.read_bytes(), str(source), "exec", dont_inherit=True)
-    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
-        return False
-
-
 def verify_manifest(folder: Path, manifest: Manifest) -> list[str]:
     """Problems: files whose hash differs, listed files that are missing, files the manifest does not list."""
     problems = []
@@ -132,8 +99,13 @@ def verify_manifest(folder: Path, manifest: Manifest) -> list[str]:
         elif file_sha256(folder / rel) != want:
             problems.append(f"{rel}: sha256 differs from the manifest")
     for rel in sorted(present - set(manifest.files)):
-        if is_cache_of_listed_source(folder, rel, manifest.files):
+        if "__pycache__" in Path(rel).parts:
+            # The server's own bytecode cache of model.py: judged by whether an interpreter would run it.
+            from export.pyc import pyc_problem
+
+            problem = pyc_problem(folder, rel, manifest.files)
+            if problem:
+                problems.append(problem)
             continue
-        why = " (a cached module would run instead of model.py)" if "__pycache__" in rel else ""
-        problems.append(f"{rel}: not written by export (not in the manifest){why}")
+        problems.append(f"{rel}: not written by export (not in the manifest)")
     return problems

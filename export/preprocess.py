@@ -3,7 +3,7 @@
 encoded JPEG/PNG bytes -> decode to RGB (EXIF orientation applied) -> grey-scale
 equalisation for models trained with it -> the spec's evaluation geometry
 (an input-size image kept, any other size resized to the source size) -> the
-"none" view of :func:`serving.views.view_boxes` -> uint8 HWC, exactly what the
+"none" view of :func:`serving.core.views.view_boxes` -> uint8 HWC, exactly what the
 classifier takes. The pipeline is CPU-only so the same
 ``model.dali`` runs in the DALI backend of a GPU server and, through
 ``serving/server/backends/dali_model.py``, inside the embedded server's Python

@@ -32,6 +32,8 @@ BACKENDS = Path(backends_package.__file__).resolve().parent
 SPEC_FILE = "spec.json"
 OPTIONS_FILE = "export.json"
 PLAN_MANIFEST = "plan.json"
+ENSEMBLE_KEEP = ".gitkeep"  # Triton needs an ensemble's version folder; git keeps no empty folders
+ROLES = ("classifier", "tta", "preprocess", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,52 @@ def render_repository(spec: ModelSpec, opts: tc.ExportOptions, weights_sha256: s
         model(spec.preprocess_model_name, {"python": tc.preprocess_config(spec, opts, "python"), **gpu}, False)
         model(spec.ensemble_model_name, {"python": tc.ensemble_config(spec, opts)}, True)
     return files
+
+
+def model_name(spec: ModelSpec, role: str) -> str:
+    return {"classifier": spec.name, "tta": spec.tta_model_name, "preprocess": spec.preprocess_model_name,
+            "ensemble": spec.ensemble_model_name}[role]
+
+
+def version_files(role: str, opts: tc.ExportOptions) -> tuple[str, ...]:
+    """The files export writes into a version folder of a model of ``role`` (names inside the folder)."""
+    from export.fixture import FIXTURE_FILE
+    from export.manifest import MANIFEST_FILE
+    from export.quantize import INT8_PARITY_JSON, INT8_PARITY_NPZ
+
+    files = [FIXTURE_FILE, MANIFEST_FILE]
+    if role in ("classifier", "tta"):
+        files += [tc.ONNX_FILE, tc.PYTHON_FILE]
+        if opts.precision == "int8":
+            files += [INT8_PARITY_JSON, INT8_PARITY_NPZ]
+        if role == "classifier" and "tensorrt" in opts.formats:
+            files += [tc.PLAN_FILE, PLAN_MANIFEST]
+    elif role == "preprocess":
+        files += [tc.DALI_FILE, tc.PYTHON_FILE]
+    elif role == "ensemble":
+        files += [ENSEMBLE_KEEP]
+    else:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    return tuple(files)
+
+
+def export_files(spec: ModelSpec, role: str, opts: tc.ExportOptions, version: int) -> frozenset[str]:
+    """Every file export writes into the model folder of ``role`` (relative paths), for these options:
+    the generated configs, labels and spec (:func:`render_repository`) and the version folder's files."""
+    name = model_name(spec, role)
+    generated = {rel.split("/", 1)[1] for rel in render_repository(spec, opts) if rel.split("/", 1)[0] == name}
+    return frozenset(generated | {f"{version}/{f}" for f in version_files(role, opts)})
+
+
+def read_export_options(repo: Path, spec: ModelSpec) -> tc.ExportOptions:
+    """The options the export of ``spec`` recorded (``REPO/NAME/export.json``); ExportInputError if unusable."""
+    path = Path(repo) / spec.name / OPTIONS_FILE
+    try:
+        return tc.ExportOptions.from_json(path.read_text())
+    except OSError as exc:
+        raise ExportInputError(f"{spec.name}/{OPTIONS_FILE}: cannot read ({exc.strerror})") from exc
+    except (ValueError, TypeError) as exc:
+        raise ExportInputError(f"{spec.name}/{OPTIONS_FILE}: unreadable ({exc})") from exc
 
 
 def write_generated(repo: Path, files: dict[str, str]) -> None:

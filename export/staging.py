@@ -129,7 +129,12 @@ def signals_held():
         for s in held:
             signal.signal(s, old[s])
         for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+            # Delivered here, in this frame, by calling the handler that was there before: re-raising
+            # the signal would leave its KeyboardInterrupt to the next check for signals, wherever that is.
+            if callable(old[s]):
+                old[s](s, None)
+            elif old[s] == signal.SIG_DFL:
+                signal.raise_signal(s)  # the default action: the process ends
 
 
 def swap_in(repo: Path, work: Path, names: list[str]) -> None:

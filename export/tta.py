@@ -1,6 +1,6 @@
 """Server-side multi-crop TTA as one graph: patches in, averaged probabilities out.
 
-The crop boxes come from :func:`serving.views.view_boxes`, the same geometry
+The crop boxes come from :func:`serving.core.views.view_boxes`, the same geometry
 the client and evaluation use, and are baked into the graph as constant
 slices, so the server and the client cannot disagree on a view.
 """

@@ -134,8 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     from serving.core.errors import PatchserveError
 
     # SIGTERM (kill, docker stop, a batch scheduler) unwinds like Ctrl-C: finally blocks run, so
-    # temporary .part files, shared memory and locks go; what was committed stays.
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    # temporary .part files, shared memory and locks go; what was committed stays. Both are recorded
+    # too: Python raises KeyboardInterrupt wherever the main thread next checks for signals, and when
+    # that is inside a __del__ (tqdm's, at the end of export's swap) the exception is printed and
+    # dropped; the command still ends with 130.
+    _received.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored SIGINT stays ignored
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         rc = module.main(args)
     except ModuleNotFoundError as exc:
@@ -147,12 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"patchserve {name}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if _received:
+        print(f"patchserve {name}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 
-def _terminate(signum, frame) -> None:
+_received: list[int] = []  # signals the running command got (see main)
+
+
+def _interrupt(signum, frame) -> None:
+    _received.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

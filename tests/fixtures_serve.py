@@ -26,7 +26,7 @@ import pytest
 class Served:
     server: object  # serving.server.EmbeddedTriton; None for a server started elsewhere
     repo: Path
-    spec: object  # serving.spec.ModelSpec
+    spec: object  # serving.core.spec.ModelSpec
     grpc: str
     http: str
 

@@ -154,7 +154,7 @@ def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int],
 
     An image of the input size is kept. ``resize_crop``: any other size is
     resized to the source size; ``crop``: the source-size window at its
-    centre, no resampling, padded white (serving.preprocess.fit_centre); per
+    centre, no resampling, padded white (serving.core.preprocess.fit_centre); per
     sample, from the decoded shape. With ``crop`` the "none" view of
     serving.core.views follows (every output at the input size), without it the
     images come out at their geometry size.
@@ -170,7 +170,7 @@ def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int],
     if geometry == "crop":
         starts = []
         for size, window in ((shape[0], sh), (shape[1], sw)):
-            d = size - window  # serving.preprocess.centre_start: towards zero when it pads
+            d = size - window  # serving.core.preprocess.centre_start: towards zero when it pads
             starts.append((1 - keep) * (dmath.abs(d) // 2) * (2 * fn.cast(d >= 0, dtype=types.INT32) - 1))
         images = fn.slice(images, start=fn.stack(*starts),
                           shape=fn.stack(keep * ih + (1 - keep) * sh, keep * iw + (1 - keep) * sw),
@@ -187,7 +187,7 @@ def eval_geometry(images, input_hw: tuple[int, int], source_hw: tuple[int, int],
 
 
 def grey_equalize(images):
-    """Grey-scale + histogram equalisation (serving.imageio.equalize_grey_u8 is the reference)."""
+    """Grey-scale + histogram equalisation (serving.core.imageio.equalize_grey_u8 is the reference)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -275,7 +275,7 @@ def build_eval_pipeline(samples: list[Sample], *, spec: ModelSpec, views: bool =
     Without ``views`` the "none" view comes out (input size). With ``views``
     the geometry's output comes out padded to the source size, with its true
     shape as a third output; :func:`unpad` cuts each image back so TTA views
-    are taken with serving.views. Each sample of the shard comes out once.
+    are taken with serving.core.views. Each sample of the shard comes out once.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types

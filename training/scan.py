@@ -2,7 +2,7 @@
 
 Every file's header is checked first (format, and the --max-image-pixels
 limit, before any pixel is decoded), then it is decoded once with
-serving.imageio.inspect_image (the same checks the client uses). Zero-byte,
+serving.core.imageio.inspect_image (the same checks the client uses). Zero-byte,
 truncated, over-limit, non-image and unreadable files are listed with their
 paths; training refuses to start unless --skip-bad. Files DALI would decode
 differently from the reference decode (RGBA, palette, 16-bit, CMYK..., or an

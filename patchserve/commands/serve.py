@@ -33,7 +33,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         with _gpu_hint_on_load_failure(server, cfg.model_config_name), server:
             print(f"Triton is ready (log: {server.log_path})")
-            print(f"  logging, trace and repository APIs need the header in {server.workdir / 'api_key'}")
+            print("  logging and trace APIs: closed to every client (restart with --log-verbose to log more)")
+            print(f"  repository API: lists the models with the header in {server.workdir / 'api_key'}; other local "
+                  "users can read that key on tritonserver's command line, and loading or unloading is refused "
+                  "to everyone")
             print(f"  HTTP     {server.urls.http}")
             print(f"  gRPC     {server.urls.grpc}")
             print(f"  metrics  {server.urls.metrics}")

@@ -60,7 +60,7 @@ def client_views(images: np.ndarray | Sequence[np.ndarray], spec: ModelSpec, tta
 
     Views are cut from each prepared image as it is (serving/core/preprocess.py):
     an input-size image is never resized, its "none" view is itself; a
-    source-size image gives the crops of serving.views.
+    source-size image gives the crops of serving.core.views.
     """
     if isinstance(images, np.ndarray):
         if tta == "none" and images.shape[1:3] == spec.input_hw:

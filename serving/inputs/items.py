@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from serving.core.encoded import encoded_end
 from serving.core.errors import ImageReadError, PatchserveError
 from serving.core.imageio import DALI_SAFE_MODES, load_rgb_u8, read_header
 from serving.core.preprocess import prepare_u8
@@ -55,6 +56,7 @@ def read_encoded(src: str, max_pixels: int) -> bytes:
     data = Path(src).read_bytes()
     if not data.startswith(ENCODED_MAGIC):
         raise ImageReadError(f"{src}: --send encoded takes PNG or JPEG files only")
+    encoded_end(data, src)  # a truncated or corrupt file is refused here; the server checks again
     return data
 
 

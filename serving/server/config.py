@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from serving.core.errors import InputError
 from serving.core.options import flag_of, option
@@ -32,3 +33,27 @@ class ServeConfig:
                 raise InputError(f"{flag_of(ServeConfig, name)}: expected a TCP port in 1..65535, got {v}")
         if not self.startup_timeout_s > 0:
             raise InputError(f"--startup-timeout-s: expected a positive number of seconds, got {self.startup_timeout_s}")
+        check_repository_folder(Path(self.repo))
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A Triton model folder: its config.pbtxt, or a numeric version folder."""
+    return folder.is_dir() and ((folder / "config.pbtxt").is_file()
+                                or any(v.is_dir() and v.name.isdigit() for v in folder.iterdir()))
+
+
+def check_repository_folder(repo: Path) -> None:
+    """InputError naming --repo unless ``repo`` is a folder holding at least one model folder: Triton
+    would start on anything else, serve nothing and say nothing."""
+    try:
+        if not repo.is_dir():
+            raise InputError(f"--repo {repo}: no such model repository folder")
+        if any(_is_model_folder(p) for p in repo.iterdir()):
+            return
+    except OSError as exc:
+        raise InputError(f"--repo {repo}: cannot read it ({exc.strerror})") from exc
+    run = (repo / "spec.json").is_file() or any(repo.glob("*.pt"))
+    hint = ("; it looks like a run folder: export it first (patchserve export RUN --repo REPO) and serve REPO"
+            if run else "")
+    raise InputError(f"--repo {repo}: holds no model folder (NAME/config.pbtxt or NAME/VERSION/), so the server "
+                     f"would serve nothing{hint}")

@@ -28,13 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.core.errors import ModelLoadError, ServerError
+from serving.server.guard import release, start_guard
 from serving.server.state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
 from serving.core.spec import GPU_FLAVOURS
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-# Triton's restricted APIs: changing log settings, traces or the repository needs this header.
+# Triton's restricted APIs. Triton reads their keys from its command line only, and every local user
+# can read a command line (/proc/PID/cmdline), so a key there is no secret. The logging and trace APIs
+# (verbosity, log formats, trace rates: levers on a running server) are therefore restricted to a
+# header that no HTTP/1.1 or HTTP/2 client can send, its name holding CR LF and capitals: closed to
+# every client, patchserve included (start with --log-verbose instead). The repository API keeps a key:
+# here it can only list the models, since --model-control-mode=none refuses loading and unloading to all.
 API_KEY_HEADER = "patchserve-api-key"
-RESTRICTED_APIS = ("logging", "trace", "model-repository")
+KEYED_APIS = ("model-repository",)
+CLOSED_APIS = ("logging", "trace")
+CLOSED_HEADER = "Patchserve-Closed\r\nNo-Client-Can-Send-This"
 KEY_FILE = "api_key"
 TEMP_PREFIX = "patchserve-triton-"
 
@@ -121,7 +129,8 @@ class EmbeddedTriton:
         if workdir is None:
             # Work folders of SIGKILLed servers (whose owner is gone) go before a new one is made.
             remove_stale_temp_workdirs(Path(tempfile.gettempdir()), TEMP_PREFIX)
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        # Absolute: tritonserver starts in the work folder, and a relative path would name another.
+        self.workdir = Path(workdir).absolute() if workdir else Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
         self.api_key = ""
         self.startup_timeout_s = startup_timeout_s
         self.log_verbose = log_verbose
@@ -134,7 +143,8 @@ class EmbeddedTriton:
     # -- life cycle ---------------------------------------------------------
     def command(self) -> list[str]:
         dist = self.workdir / "tritonserver"
-        restricted = f"{','.join(RESTRICTED_APIS)}:{API_KEY_HEADER}={self.api_key}"
+        keyed = f"{','.join(KEYED_APIS)}:{API_KEY_HEADER}={self.api_key}"
+        closed = f"{','.join(CLOSED_APIS)}:{CLOSED_HEADER}=closed"
         return [
             str(dist / "bin" / "tritonserver"),
             f"--model-repository={self.repo}",
@@ -149,8 +159,8 @@ class EmbeddedTriton:
             f"--exit-on-error={'true' if self.exit_on_error else 'false'}",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            f"--http-restricted-api={restricted}",
-            f"--grpc-restricted-protocol={restricted}",
+            f"--http-restricted-api={keyed}", f"--http-restricted-api={closed}",
+            f"--grpc-restricted-protocol={keyed}", f"--grpc-restricted-protocol={closed}",
             *self.extra_args,
         ]
 
@@ -173,7 +183,7 @@ class EmbeddedTriton:
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        """Headers that unlock the restricted APIs (logging, trace, repository) for patchserve's own calls."""
+        """Headers that unlock the repository API (listing models) for patchserve's own calls."""
         return {API_KEY_HEADER: self.api_key}
 
     def start(self) -> "EmbeddedTriton":
@@ -193,6 +203,9 @@ class EmbeddedTriton:
         state = {"owner_pid": os.getpid(), "server_pid": self.process.pid, "pgid": self.process.pid,
                  "shm_prefix": self.shm_prefix, "workdir": str(self.workdir.resolve())}
         (self.workdir / STATE_FILE).write_text(json.dumps(state) + "\n")
+        # Should this process die, however it dies, the guard ends the server and removes what it left.
+        release(getattr(self, "_guard", None))  # a guard of a server killed without stop() (fault tests)
+        self._guard = start_guard(self.workdir, remove_workdir=self._own_workdir, env=self.environment())
         self.wait_ready()
         from serving.server.watchdog import StubWatchdog
 
@@ -289,6 +302,8 @@ class EmbeddedTriton:
                 self.process.wait()
         if self.process is not None:
             clean_stale(self.workdir)
+        release(getattr(self, "_guard", None))  # last: an owner killed while stopping is still covered
+        self._guard = None
         if getattr(self, "_log", None):
             self._log.close()
 

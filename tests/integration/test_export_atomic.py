@@ -124,3 +124,81 @@ def test_interrupted_overwrite_leaves_old_or_new_complete_and_the_next_export_cl
         assert [p.name for p in parent.iterdir()] == ["repo"]
         report = check_repository(repo, serve=True, run=other)
         assert report.passed, report.table()
+
+
+# Loaded into the export process through PYTHONPATH (sitecustomize): moments of the swap made observable.
+_SWAP_HOOK = r'''
+import os, shutil, signal, time
+
+_mode, _mark, _repo = os.environ["SWAP_HOOK"], os.environ["SWAP_HOOK_MARK"], os.environ["SWAP_HOOK_REPO"]
+_fsync, _rmtree = os.fsync, shutil.rmtree
+
+
+def fsync(fd):
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        where = ""
+    if _mode == "held" and where == _repo:  # the swap's last step: a slow disk keeps it open for 3 s
+        open(_mark, "w").close()
+        time.sleep(3)
+    return _fsync(fd)
+
+
+class _Finaliser:
+    """Ctrl-C arriving while an object's __del__ runs (tqdm's, as it happened): Python raises the
+    KeyboardInterrupt inside __del__, prints "Exception ignored in" and goes on."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+def rmtree(path, *args, **kwargs):
+    if _mode == "del" and ".export-" in os.fspath(path):  # the first thing after the swap
+        _Finaliser()
+    return _rmtree(path, *args, **kwargs)
+
+
+os.fsync, shutil.rmtree = fsync, rmtree
+'''
+
+
+@pytest.mark.parametrize("mode", ["held", "del"], ids=["held-during-the-swap", "lost-in-a-del-after-it"])
+def test_ctrl_c_at_the_swap_ends_export_with_130_and_the_new_models_complete(export_run_dir, synth_data, tmp_path,
+                                                                              mode):
+    from training.checkpoint import read_checkpoint, write_random_run
+
+    spec = read_checkpoint(export_run_dir)["spec"]
+    other = write_random_run(tmp_path / "other_run", spec, seed=1)
+    repo = tmp_path / "repos" / "repo"
+    export_run(export_run_dir, repo, with_dali=False, data=synth_data)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SWAP_HOOK)
+    mark = tmp_path / "in-swap"
+    env = dict(os.environ, SWAP_HOOK=mode, SWAP_HOOK_MARK=str(mark), SWAP_HOOK_REPO=str(repo.resolve()),
+               PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p))
+    cmd = [sys.executable, "-m", "patchserve", "export", str(other), "--repo", str(repo), "--overwrite",
+           "--no-dali", "--no-progress", "--data", str(synth_data)]
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_sigint_default, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if mode == "held":
+            while proc.poll() is None and not mark.exists():
+                time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the middle of the swap
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert err.rstrip().endswith("patchserve export: interrupted"), err[-3000:]
+    if mode == "held":
+        assert "wrote " not in out  # it ended right after the swap, before reporting what it wrote
+    else:
+        assert "KeyboardInterrupt" in err  # what Python printed from the __del__, and went on
+    assert _state(repo, spec, _weights(export_run_dir), _weights(other)) == "new"  # the swap finished, whole
+    assert [p.name for p in repo.parent.iterdir()] == ["repo"]

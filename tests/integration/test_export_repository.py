@@ -103,3 +103,16 @@ def test_run_trained_with_grayscale_equalisation_exports_every_model(tmp_path, t
     assert sorted(result.models) == sorted([tiny_spec.name, tiny_spec.tta_model_name,
                                             tiny_spec.preprocess_model_name, tiny_spec.ensemble_model_name])
     assert result.spec.grayscale_equalize
+
+
+def test_export_repo_naming_a_file_is_refused_in_one_line_naming_the_flag(export_run_dir, tmp_path, capsys):
+    from patchserve.cli import main as cli
+
+    file = tmp_path / "models.tar"
+    file.write_bytes(b"not a folder")
+    for repo in (file, file / "repo"):
+        assert cli(["export", str(export_run_dir), "--repo", str(repo), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"patchserve export: error: --repo {repo}: {file} is a file, not a folder; give a model "
+                       "repository folder (it is created if missing)\n"), err
+    assert file.read_bytes() == b"not a folder"

@@ -83,6 +83,36 @@ def test_a_read_only_output_folder_is_refused_before_any_request(triton_server, 
     assert list(ro.iterdir()) == []
 
 
+def test_out_naming_a_folder_is_refused_with_overwrite_too_before_any_request(triton_server, synth_data, tmp_path):
+    out = tmp_path / "results.parquet"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    done = subprocess.run(_cmd(triton_server, [synth_data / "test"], out, "--overwrite"), capture_output=True,
+                          text=True, timeout=WAIT_S)
+    assert done.returncode == 2
+    line = _one_line_error(done.stderr)
+    assert line.startswith(f"patchserve score: error: --out {out}: is a folder") and "give a file name" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob("results.parquet.*"))  # no lock, record or parts: refused before the job began
+
+
+def test_the_summary_counts_refused_images_apart_from_scored_patches(triton_server, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"good_{i}.png")
+    whole = (folder / "good_0.png").read_bytes()
+    (folder / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "text.png").write_text("not an image")
+    out = tmp_path / "r.parquet"
+    done = subprocess.run(_cmd(triton_server, [folder], out), capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(read_results(out)) == 3
+    md = out.with_name(out.name + ".summary.md").read_text()
+    assert "3 patches scored, 2 inputs refused or unreadable" in md, md
+
+
 def test_a_full_disk_while_writing_the_results_is_one_line_and_resume_finishes(triton_server, many_patches,
                                                                                tmp_path):
     """The file-size limit stands in for a full disk: the parts (small) fit, the merged output does not."""

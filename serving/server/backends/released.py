@@ -23,8 +23,14 @@ RELEASED: dict[str, dict[str, str]] = {
     },
     "dali_model.py": {
         "041f9e98f8c52c0149d2a2d3ee2aa4ac25c583e58f64e13dfcc388fa1a730d24": "0.1.0",
+        "a6e3755d457d9b4f2874eedbc0c7b79129417baa6fa3597883fa401334fcae46": "0.2.0",
     },
 }
 
 # sha256 -> why it must not be served any more (re-export with a patchserve that has the fix).
-WITHDRAWN: dict[str, str] = {}
+WITHDRAWN: dict[str, str] = {
+    "041f9e98f8c52c0149d2a2d3ee2aa4ac25c583e58f64e13dfcc388fa1a730d24": (
+        "dali_model.py 0.1.0 runs DALI inside the backend's stub process: one undecodable image in a "
+        "batch of many makes DALI 2.4's CPU decoder corrupt memory, and the stub dies (every request of the "
+        "model fails, the server restarts); any client can do this"),
+}
