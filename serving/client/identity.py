@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from serving.client.model_info import ModelInfo
-from serving.core.errors import ServerMismatchError, SpecError, SpecMismatchError
+from serving.core.errors import FeaturesMissingError, ServerMismatchError, SpecError, SpecMismatchError
 from serving.core.hashing import canonical_json, sha256_text
 from serving.core.spec import SPEC_PARAMETER, WEIGHTS_PARAMETER, ModelSpec
 
@@ -54,18 +54,29 @@ def read_spec(info: ModelInfo) -> ModelSpec:
         raise SpecMismatchError(f"--model {info.name}: the server's spec is invalid: {exc}") from exc
 
 
-def check_input(info: ModelInfo, spec: ModelSpec) -> None:
+def check_input(info: ModelInfo, spec: ModelSpec, features: bool = False) -> None:
     """The classifier's config input must be the spec's uint8 NHWC tensor; a features-only model is refused
-    (it serves no probabilities: its first output would be read as such)."""
-    if spec.features_only:
+    unless its features are asked for (it serves no probabilities: its first output would be read as such)."""
+    if spec.features_only and not features:
         raise SpecMismatchError(
             f"--model {info.name}: a features-only model (its {spec.feature_layer} features, no classes): it "
-            "serves no probabilities to score; score a model exported from a run with classes")
+            "serves no probabilities to score; pass --features for its features, or score a model exported "
+            "from a run with classes")
     want = (*spec.input_hw, 3)
     if info.datatype != "UINT8" or info.dims != want or info.input_name != spec.input_name:
         raise SpecMismatchError(
             f"--model {info.name}: config input {info.input_name} {info.datatype} {list(info.dims)} disagrees "
             f"with its spec ({spec.input_name} UINT8 {list(want)})")
+
+
+def check_features(info: ModelInfo, spec: ModelSpec) -> None:
+    """FeaturesMissingError unless the served model ``info`` outputs the spec's features."""
+    if not spec.has_features or spec.features_name not in info.outputs:
+        why = ("its spec names no feature_layer" if not spec.has_features
+               else f"its config lists no {spec.features_name!r} output")
+        raise FeaturesMissingError(
+            f"--features: model {info.name!r} outputs no features ({why}); re-export with --features layer4 "
+            "(or layer3)")
 
 
 def served_identity(model: str, spec: ModelSpec, info: ModelInfo) -> ServedIdentity:

@@ -18,6 +18,7 @@ class ModelInfo:
     output_name: str
     max_batch_size: int
     parameters: dict
+    outputs: tuple[str, ...] = ()  # every output the config lists (the probabilities, the features...)
 
 
 def grpc_channel_args(lib) -> list[tuple[str, int]]:
@@ -42,4 +43,5 @@ def parse_config(name: str, config: dict, output_name: str | None) -> ModelInfo:
               for k, v in config.get("parameters", {}).items()}
     inp = inputs[0]
     return ModelInfo(name, inp["name"], inp.get("data_type", "").removeprefix("TYPE_").replace("STRING", "BYTES"),
-                     tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params)
+                     tuple(int(d) for d in inp.get("dims", [])), out, int(config.get("max_batch_size", 0)), params,
+                     tuple(outputs))

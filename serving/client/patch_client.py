@@ -17,14 +17,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from serving.client.config import ClientConfig, check_spec, check_url
-from serving.client.identity import (ServedIdentity, check_input, identity_change, read_spec,
+from serving.client.identity import (ServedIdentity, check_features, check_input, identity_change, read_spec,
                                      served_identity)
 from serving.client.model_info import ModelInfo, parse_config
 from serving.client.requests import Request, plan_requests
 from serving.client.retry import Pending, RetryPolicy, is_retryable
-from serving.client.stream import stream_predictions
+from serving.client.stream import Scored, stream_predictions
 from serving.client.transport import Transport
-from serving.core.errors import ModelNotFoundError, ServerUnavailableError
+from serving.core.errors import FlagError, ModelNotFoundError, ServerUnavailableError
 from serving.core.preprocess import prepare_u8
 from serving.core.spec import ModelSpec
 
@@ -35,15 +35,21 @@ class PatchClient:
     ``expected_spec`` is a :class:`ModelSpec` or a dict of spec fields (e.g.
     ``{"class_names": (...), "input_height": 48}``); any disagreement with
     the server's spec raises :class:`SpecMismatchError`. ``wait_timeout_s``
-    > 0 keeps retrying a lost server that long (it may be restarting).
+    > 0 keeps retrying a lost server that long (it may be restarting). ``features`` asks every request for
+    the model's features output too (a features-only model: for it alone); answers are then
+    :class:`~serving.client.stream.Scored` pairs instead of arrays of probabilities.
     """
 
     def __init__(self, url: str, model: str, *, protocol: str = "grpc",
                  expected_spec: ModelSpec | dict | None = None, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 shared_memory: bool = False, version: str = "", wait_timeout_s: float = 0.0):
+                 shared_memory: bool = False, version: str = "", wait_timeout_s: float = 0.0,
+                 features: bool = False):
         self.url = check_url(url)
         self.model = model
+        self.features = features
+        if features and shared_memory:
+            raise FlagError("--shared-memory: not with --features (the features travel inline); drop one of them")
         self.config = ClientConfig(protocol, timeout_s, retries, backoff_s, concurrency, batch_size, shared_memory)
         self.policy = RetryPolicy(retries, backoff_s, wait_timeout_s)
         self._infos: dict[str, ModelInfo] = {}
@@ -52,7 +58,9 @@ class PatchClient:
         try:
             self.info = self.model_info(model)
             self.spec = read_spec(self.info)
-            check_input(self.info, self.spec)
+            check_input(self.info, self.spec, features)
+            if features:
+                check_features(self.info, self.spec)
             if expected_spec is not None:
                 check_spec(self.spec, expected_spec, where=f"{self.url} model {model!r}")
             if shared_memory:
@@ -114,11 +122,24 @@ class PatchClient:
 
     def tta_info(self) -> ModelInfo:
         """The server-side TTA model (patches at the source size in, averaged probabilities out)."""
-        return self.model_info(self.spec.tta_model_name, self.spec.output_name)
+        return self._checked(self.model_info(self.spec.tta_model_name, self.spec.output_name))
 
     def ensemble_info(self) -> ModelInfo:
         """The ensemble taking encoded image bytes."""
-        return self.model_info(self.spec.ensemble_model_name, self.spec.output_name)
+        return self._checked(self.model_info(self.spec.ensemble_model_name, self.spec.output_name))
+
+    def _checked(self, info: ModelInfo) -> ModelInfo:
+        if self.features:
+            check_features(info, self.spec)
+        return info
+
+    def outputs(self, info: ModelInfo) -> list[tuple[str, int]]:
+        """The outputs a request to ``info`` asks for, with their values per row: the probabilities, and
+        with ``features`` the features (alone, for a features-only model)."""
+        s = self.spec
+        if not self.features:
+            return [(info.output_name, s.num_classes)]
+        return ([] if s.features_only else [(info.output_name, s.num_classes)]) + [(s.features_name, s.feature_size)]
 
     # -- requests -----------------------------------------------------------------
     def request_rows(self, info: ModelInfo | None = None) -> int:
@@ -134,10 +155,13 @@ class PatchClient:
                              rows_of=self.request_rows)
 
     def _send(self, info: ModelInfo, array: np.ndarray, slot: int | None):
-        return self.transport.send(info, array, slot, len(array) * self.spec.num_classes)
+        return self.transport.send(info, array, slot, self.outputs(info))
 
-    def _receive(self, info: ModelInfo, handle, rows: int, slot: int | None) -> np.ndarray:
-        return self.transport.receive(info, handle, (rows, self.spec.num_classes), slot)
+    def _receive(self, info: ModelInfo, handle, rows: int, slot: int | None):
+        got = self.transport.receive(info, handle, rows, self.outputs(info), slot)
+        if not self.features:
+            return got[0]
+        return Scored(None, got[0]) if self.spec.features_only else Scored(got[0], got[1])
 
     def submit(self, info: ModelInfo, array: np.ndarray) -> Pending:
         """Send one request now; ``.result()`` on the returned object waits for it (retrying the transport)."""

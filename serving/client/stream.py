@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -13,6 +13,31 @@ from serving.core.errors import InferenceError
 from serving.core.views import combine_views
 
 
+class Scored(NamedTuple):
+    """What a client asked for features gets per group: probabilities (None for a features-only model) and
+    features, float32, one row per patch."""
+
+    probs: np.ndarray | None
+    features: np.ndarray
+
+
+def _join(parts: list, views: int, client) -> Any:
+    """One group's answers joined and averaged over each patch's views (features too: their mean)."""
+    spec = client.spec
+    if not getattr(client, "features", False):
+        probs = np.concatenate(parts) if parts else np.empty((0, spec.num_classes), np.float32)
+        return combine_views(probs, views) if views > 1 else probs
+    if not parts:
+        return Scored(None if spec.features_only else np.empty((0, spec.num_classes), np.float32),
+                      np.empty((0, spec.feature_size), np.float32))
+    probs = None if parts[0].probs is None else np.concatenate([p.probs for p in parts])
+    feats = np.concatenate([p.features for p in parts])
+    if views > 1:
+        probs = None if probs is None else combine_views(probs, views)
+        feats = combine_views(feats, views)
+    return Scored(probs, feats)
+
+
 def stream_predictions(clients: Sequence[Any], groups: Iterable[tuple[Any, Any]],
                        tta: str = "none", send: str = "pixels",
                        on_error: str = "raise") -> Iterator[tuple[Any, Any]]:
@@ -20,7 +45,8 @@ def stream_predictions(clients: Sequence[Any], groups: Iterable[tuple[Any, Any]]
 
     Requests go round-robin to ``clients`` with at most ``concurrency`` in
     flight per client; each group's views are averaged once all its requests
-    are back. ``send="encoded"`` sends file bytes to the ensemble. With
+    are back (a client that asks for features yields :class:`Scored` pairs, the
+    features averaged over the views too). ``send="encoded"`` sends file bytes to the ensemble. With
     ``on_error="record"`` a group the server answered with an error yields its
     :class:`InferenceError` instead of probabilities, and the stream goes on.
     """
@@ -73,6 +99,5 @@ def stream_predictions(clients: Sequence[Any], groups: Iterable[tuple[Any, Any]]
             if failed is not None:
                 yield key, failed
             else:
-                probs = np.concatenate(parts) if parts else np.empty((0, first.spec.num_classes), np.float32)
-                yield key, (combine_views(probs, v) if v > 1 else probs)
+                yield key, _join(parts, v, first)
             parts, failed = [], None

@@ -95,33 +95,37 @@ class Transport:
         return len(self._slots)
 
     # -- requests -----------------------------------------------------------------
-    def send(self, info: ModelInfo, array: np.ndarray, slot: int | None, out_elements: int):
-        """Start one request; the returned handle goes to :meth:`receive`."""
+    def send(self, info: ModelInfo, array: np.ndarray, slot: int | None, outputs: list[tuple[str, int]]):
+        """Start one request for ``outputs`` (name, values per row; the first through shared memory when
+        ``slot`` is given: only the single-output requests of a client with ``--shared-memory``); the returned
+        handle goes to :meth:`receive`."""
         lib = self._lib
         dtype = "BYTES" if array.dtype == np.object_ else "UINT8"
         inp = lib.InferInput(info.input_name, list(array.shape), dtype)
-        out = (lib.InferRequestedOutput(info.output_name) if self.grpc
-               else lib.InferRequestedOutput(info.output_name, binary_data=True))
+        outs = [lib.InferRequestedOutput(name) if self.grpc else lib.InferRequestedOutput(name, binary_data=True)
+                for name, _ in outputs]
         if slot is not None and dtype == "UINT8":
             import tritonclient.utils.shared_memory as shm
 
             s = self._slots[slot]
             shm.set_shared_memory_region(s["in"][1], [np.ascontiguousarray(array)])
             inp.set_shared_memory(s["in"][0], array.nbytes)
-            out.set_shared_memory(s["out"][0], out_elements * 4)
+            outs[0].set_shared_memory(s["out"][0], len(array) * outputs[0][1] * 4)
         elif self.grpc:
             inp.set_data_from_numpy(array)
         else:
             inp.set_data_from_numpy(array, binary_data=True)
         if not self.grpc:
-            return self._client.async_infer(info.name, [inp], model_version=self.version, outputs=[out])
+            return self._client.async_infer(info.name, [inp], model_version=self.version, outputs=outs)
         fut: Future = Future()
         self._client.async_infer(info.name, [inp], callback=lambda result, error: fut.set_result((result, error)),
-                                 model_version=self.version, outputs=[out], client_timeout=self.config.timeout_s)
+                                 model_version=self.version, outputs=outs, client_timeout=self.config.timeout_s)
         return fut
 
-    def receive(self, info: ModelInfo, handle, shape: tuple[int, int], slot: int | None) -> np.ndarray:
-        """The float32 answer of shape ``shape`` for a handle of :meth:`send`; transport errors propagate."""
+    def receive(self, info: ModelInfo, handle, rows: int, outputs: list[tuple[str, int]],
+                slot: int | None) -> list[np.ndarray]:
+        """The float32 answers (rows x values, one per output of :meth:`send`) for a handle of :meth:`send`;
+        transport errors propagate."""
         if isinstance(handle, BaseException):
             raise handle
         from tritonclient.utils import InferenceServerException
@@ -138,16 +142,21 @@ class Transport:
                     raise RequestTimeoutError(f"{self.url}: no answer from model {info.name!r} within "
                                               f"{self.config.timeout_s:g} s") from exc
                 raise
-        if slot is not None and info.datatype == "UINT8":
-            import tritonclient.utils.shared_memory as shm
+        got = []
+        for i, (name, width) in enumerate(outputs):
+            shape = (rows, width)
+            if i == 0 and slot is not None and info.datatype == "UINT8":
+                import tritonclient.utils.shared_memory as shm
 
-            out = shm.get_contents_as_numpy(self._slots[slot]["out"][1], np.float32, list(shape))
-            return np.array(out, copy=True)
-        probs = result.as_numpy(info.output_name)
-        if probs is None or probs.shape != shape:
-            raise InferenceError(f"{self.url}: model {info.name!r} returned {None if probs is None else probs.shape}, "
-                                 f"expected {shape}")
-        return probs.astype(np.float32, copy=False)
+                out = shm.get_contents_as_numpy(self._slots[slot]["out"][1], np.float32, list(shape))
+                got.append(np.array(out, copy=True))
+                continue
+            values = result.as_numpy(name)
+            if values is None or values.shape != shape:
+                raise InferenceError(f"{self.url}: model {info.name!r} returned {name} of "
+                                     f"{None if values is None else values.shape}, expected {shape}")
+            got.append(values.astype(np.float32, copy=False))
+        return got
 
     def close(self) -> None:
         if self._slots:

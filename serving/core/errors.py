@@ -63,6 +63,10 @@ class SpecMismatchError(ClientError):
     """The server's model spec disagrees with what the client expects."""
 
 
+class FeaturesMissingError(SpecMismatchError):
+    """``--features`` against a served model without a features output (exported without one, or before)."""
+
+
 class BadInputError(ClientError, ValueError):
     """Images given to the client have the wrong shape or dtype."""
 

@@ -38,6 +38,10 @@ class ScoreConfig:
                       choices=CLIENT_TTA_MODES)
     send: str = option("pixels", "'encoded' ships the files' bytes to the ensemble (image files only)",
                        choices=SEND_MODES)
+    features: bool = option(False, "ask the server for the model's features output too (alone, for a "
+                                   "features-only model): a fixed-size float32 list column 'features' in OUT "
+                                   "(Parquet only), and per slide OUT-stem.SLIDE.features.h5 in the layout CLAM "
+                                   "and TRIDENT read; part of the job's fingerprint")
     batch_size: int | None = option(None, "rows per request", default_text="the server's max batch size")
     concurrency: int = option(4, "requests in flight per server, from each unit being scored")
     split: str | None = option(None, "split to score, for inputs with split folders or a split column",
@@ -80,6 +84,11 @@ class ScoreConfig:
             raise InputError("--url: give at least one server as HOST:PORT")
         object.__setattr__(self, "urls", tuple(check_url(u) for u in self.urls))
         check_output(self.out)
+        if self.features and Path(self.out).suffix.lower() != ".parquet":
+            raise FlagError(f"--out {self.out}: --features writes a fixed-size float32 list column, which CSV "
+                            "cannot hold; give --out NAME.parquet")
+        if self.features and self.shared_memory:
+            raise FlagError("--shared-memory: not with --features (the features travel inline); drop one of them")
         check_tta(self.tta)
         check_send(self.send, self.tta)
         # Any split folder of the tree (train, val, test, test_shifted...): a plain name, not a path.
@@ -109,7 +118,9 @@ class ScoreConfig:
     def options(self) -> dict:
         """The scoring options that decide the rows (the fingerprint's ``options``)."""
         t = self.tiling
-        return {"tta": self.tta, "send": self.send, "split": self.split, "unit_patches": self.unit_patches,
+        # Only when asked for: a probabilities job keeps the fingerprint it had before features existed.
+        features = {"features": True} if self.features else {}
+        return {**features, "tta": self.tta, "send": self.send, "split": self.split, "unit_patches": self.unit_patches,
                 "mpp_target": t.mpp_target, "level": t.level, "stride": t.stride, "overlap": t.overlap,
                 "min_tissue": t.min_tissue, "mpp": t.mpp,
                 "tissue_mask": str(Path(t.tissue_mask).resolve()) if t.tissue_mask else None}

@@ -32,7 +32,7 @@ def score_unit_task(job: UnitJob, unit: Unit) -> UnitReport:
     """A Dask task: the unit scorer with this worker's connections for the job."""
     c = job.cfg
     key = (job.served, c.urls, c.model, c.protocol, c.timeout_s, c.retries, c.backoff_s, c.concurrency,
-           c.batch_size, c.shared_memory, c.wait, c.wait_timeout_s)
+           c.batch_size, c.shared_memory, c.wait, c.wait_timeout_s, c.features)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:

@@ -72,7 +72,8 @@ def served_model(cfg: ScoreConfig, log) -> tuple[ModelSpec, ServedIdentity]:
         for u in cfg.urls:
             clients.append(PatchClient(u, cfg.model, protocol=cfg.protocol, timeout_s=cfg.timeout_s,
                                        retries=cfg.retries, backoff_s=cfg.backoff_s,
-                                       wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0))
+                                       wait_timeout_s=cfg.wait_timeout_s if cfg.wait else 0.0,
+                                       features=cfg.features))
         served = check_servers({c.url: c.served_identity() for c in clients})
         spec = clients[0].spec
         # What a unit will need: the TTA model or the ensemble must be served too.
@@ -159,8 +160,9 @@ def _count_errors(path: Path) -> int:
 
 def _run_locked(cfg: ScoreConfig, out: Path, log) -> ScoreResult:
     spec, served = served_model(cfg, log)
-    heat_class = cfg.heatmap_class or spec.class_names[-1]
-    if heat_class not in spec.class_names:
+    # A features-only model (scored with --features) has no classes, so no heatmap.
+    heat_class = cfg.heatmap_class or (spec.class_names[-1] if spec.class_names else None)
+    if heat_class is not None and heat_class not in spec.class_names:
         raise FlagError(f"--heatmap-class: {heat_class!r} is not one of the model's classes {list(spec.class_names)}")
     if not cfg.resume and not cfg.overwrite:
         for existing in (out, parts_path(out)):

@@ -21,7 +21,7 @@ from serving.core.atomic import atomic_path, atomic_write_text
 from serving.core.errors import JobError
 from serving.inputs.units import Unit
 from serving.jobs.fingerprint import JobFingerprint, write_job_record
-from serving.jobs.output import errors_path, result_schema
+from serving.jobs.output import errors_path
 from serving.jobs.parts import PartMeta, cover, list_unit, remove_parts
 from serving.jobs.scorer import UnitJob, UnitReport
 from serving.jobs.summary import SlideLine, Summary, class_fractions, write_summary
@@ -62,10 +62,10 @@ def committed_parts(job: UnitJob, units: Sequence[Unit]) -> list[list[tuple[Path
     return out
 
 
-def _merge(out: Path, columns: list[str], parts: list[list[tuple[Path, PartMeta]]]) -> int:
+def _merge(out: Path, schema, parts: list[list[tuple[Path, PartMeta]]]) -> int:
     import pyarrow.parquet as pq
 
-    schema = result_schema(columns)
+    columns = schema.names
     rows = 0
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".parquet":
@@ -109,7 +109,7 @@ def _labelled(job: UnitJob, units: Sequence[Unit], parts) -> tuple[np.ndarray, n
     prob_cols = [f"prob_{c}" for c in names]
     ys, ps = [], []
     for u, unit_parts in zip(units, parts):
-        if not u.labelled:
+        if not u.labelled or not names:  # a features-only model predicts no class to score against labels
             continue
         for path, _ in unit_parts:  # one part at a time: memory follows the largest part, not the job
             t = pq.read_table(path, columns=["label", *prob_cols])
@@ -170,7 +170,7 @@ def finish(job: UnitJob, units: Sequence[Unit], reports: Sequence[UnitReport], f
     """Merge, errors, metrics, the record's slides; the parts folder goes last, once OUT is whole."""
     out = job.out
     parts = committed_parts(job, units)
-    rows = _merge(out, job.columns, parts)
+    rows = _merge(out, job.schema, parts)
     n_errors = _errors(out, parts)
     result = ScoreResult(out, errors_path(out), rows, n_errors, patches, seconds)
     by_index = {r.index: r for r in reports}

@@ -37,20 +37,29 @@ def parts_path(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def result_columns(class_names: tuple[str, ...]) -> list[str]:
+FEATURES_COLUMN = "features"
+
+
+def result_columns(class_names: tuple[str, ...], features: bool = False) -> list[str]:
     """One row per patch: its source (and slide name, for slide tiles), where in the slide, the class
-    probabilities, the predicted and the true class, and what scored it."""
+    probabilities, the predicted and the true class, what scored it, and with ``features`` its features."""
     return ["source", "slide", "x", "y", "col", "row", *[f"prob_{c}" for c in class_names], "predicted", "label",
-            "tta", "model", "version"]
+            "tta", "model", "version", *([FEATURES_COLUMN] if features else [])]
 
 
-def result_schema(columns: list[str]):
-    """The Arrow schema of the rows (probabilities float64; positions int64, null for patches)."""
+def result_schema(columns: list[str], feature_size: int = 0):
+    """The Arrow schema of the rows (probabilities float64; positions int64, null for patches; the features a
+    fixed-size list of ``feature_size`` float32)."""
     import pyarrow as pa
 
     strings = ("source", "slide", "predicted", "label", "tta", "model")
-    return pa.schema([(c, pa.string() if c in strings else pa.int64() if c in INT_COLUMNS else pa.float64())
-                      for c in columns])
+
+    def kind(c):
+        if c == FEATURES_COLUMN:
+            return pa.list_(pa.float32(), feature_size)
+        return pa.string() if c in strings else pa.int64() if c in INT_COLUMNS else pa.float64()
+
+    return pa.schema([(c, kind(c)) for c in columns])
 
 
 def iter_results(path: str | Path, columns: Sequence[str] | None = None,

@@ -24,14 +24,15 @@ import numpy as np
 
 from serving.client.identity import ServedIdentity, check_servers
 from serving.client.patch_client import PatchClient
-from serving.client.stream import stream_predictions
+from serving.client.stream import Scored, stream_predictions
 from serving.core.errors import InferenceError
 from serving.core.spec import ModelSpec
 from serving.core.views import num_views
 from serving.inputs.items import Item
 from serving.inputs.units import ReadOptions, SlideWork, Unit, Work
 from serving.jobs.config import ScoreConfig
-from serving.jobs.output import parts_path, result_columns, result_schema
+from serving.jobs.features_h5 import features_h5_path, write_features_h5
+from serving.jobs.output import FEATURES_COLUMN, parts_path, result_columns, result_schema
 from serving.jobs.parts import PartMeta, cover, list_unit, remove, table_sha256, write_part
 from serving.jobs.reader import OrderedReader
 from serving.jobs.slide_outputs import slide_output_paths, write_slide_outputs, write_tissue_mask
@@ -45,7 +46,7 @@ class UnitJob:
     spec: ModelSpec
     digest: str  # the job fingerprint's digest: every part carries it
     served: ServedIdentity  # what the fingerprint recorded: every connection must serve it
-    heat_class: str
+    heat_class: str | None  # None: a features-only model, no heatmap
     verify: bool = False  # --resume: read every committed part back and check its rows
 
     @property
@@ -58,7 +59,11 @@ class UnitJob:
 
     @property
     def columns(self) -> list[str]:
-        return result_columns(self.spec.class_names)
+        return result_columns(self.spec.class_names, self.cfg.features)
+
+    @property
+    def schema(self):
+        return result_schema(self.columns, self.spec.feature_size)
 
     @property
     def tiling(self):
@@ -115,7 +120,8 @@ class ClientPool:
                 clients.append(PatchClient(url, c.model, protocol=c.protocol, timeout_s=c.timeout_s,
                                            retries=c.retries, backoff_s=c.backoff_s, concurrency=c.concurrency,
                                            batch_size=c.batch_size, shared_memory=c.shared_memory,
-                                           wait_timeout_s=c.wait_timeout_s if c.wait else 0.0))
+                                           wait_timeout_s=c.wait_timeout_s if c.wait else 0.0,
+                                           features=c.features))
             check_servers({"the job's fingerprint": self.served, **{x.url: x.served_identity() for x in clients}})
         except BaseException:
             for x in clients:
@@ -168,13 +174,22 @@ def patches_per_request(cfg: ScoreConfig, client: PatchClient) -> int:
     return max(1, client.request_rows() // num_views(cfg.tta))
 
 
-def result_row(item: Item, probs: np.ndarray, job: UnitJob, slide: str | None) -> dict:
-    """The output row of one scored patch."""
+def result_row(item: Item, probs: np.ndarray | None, job: UnitJob, slide: str | None) -> dict:
+    """The output row of one scored patch (its features travel apart: :class:`PartBuffer`); a features-only
+    model's rows have no probabilities and no predicted class."""
     spec, cfg = job.spec, job.cfg
     return {"source": item.source, "slide": slide, "x": item.x, "y": item.y, "col": item.col, "row": item.row,
-            **{f"prob_{c}": float(v) for c, v in zip(spec.class_names, probs)},
-            "predicted": spec.class_names[int(np.argmax(probs))], "label": item.label,
+            **({} if probs is None else {f"prob_{c}": float(v) for c, v in zip(spec.class_names, probs)}),
+            "predicted": None if probs is None else spec.class_names[int(np.argmax(probs))], "label": item.label,
             "tta": cfg.tta, "model": cfg.model, "version": spec.version}
+
+
+def features_array(vectors: list[np.ndarray], size: int):
+    """Features rows as an Arrow fixed-size list of float32 (the ``features`` column), without Python floats."""
+    import pyarrow as pa
+
+    flat = np.stack(vectors).astype(np.float32, copy=False).ravel() if vectors else np.empty(0, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), size)
 
 
 class PartBuffer:
@@ -183,34 +198,47 @@ class PartBuffer:
 
     def __init__(self, job: UnitJob, unit: Unit, work: Work, on_commit: Callable[[PartMeta], None]):
         self.job, self.unit, self.work, self.on_commit = job, unit, work, on_commit
-        self.schema = result_schema(job.columns)
+        self.schema = job.schema
+        self.features = job.cfg.features
         self._reset()
 
     def _reset(self) -> None:
         self.start: int | None = None
         self.next = 0
         self.rows: list[dict] = []
+        self.vectors: list[np.ndarray] = []  # the rows' features, with --features
         self.errors: list[tuple[str, str]] = []
 
-    def add(self, item: Item, row: dict | None = None, error: str | None = None) -> None:
+    def add(self, item: Item, row: dict | None = None, error: str | None = None,
+            features: np.ndarray | None = None) -> None:
         if self.start is not None and item.index != self.next:
             self.flush()  # the next range of items still to score: a part never spans a gap
         if self.start is None:
             self.start = item.index
         if row is not None:
             self.rows.append(row)
+            if self.features:
+                self.vectors.append(features)
         else:
             self.errors.append((item.source, error or ""))
         self.next = item.index + 1
         if self.next - self.start >= self.job.cfg.part_rows:
             self.flush()
 
-    def flush(self) -> None:
+    def _table(self):
         import pyarrow as pa
 
+        if not self.features:
+            return pa.Table.from_pylist(self.rows, schema=self.schema)
+        field = self.schema.field(FEATURES_COLUMN)
+        rest = pa.schema([f for f in self.schema if f.name != FEATURES_COLUMN])
+        table = pa.Table.from_pylist(self.rows, schema=rest)
+        return table.append_column(field, features_array(self.vectors, field.type.list_size))
+
+    def flush(self) -> None:
         if self.start is None:
             return
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        table = self._table()
         w = self.work
         meta = PartMeta(self.job.digest, self.unit.index, self.start, self.next, w.n, w.digest, len(self.rows),
                         tuple(self.errors), table_sha256(table), w.info)
@@ -245,15 +273,17 @@ def _score_ranges(job: UnitJob, unit: Unit, work: Work, todo, control: RunContro
                            depth=max(4, 2 * cfg.concurrency * len(clients)))
     try:
         groups = request_groups(iter(reader), patches_per_request(cfg, clients[0]), cfg.send == "encoded")
-        for group, probs in stream_predictions(clients, groups, cfg.tta, cfg.send, on_error="record"):
+        for group, answer in stream_predictions(clients, groups, cfg.tta, cfg.send, on_error="record"):
+            probs, feats = (answer.probs, answer.features) if isinstance(answer, Scored) else (answer, None)
             j = 0
             for item in group:
-                if item.error is not None or isinstance(probs, InferenceError):
+                if item.error is not None or isinstance(answer, InferenceError):
                     # The server refused this request: its patches are listed, never dropped.
-                    buffer.add(item, error=item.error or f"server error: {probs}")
+                    buffer.add(item, error=item.error or f"server error: {answer}")
                     report.refused += 1
                     continue
-                buffer.add(item, row=result_row(item, probs[j], job, slide))
+                buffer.add(item, row=result_row(item, None if probs is None else probs[j], job, slide),
+                           features=None if feats is None else feats[j])
                 j += 1
             report.scored += len(group)
             control.progress(len(group))
@@ -299,9 +329,15 @@ def score_unit(job: UnitJob, unit: Unit, control: RunControl) -> UnitReport:
         report.rows = sum(m.rows for _, m in chosen)
         report.errors = [list(e) for _, m in chosen for e in m.errors]
         if report.complete and isinstance(work, SlideWork) and work.grid.tiles:
-            paths = slide_output_paths(job.out, work.info["name"])
-            if report.parts or not all(p.exists() for p in paths):
+            # A features-only model has no probabilities to draw: its slides get their features alone.
+            paths = [] if job.spec.features_only else slide_output_paths(job.out, work.info["name"])
+            if paths and (report.parts or not all(p.exists() for p in paths)):
                 written, report.notes = write_slide_outputs(job, work, chosen)
+            if job.cfg.features:
+                h5 = features_h5_path(job.out, work.info["name"])
+                if report.parts or not h5.exists():
+                    write_features_h5(job, work, chosen)
+                paths = [*paths, h5]
             report.outputs += [str(p) for p in paths if p.exists()]
     finally:
         work.close()
