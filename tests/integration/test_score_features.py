@@ -28,6 +28,9 @@ from serving.slides.wsi import open_slide
 from tests.fixtures_serve import find_onnx
 
 REL = 1e-5  # a tile's vector, whoever computed it (the server, ONNX Runtime in-process, another executor)
+# The ensemble decodes and resizes with DALI, whose resize differs from PIL's by a grey level or two (as for the
+# probabilities, test_score_cli.py ENCODED_ATOL): its features are those of slightly other pixels.
+ENCODED_REL = 0.05
 WAIT_S = 300.0
 
 
@@ -196,3 +199,29 @@ def test_features_from_a_model_without_them_is_refused_naming_it_and_the_export_
     err = capsys.readouterr().err
     assert f"model {spec.name!r}" in err and "re-export with --features layer4" in err
     assert not out.exists() and not parts_path(out).exists()
+
+
+def test_server_tta_features_are_the_mean_of_the_views_and_the_ensemble_returns_them(triton_server, synth_data,
+                                                                                     tmp_path):
+    folder = synth_data / "test"
+    spec = triton_server.spec
+
+    def features(name, *extra):
+        out = tmp_path / f"{name}.parquet"
+        assert cli(["score", str(folder), "--url", triton_server.grpc, "--model", spec.name, "--out", str(out),
+                    "--no-progress", "--features", *extra]) == 0
+        table = pq.read_table(out)
+        return table.column("source").to_pylist(), _table_features(table)
+
+    src, client_views = features("client", "--tta", "five")
+    src2, server_views = features("server", "--tta", "server")
+    assert src == src2 and len(src) == 16
+    rel = relative_errors(server_views, client_views)
+    print(f"--tta server vs the client's mean over the same five views: max relative error {rel.max():.3g}")
+    assert rel.max() <= REL
+    src3, pixels = features("pixels")
+    src4, encoded = features("encoded", "--send", "encoded")
+    assert src3 == src4 == src
+    rel = relative_errors(encoded, pixels)
+    print(f"--send encoded (the ensemble) vs pixels: max relative error {rel.max():.3g}")
+    assert encoded.shape == (16, spec.feature_size) and rel.max() <= ENCODED_REL
