@@ -41,7 +41,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
     rows, targets, notes, results = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32, instances=cores)
+        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32)
         synthesize(tmp / "data", classes=2, per_class=per_class, size=size)
         folders = tuple(str(tmp / "data" / s) for s in ("train", "val", "test"))
         n = sum(1 for f in folders for _ in Path(f).rglob("*.png"))

@@ -15,7 +15,6 @@ client-side five-crop (a GPU/network target: see the note).
 
 from __future__ import annotations
 
-import collections
 import os
 import tempfile
 import time
@@ -24,25 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (export_random_model, interleave, measure, percentiles_ms, ratio_target,
-                               write_results)
+                               windowed_requests, write_results)
 from benchmarks.queue_delay import P50_BUDGET, add_delay_variants, choose, measure_delays
-
-
-def _windowed(client, info, batches, concurrency: int) -> list[float]:
-    """Send every batch keeping ``concurrency`` requests in flight; per-request latencies in s."""
-    window: collections.deque = collections.deque()
-    latencies = []
-    for array in batches:
-        if len(window) >= concurrency:
-            t_sent, pending = window.popleft()
-            pending.result()
-            latencies.append(time.perf_counter() - t_sent)
-        window.append((time.perf_counter(), client.submit(info, array)))
-    while window:
-        t_sent, pending = window.popleft()
-        pending.result()
-        latencies.append(time.perf_counter() - t_sent)
-    return latencies
+from benchmarks.server_layouts import measure_layouts
 
 
 def run(quick: bool, command: str, out: Path) -> dict:
@@ -59,9 +42,9 @@ def run(quick: bool, command: str, out: Path) -> dict:
     rng = np.random.default_rng(0)
     rows, targets, notes, results = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        # One model instance per core, each ONNX Runtime session on one thread:
-        # the in-process baseline gets the same cores as one session.
-        repo, spec = export_random_model(Path(tmp), size=size, max_batch_size=batch, instances=cores)
+        # The default export, as a user gets it (one instance; its backend slices each batch over one
+        # worker per core); the in-process baseline gets the same cores as one session.
+        repo, spec = export_random_model(Path(tmp), size=size, max_batch_size=batch)
         onnx_path = repo / spec.name / "1" / "model.onnx"
         session = ort_session(onnx_path, threads=cores)
         images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -81,7 +64,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                     lat: list[float] = []
 
                     def go(client=client, batches=batches, conc=conc, lat=lat):
-                        lat.extend(_windowed(client, client.info, batches, conc))
+                        lat.extend(windowed_requests(client, client.info, batches, conc))
 
                     t = measure(f"{protocol} c{conc}", go, items=batch * requests, repeats=repeats,
                                 unit="patches/s")
@@ -99,7 +82,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
             best_conc = max((r for r in rows if r["protocol"] == "grpc"), key=lambda r: r["patches/s"])["concurrency"]
             client = PatchClient(server.urls.grpc, spec.name, concurrency=best_conc)
             arms = interleave({"in-process ONNX Runtime": local,
-                               f"served, gRPC c{best_conc}": lambda: _windowed(client, client.info,
+                               f"served, gRPC c{best_conc}": lambda: windowed_requests(client, client.info,
                                                                                 [images] * requests, best_conc)},
                               items=batch * requests, repeats=5, unit="patches/s")
             client.close()
@@ -144,6 +127,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                 results.append(t.to_dict())
                 print(f"  {label}: {t.rate:.1f} patches/s")
             client.close()
+            chosen_workers = "; ".join(server.worker_choices())
             targets.append(ratio_target("server-side five-crop / client-side five-crop", tta["server"], tta["five"],
                                         1.5))
             notes.append("Both TTA paths run five forward passes per patch on the same cores, and ONNX Runtime keeps "
@@ -152,12 +136,27 @@ def run(quick: bool, command: str, out: Path) -> dict:
                          "is for a GPU server reached over a network, where the fifth of the wire bytes and the "
                          "client's saved view building set the pace.")
 
+        # Instances x workers x threads: the default export beside the other ways to use the cores.
+        layout_rows = measure_layouts(repo, spec.name, images, Path(tmp), cores=cores, requests=requests,
+                                      concurrency=16, repeats=3 if quick else 5)
+        for r in layout_rows:
+            results.append(r.pop("timing"))
+            print(f"  {r['instances x workers x threads']:>9}: {r['patches/s']:7.1f} patches/s, server "
+                  f"{r['server CPU-ms/patch']:.2f} CPU-ms/patch, {r['server RSS MB']:.0f} MB ({r['layout']})")
+    default, before = layout_rows[0], layout_rows[1]
+    notes.append(f"Instances x workers x threads (second table, measured in turn on {len(layout_rows)} servers "
+                 f"at once, 16 requests in flight): the default export {default['patches/s']:.0f} patches/s, "
+                 f"{default['patches/s'] / before['patches/s']:.2f}x the one-worker config of earlier releases; "
+                 f"server RSS is the server and its stub processes (peak, sampled after each repeat). The default "
+                 f"chose: {chosen_workers}.")
+
     per_patch_u8 = size * size * 3
     notes.append(f"Bytes per patch on the wire (tensor payload): uint8 {per_patch_u8:,} against float32 "
                  f"{per_patch_u8 * 4:,} (4x); client-side five-crop sends {5 * per_patch_u8:,} per patch, "
                  f"server-side five-crop {spec.source_height * spec.source_width * 3:,}.")
     notes.append(f"resnet18 at {size}x{size}, random weights, request batch {batch}, {requests} requests per repeat; "
-                 f"server: {cores} python-backend instances, one ONNX Runtime thread each, dynamic batching; "
+                 f"server: the default export (one python-backend instance, its batches sliced over {cores} workers "
+                 "of one ONNX Runtime thread each), dynamic batching; "
                  f"in-process ONNX Runtime with {cores} threads. Client and server share the machine's {cores} cores.")
 
     def plot(png: Path) -> None:
@@ -209,7 +208,14 @@ def run(quick: bool, command: str, out: Path) -> dict:
                                                    "patches/s (c16)", "mean batch (c16)"],
                                        "rows": [[r["delay_us"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                                                  f"{r['p50 / p50 at 0 us']:.3f}", f"{r['patches/s']:.0f}",
-                                                 f"{r['mean batch']:.1f}"] for r in delay_rows]}]},
+                                                 f"{r['mean batch']:.1f}"] for r in delay_rows]},
+                                      {"columns": ["layout", "instances x workers x threads", "patches/s", "min",
+                                                   "max", "server CPU-ms/patch", "server RSS MB"],
+                                       "rows": [[r["layout"], r["instances x workers x threads"],
+                                                 f"{r['patches/s']:.0f}", f"{r['min']:.0f}", f"{r['max']:.0f}",
+                                                 f"{r['server CPU-ms/patch']:.2f}", f"{r['server RSS MB']:.0f}"]
+                                                for r in layout_rows]}],
+                           "layouts": layout_rows},
                   quick=quick, plot=plot)
     return {"rows": rows, "targets": [t.to_dict() for t in targets]}
 

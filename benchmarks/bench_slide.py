@@ -60,7 +60,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
     rows, targets, notes, results = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32, instances=cores)
+        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32)
         synthesize(tmp / "data", classes=2, per_class=3, size=size, slide=True, slide_size=slide_size)
         slide = str(sorted((tmp / "data" / "slides").glob("*.tiff"))[0])
         with EmbeddedTriton(repo) as server:
@@ -111,7 +111,8 @@ def run(quick: bool, command: str, out: Path) -> dict:
                          "costs (tissue mask, connection, Parquet, heatmap, GeoJSON) on a small slide.")
             notes.append(f"Synthetic slide {slide_size}x{slide_size * 3 // 4} px at 0.5 um/px, {n_tiles} tissue tiles of "
                          f"{size}x{size}; {cfg.read_threads} reader threads, {cfg.concurrency} requests in flight, "
-                         f"{cores} python-backend instances; the slower stage is "
+                         "the default export (one python-backend instance, its batches sliced over a worker per "
+                         "core); the slower stage is "
                          f"{'reading' if t_read.rate < t_model.rate else 'the model'}. The pipeline time includes "
                          "planning the tiles (tissue mask), writing Parquet, the heatmap and the GeoJSON.")
 

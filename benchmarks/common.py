@@ -12,6 +12,8 @@ figures always come from one run's folder.
 
 from __future__ import annotations
 
+import collections
+
 import json
 import os
 import platform
@@ -437,3 +439,20 @@ def export_random_model(folder: Path, *, size: int = 96, max_batch_size: int = 3
     repo = folder / "repo"
     export_run(run, repo, formats=("python",), with_dali=False, instances=instances, overwrite=True)
     return repo, spec
+
+
+def windowed_requests(client, info, batches, concurrency: int) -> list[float]:
+    """Send every batch keeping ``concurrency`` requests in flight; per-request latencies in s."""
+    window: collections.deque = collections.deque()
+    latencies = []
+    for array in batches:
+        if len(window) >= concurrency:
+            t_sent, pending = window.popleft()
+            pending.result()
+            latencies.append(time.perf_counter() - t_sent)
+        window.append((time.perf_counter(), client.submit(info, array)))
+    while window:
+        t_sent, pending = window.popleft()
+        pending.result()
+        latencies.append(time.perf_counter() - t_sent)
+    return latencies

@@ -164,7 +164,9 @@ def _runtime(cfg: ModelConfig, flavour: str, opts: ExportOptions) -> None:
     if flavour == "python":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = ONNX_FILE
+        # One ONNX Runtime thread per worker; the backend chooses the workers from the serving machine's cores.
         cfg.parameters["intra_op_threads"].string_value = "1"
+        cfg.parameters["workers"].string_value = "auto"
         _instances(cfg, mc.ModelInstanceGroup.KIND_CPU, opts.instances)
     elif flavour == "onnxruntime":
         cfg.platform = "onnxruntime_onnx"

@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     server = EmbeddedTriton(cfg.repo, host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port,
                             metrics_port=cfg.metrics_port, workdir=cfg.workdir,
                             startup_timeout_s=cfg.startup_timeout_s, log_verbose=cfg.log_verbose,
-                            extra_args=extra)
+                            extra_args=extra, workers=cfg.workers)
     stop = threading.Event()
     # SIGTERM (docker stop, systemd) stops as cleanly as Ctrl-C.
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
             print("models:")
             for name, version, state in _models(server):
                 print(f"  {name} (version {version}): {state}")
+            print("cores (change with --workers N):")
+            for choice in server.worker_choices():
+                print(f"  {choice}")
             print("The same repository on a GPU machine, from NGC's container:")
             gpu = cfg.model_config_name if cfg.model_config_name in GPU_FLAVOURS else None
             print(f"  {server.ngc_command(gpu)}")

@@ -25,12 +25,18 @@ class ServeConfig:
                                        "first removes what a killed one left", default_text="a temporary one")
     startup_timeout_s: float = option(120.0, "seconds to wait until the server is ready")
     log_verbose: int = option(0, "tritonserver --log-verbose level")
+    workers: int | None = option(None, "threads each ONNX model instance runs its batches on (slices of a batch, one "
+                                       "ONNX Runtime thread each); sets PATCHSERVE_SERVER_WORKERS for the server",
+                                 default_text="the cores the server may use (CPU affinity, cgroup quota) / instances")
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "metrics_port"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 65536:
                 raise InputError(f"{flag_of(ServeConfig, name)}: expected a TCP port in 1..65535, got {v}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise InputError(f"--workers: expected an integer >= 1, got {self.workers!r}")
         if not self.startup_timeout_s > 0:
             raise InputError(f"--startup-timeout-s: expected a positive number of seconds, got {self.startup_timeout_s}")
         check_repository_folder(Path(self.repo))

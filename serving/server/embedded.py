@@ -29,6 +29,7 @@ from pathlib import Path
 
 from serving.core.errors import ModelLoadError, ServerError
 from serving.server.guard import release, start_guard
+from serving.server.backends.onnx_model import LOG_PREFIX, WORKERS_ENV
 from serving.server.state import STATE_FILE, clean_stale, remove_stale_temp_workdirs, write_key_file
 from serving.core.spec import GPU_FLAVOURS
 
@@ -116,7 +117,8 @@ class EmbeddedTriton:
 
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, workdir: str | Path | None = None, startup_timeout_s: float = 120.0,
-                 log_verbose: int = 0, exit_on_error: bool = False, extra_args: tuple[str, ...] = ()):
+                 log_verbose: int = 0, exit_on_error: bool = False, extra_args: tuple[str, ...] = (),
+                 workers: int | None = None):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise ServerError(f"--repo: no such model repository folder {self.repo}")
@@ -136,6 +138,7 @@ class EmbeddedTriton:
         self.log_verbose = log_verbose
         self.exit_on_error = exit_on_error
         self.extra_args = tuple(extra_args)
+        self.workers = workers  # None: each ONNX model chooses from the cores it sees (backends/onnx_model.py)
         self.process: subprocess.Popen | None = None
         self.recoveries: list[list[str]] = []  # models whose stub died, per restart
         self.log_path = self.workdir / "tritonserver.log"
@@ -175,7 +178,18 @@ class EmbeddedTriton:
         env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.setdefault("OMP_NUM_THREADS", "1")
+        if self.workers is not None:
+            env[WORKERS_ENV] = str(self.workers)
         return env
+
+    def worker_choices(self) -> list[str]:
+        """What each ONNX model instance chose at load time (workers x threads, and why), from the log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line[line.index(LOG_PREFIX) + len(LOG_PREFIX):].strip().rstrip('"').strip()
+                for line in text.splitlines() if LOG_PREFIX in line]
 
     @property
     def shm_prefix(self) -> str:
@@ -340,7 +354,7 @@ class EmbeddedTriton:
         """How to serve the same repository from NGC's container on a GPU machine."""
         return ngc_command(self.repo, model_config_name=model_config_name or gpu_flavour(self.repo),
                            http_port=self.urls.http_port, grpc_port=self.urls.grpc_port,
-                           metrics_port=self.urls.metrics_port)
+                           metrics_port=self.urls.metrics_port, workers=self.workers)
 
 
 def gpu_flavour(repo: str | Path) -> str:
@@ -352,12 +366,16 @@ def gpu_flavour(repo: str | Path) -> str:
 
 
 def ngc_command(repo: str | Path, *, model_config_name: str, http_port: int = 8000, grpc_port: int = 8001,
-                metrics_port: int = 8002) -> str:
+                metrics_port: int = 8002, workers: int | None = None) -> str:
     """``docker run`` of NGC's tritonserver on ``repo``, loading configs/MODEL_CONFIG_NAME.pbtxt of every model.
 
     Without --model-config-name the container would load config.pbtxt, the CPU
     python flavour; models without that flavour (the ensemble) fall back to it.
+    Python-flavour models in the container choose their workers from the
+    container's cores (``--cpus`` is its cgroup quota), as the embedded server
+    does; ``workers`` passes an override as ``-e``.
     """
-    return (f"docker run --gpus all --rm -p {http_port}:8000 -p {grpc_port}:8001 -p {metrics_port}:8002 "
+    env = f"-e {WORKERS_ENV}={workers} " if workers is not None else ""
+    return (f"docker run --gpus all --rm {env}-p {http_port}:8000 -p {grpc_port}:8001 -p {metrics_port}:8002 "
             f"-v {Path(repo).resolve()}:/models {NGC_IMAGE} tritonserver --model-repository=/models "
             f"--model-control-mode=none --model-config-name={model_config_name}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +33,11 @@ def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tm
         assert f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver" in text
         # The repository has no plan: the GPU container loads the onnxruntime flavour, not config.pbtxt's python.
         assert "--model-control-mode=none --model-config-name=onnxruntime\n" in text + "\n"
+        # The default export uses the cores the server sees: more than one core's worth where there are more.
+        cores = len(os.sched_getaffinity(0))
+        chosen = _chosen(text)
+        assert set(chosen) == {spec.name, spec.tta_model_name}, text
+        assert all(w == cores for w in chosen.values()), text
         with PatchClient(f"127.0.0.1:{grpc}", spec.name) as client:
             probs = client.predict(np.zeros((3, *spec.input_hw, 3), np.uint8))
         assert probs.shape == (3, spec.num_classes)
@@ -80,3 +87,45 @@ def test_serve_with_a_relative_workdir_starts_and_stops(exported_repo, tmp_path)
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+def _chosen(text: str) -> dict[str, int]:
+    """Model -> workers, from the "cores" lines that serve prints."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^  (\S+) instance \S+: (\d+) worker\(s\) x 1 ONNX",
+                                                              text, re.M)}
+
+
+def _serve_until_ready(cmd: list[str], **popen) -> str:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("Press Ctrl-C"):
+                break
+        proc.send_signal(signal.SIGINT)
+        lines.append(proc.communicate(timeout=60)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "\n".join(lines)
+    return "\n".join(lines)
+
+
+def test_serve_counts_the_cores_it_may_use_not_the_host_and_workers_overrides(exported_repo, tmp_path):
+    """One core of affinity: one worker, whatever OMP_NUM_THREADS says; --workers N: N, in the docker line too."""
+    repo, spec = exported_repo
+    base = [sys.executable, "-m", "patchserve", "serve", "--repo", str(repo), "--workdir", str(tmp_path / "work")]
+    ports = lambda: ["--http-port", str(free_port()), "--grpc-port", str(free_port()),  # noqa: E731
+                     "--metrics-port", str(free_port())]
+    one_core = min(os.sched_getaffinity(0))
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}
+    env.pop("PATCHSERVE_SERVER_WORKERS", None)
+    text = _serve_until_ready(base + ports(), env=env, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+    assert _chosen(text) == {spec.name: 1, spec.tta_model_name: 1}, text
+    assert "auto: 1 core(s) seen (affinity 1" in text
+    text = _serve_until_ready(base + ports() + ["--workers", "3"], env=env)
+    assert _chosen(text) == {spec.name: 3, spec.tta_model_name: 3}, text
+    assert "PATCHSERVE_SERVER_WORKERS=3)" in text
+    assert "docker run --gpus all --rm -e PATCHSERVE_SERVER_WORKERS=3 -p " in text

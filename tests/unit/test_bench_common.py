@@ -137,3 +137,28 @@ def test_interleave_records_the_machines_busy_cpu_per_repeat():
     assert len(t.cpu_seconds) == 2 and min(t.cpu_seconds) >= 0.3 - slack
     assert t.cpu_per_item >= (0.3 - slack) / 10
     assert t.to_dict()["cpu_per_item"] == t.cpu_per_item
+
+
+def test_server_layouts_change_only_instances_workers_and_threads(tmp_path, tiny_spec):
+    from benchmarks.server_layouts import layouts, write_layout
+    from export import triton_config as tc
+    from export.repository import render_repository, write_generated
+
+    repo = tmp_path / "repo"
+    write_generated(repo, render_repository(tiny_spec, tc.ExportOptions(with_dali=False)))
+    original = tc.read_config(repo / tiny_spec.name / "config.pbtxt")
+    assert layouts(1)[0].workers == "auto" and len(layouts(1)) == 2 and len(layouts(2)) == 4
+    for i, layout in enumerate(layouts(4)):
+        cfg = tc.read_config(write_layout(repo, tiny_spec.name, layout, tmp_path / f"l{i}") / tiny_spec.name
+                             / "config.pbtxt")
+        assert cfg.instance_group[0].count == layout.instances
+        assert cfg.parameters["workers"].string_value == layout.workers
+        assert cfg.parameters["intra_op_threads"].string_value == str(layout.threads)
+        for field in ("instance_group", "parameters"):
+            cfg.ClearField(field)
+        plain = type(original)()
+        plain.CopyFrom(original)
+        for field in ("instance_group", "parameters"):
+            plain.ClearField(field)
+        assert cfg == plain
+    assert tc.read_config(repo / tiny_spec.name / "config.pbtxt") == original
