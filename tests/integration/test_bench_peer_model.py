@@ -58,3 +58,35 @@ def test_wsinfer_torchscript_through_its_transforms_gives_the_exported_onnx_prob
     assert (theirs.argmax(1) == ours.argmax(1)).all()
     assert len(set(np.round(ours[:, 1], 4))) > 1  # the tiles do not all give the same probability
 
+
+def test_bench_peer_smoke_writes_its_table_into_out_when_wsinfer_is_already_cached(tmp_path):
+    """The whole stage, one repeat per arm, only where a run of the benchmark has built WSInfer's environment
+    (building it is several GB and minutes: not for the test suite)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks.peer_wsinfer import ENV_DIR, default_cache
+
+    cache = default_cache(dict(os.environ))
+    if not (cache / ENV_DIR / "installed.json").is_file():
+        pytest.skip(f"WSInfer's environment is not cached in {cache} (patchserve bench peer builds it)")
+    root = Path(__file__).resolve().parents[2]
+    out, work = tmp_path / "out", tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "patchserve", "bench", "peer", "--quick", "--smoke", "--out",
+                           str(out), "--cache", str(cache)], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["peer.json", "peer.png"] and list(work.iterdir()) == []
+    doc = json.loads((out / "peer.json").read_text())
+    assert [r["tool"] for r in doc["rows"]] == ["patchserve", "WSInfer 0.6.1"]
+    assert doc["rows"][1]["server tree peak RSS MB"] == "-" and doc["rows"][0]["server tree peak RSS MB"] > 0
+    match = doc["match"]
+    assert match["matched"] > 0.9 * min(match["ours"], match["theirs"])
+    assert match["top1_agreement"] >= 0.999 and match["max_abs_dp"] < 1e-4
+    assert doc["targets"][0]["target"] == 1.6 and doc["smoke"] is True
