@@ -40,15 +40,18 @@ PACKAGE_DIRS = tuple(SOURCE_ROOT / p for p in ("patchserve", "benchmarks", "expo
 
 
 STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain")
+# Stages against another tool, which they install into an environment of their own: not part of 'all'.
+PEER_STAGES = ("peer",)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Options of ``patchserve bench``."""
 
-    stage: str = option(help="which stage to measure ('all' runs each in turn; 'report' only regenerates "
-                             "RESULTS.md and the README table from --out)", positional=True,
-                        metavar="STAGE", choices=(*STAGES, "all", "report"))
+    stage: str = option(help="which stage to measure ('all' runs each in turn but peer, which installs WSInfer "
+                             "into an environment of its own; 'report' only regenerates RESULTS.md and the "
+                             "README table from --out)", positional=True,
+                        metavar="STAGE", choices=(*STAGES, *PEER_STAGES, "all", "report"))
     quick: bool = option(False, "smaller sizes and fewer repeats: a few minutes on a 2-core machine")
     smoke: bool = option(False, "one timed repeat per arm and no warm-up: checks in CI that a stage runs end to "
                                 "end; its figures mean nothing, and report refuses them")
@@ -59,9 +62,11 @@ class BenchConfig:
                                 choices=("nearest", "linear"))
     update_results: bool = option(False, "after the run, regenerate benchmarks/RESULTS.md and the README table "
                                          "from --out (in a source checkout)")
+    cache: Path | None = option(None, "folder kept between runs for the peer stage's WSInfer environment",
+                                default_text="$XDG_CACHE_HOME/patchserve, else ~/.cache/patchserve")
 
     def __post_init__(self) -> None:
-        for name, allowed in (("stage", (*STAGES, "all", "report")), ("interpolation", ("nearest", "linear"))):
+        for name, allowed in (("stage", (*STAGES, *PEER_STAGES, "all", "report")), ("interpolation", ("nearest", "linear"))):
             if getattr(self, name) not in allowed:
                 flag = "STAGE" if name == "stage" else "--interpolation"
                 raise InputError(f"{flag}: invalid value {getattr(self, name)!r}. "
@@ -366,7 +371,7 @@ def update_results(out: str | Path, *, results_md: Path | None = None, results_d
     results_md.write_text(text)
     if readme.exists():
         # Every stage's latest figures: this run's, and the kept ones of stages it did not run.
-        order = {s: i for i, s in enumerate(STAGES)}
+        order = {s: i for i, s in enumerate((*STAGES, *PEER_STAGES))}
         latest = sorted(_stage_docs(results_dir), key=lambda d: order.get(d["stage"], 99))
         readme.write_text(replace_block(readme.read_text(), "summary", render_summary(latest)))
     return [d["stage"] for d in docs]

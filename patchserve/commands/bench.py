@@ -11,6 +11,7 @@ run) regenerates ``benchmarks/RESULTS.md`` and the README table from DIR.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from types import ModuleType
 
@@ -42,6 +43,8 @@ def _stage(name: str) -> ModuleType:
         from benchmarks import bench_dask as module
     elif name == "stain":
         from benchmarks import bench_stain as module
+    elif name == "peer":
+        from benchmarks import bench_peer as module
     else:
         raise KeyError(name)
     return module
@@ -50,6 +53,7 @@ def _stage(name: str) -> ModuleType:
 def main(args: argparse.Namespace) -> int:
     from benchmarks.common import resolve_out, set_smoke, update_results
     from benchmarks.errors import BenchOutError
+    from benchmarks.peer_wsinfer import default_cache
 
     cfg = from_args(BenchConfig, args)
     set_smoke(cfg.smoke)
@@ -74,6 +78,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"==> bench {stage} (results in {out})", flush=True)
         try:
             extra = {"interpolation": cfg.interpolation} if stage in ("data", "train") else {}
+            if stage == "peer":
+                extra = {"cache": cfg.cache or default_cache(dict(os.environ))}
             module.run(quick=cfg.quick, command=command, out=out, **extra)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not hide the others' figures
             print(f"bench {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

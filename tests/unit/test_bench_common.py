@@ -105,9 +105,9 @@ def test_no_stage_rebinds_its_results_folder():
     from pathlib import Path
 
     from patchserve.commands.bench import _stage
-    from benchmarks.common import STAGES
+    from benchmarks.common import PEER_STAGES, STAGES
 
-    for stage in STAGES:
+    for stage in (*STAGES, *PEER_STAGES):
         path = Path(_stage(stage).__file__)
         run = next(n for n in ast.walk(ast.parse(path.read_text()))
                    if isinstance(n, ast.FunctionDef) and n.name == "run")
