@@ -12,7 +12,6 @@ peak memory flat (10x at most 1.2 times the peak at 1x).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,12 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Target, bar_plot, export_random_model, interleave, ratio_target, write_results
-
-# Measures one child's peak RSS: getrusage of a process that ran only that child.
-_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-
+from benchmarks.common import (Target, bar_plot, export_random_model, interleave, peak_rss_mb, ratio_target,
+                               write_results)
 
 def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
     import h5py
@@ -36,11 +31,6 @@ def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
         for lo in range(0, n, 1024):
             hi = min(n, lo + 1024)
             x[lo:hi] = rng.integers(0, 256, (hi - lo, size, size, 3), dtype=np.uint8)
-
-
-def _peak_rss_mb(cmd: list[str]) -> float:
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
 def run(quick: bool, command: str, out: Path) -> dict:
@@ -125,7 +115,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                 cmd = [sys.executable, "-m", "patchserve", "score", str(h5), "--url", server.urls.grpc,
                        "--model", spec.name, "--out", str(scores), "--no-progress"]
                 t0 = time.perf_counter()
-                peaks[mult] = _peak_rss_mb(cmd)
+                peaks[mult] = peak_rss_mb(cmd)
                 dt = time.perf_counter() - t0
                 rows.append({"stage": f"bulk score, {base * mult:,} patches: peak RSS MB", "tiles": base * mult,
                              "tiles/s": base * mult / dt, "peak MB": peaks[mult]})
