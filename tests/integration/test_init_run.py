@@ -105,3 +105,64 @@ def test_classes_give_a_random_head_and_one_class_or_a_wrong_arch_is_refused_nam
     assert "is it the right --arch?" in capsys.readouterr().err
     assert _init(tmp_path / "two", weights_file) == 2  # a run folder is never replaced silently
     assert "already holds a checkpoint; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_features_only_run_scores_a_slide_with_its_features_alone_and_torchvisions_vectors(
+        weights_file, synth_data, synth_slide, tmp_path, capsys):
+    """The whole path of issue 27 for pretrained weights: init-run, export, the real server, score --features."""
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torchvision
+
+    from export.build import export_run
+    from serving.server.embedded import EmbeddedTriton
+    from serving.slides.wsi import open_slide
+
+    run, repo = tmp_path / "imagenet_r18", tmp_path / "repo"
+    assert _init(run, weights_file, "--data", str(synth_data)) == 0
+    spec = export_run(run, repo, formats=("python",), with_tta=False, with_dali=False,
+                      max_batch_size=EXPORT_MAX_BATCH).spec
+    slide = synth_slide / "slides" / "slide_0.tiff"
+    out = tmp_path / "scores" / "feats.parquet"
+    args = ["score", str(slide), "--model", spec.name, "--out", str(out), "--no-progress", "--stride", "96"]
+    with EmbeddedTriton(repo) as server:
+        url = ["--url", server.urls.grpc]
+        capsys.readouterr()
+        assert cli_main([*args, *url]) == 2  # no probabilities to score without --features
+        assert f"--model {spec.name}: a features-only model" in capsys.readouterr().err
+        assert not out.exists()
+        assert cli_main([*args, *url, "--features"]) == 0
+    table = pq.read_table(out)
+    n = table.num_rows
+    assert n > 50 and not [c for c in table.column_names if c.startswith("prob_")]
+    assert table.schema.field("features").type == pa.list_(pa.float32(), 512)
+    # The features file and nothing drawn from probabilities (no heatmap, no GeoJSON).
+    h5_path = out.with_name("feats.slide_0.features.h5")
+    assert h5_path.exists() and not list(out.parent.glob("*.heatmap.png")) and not list(out.parent.glob("*.geojson"))
+    with h5py.File(h5_path, "r") as f:
+        coords, feats = f["coords"][:], f["features"][:]
+        assert f["features"].attrs["feature_layer"] == "layer4" and f["coords"].attrs["patch_size"] == 32
+    col = table.column("features").combine_chunks()
+    np.testing.assert_array_equal(feats, col.flatten().to_numpy().reshape(n, 512))
+    assert coords.tolist() == [[x, y] for x, y in zip(table.column("x").to_pylist(), table.column("y").to_pylist())]
+
+    # A few tiles through torchvision's own ResNet18 with the file's weights (fc dropped), ImageNet-normalised.
+    picked = np.linspace(0, n - 1, 8).round().astype(int)
+    wsi = open_slide(slide)
+    try:
+        tiles = np.stack([np.asarray(wsi.read_region(tuple(int(v) for v in coords[i]), 0, (32, 32)).convert("RGB"))
+                          for i in picked])
+    finally:
+        wsi.close()
+    net = torchvision.models.resnet18(weights=None)
+    net.load_state_dict(torch.load(weights_file, weights_only=True))
+    net.fc = torch.nn.Identity()
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        want = net.eval()(x).numpy()
+    rel = relative_errors(feats[picked], want)
+    with capsys.disabled():
+        print(f"\ninit-run ResNet18 served on a slide vs torchvision: max relative error {rel.max():.3g}")
+    assert rel.max() <= FEATURE_TOLERANCE["fp32"]

@@ -114,7 +114,8 @@ def test_bench_and_demo_options_are_validated_naming_the_flag(capsys):
     from benchmarks.common import BenchConfig
     from patchserve.demo import DemoConfig
 
-    assert BenchConfig(stage="all").stages == ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain")
+    assert BenchConfig(stage="all").stages == ("data", "train", "infer", "serve", "slide", "int8", "dask", "stain",
+                                              "features")
     with pytest.raises(InputError, match=r"^STAGE: invalid value 'nope'"):
         BenchConfig(stage="nope")
     with pytest.raises(InputError, match=r"^--epochs: expected an integer >= 1, got 0$"):
