@@ -90,7 +90,7 @@ def measure_delays(url: str, names: dict[int, str], size: int, *, requests: int,
         interleave({d: one_at_a_time(d) for d in names}, items=requests, repeats=repeats,
                    unit="requests/s")
         for d in names:  # the warm-up's latencies are first; keep the timed ones
-            latencies[d] = latencies[d][requests:]
+            latencies[d] = latencies[d][requests:] or latencies[d]  # --smoke: no warm-up
         busy = interleave({d: in_flight(d) for d in names}, items=requests * 4, repeats=repeats,
                           unit="patches/s")
     finally:
