@@ -178,7 +178,7 @@ def run(quick: bool, command: str, out: Path, real_slide: Path) -> dict:
     ratios, agreement, tiles, edge, memory = {}, {}, {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32, instances=cores)
+        repo, spec = export_random_model(tmp / "model", size=size, max_batch_size=32)
         spec = ModelSpec.load(repo / spec.name / "spec.json")  # as exported: with the default features output
         if not spec.has_features:
             raise BenchmarkError(f"the default export gave {spec.name} no features output")
@@ -276,8 +276,8 @@ def run(quick: bool, command: str, out: Path, real_slide: Path) -> dict:
                  "(--units-in-flight), each with its tiles, tissue mask and heatmap in memory, so the peak grows "
                  f"until {in_flight} slides and is held to the target from there.")
     notes.append(f"resnet18 at {size}x{size}, random weights, the default export (layer4 features, "
-                 f"{spec.feature_size} values a tile); the served model has {cores} python-backend instances of one "
-                 f"ONNX Runtime thread each, max batch {spec.max_batch_size}; the in-process arm runs PyTorch with "
+                 f"{spec.feature_size} values a tile); the served model is one python-backend instance slicing its "
+                 f"batches over {cores} workers of one ONNX Runtime thread each, max batch {spec.max_batch_size}; the in-process arm runs PyTorch with "
                  f"{cores} threads, batch {CLAM_BATCH}. Both arms share the machine's {cores} cores; "
                  f"{repeats} interleaved repeats after one warm-up each.")
     notes.append(f"Tiles: {', '.join(f'{k} {v}' for k, v in tiles.items())}, at level 0, stride the tile side, "

@@ -84,8 +84,8 @@ def test_bench_peer_smoke_writes_its_table_into_out_when_wsinfer_is_already_cach
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["peer.json", "peer.png"] and list(work.iterdir()) == []
     doc = json.loads((out / "peer.json").read_text())
-    assert [r["tool"] for r in doc["rows"]] == ["patchserve", "WSInfer 0.6.1"]
-    assert doc["rows"][1]["server tree peak RSS MB"] == "-" and doc["rows"][0]["server tree peak RSS MB"] > 0
+    assert [r["tool"] for r in doc["rows"]] == ["patchserve", "patchserve, 1 worker", "WSInfer 0.6.1"]
+    assert doc["rows"][2]["server tree peak RSS MB"] == "-" and doc["rows"][0]["server tree peak RSS MB"] > 0
     match = doc["match"]
     assert match["matched"] > 0.9 * min(match["ours"], match["theirs"])
     assert match["top1_agreement"] >= 0.999 and match["max_abs_dp"] < 1e-4

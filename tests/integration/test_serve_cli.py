@@ -20,14 +20,8 @@ def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tm
     http, grpc, metrics = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "patchserve", "serve", "--repo", str(repo), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workdir", str(tmp_path / "work")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "\n".join(lines)
+
+    def while_ready(text: str) -> None:
         assert f"gRPC     127.0.0.1:{grpc}" in text and f"HTTP     127.0.0.1:{http}" in text
         assert f"  {spec.name} (version 1): READY" in text
         assert f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver" in text
@@ -41,14 +35,9 @@ def test_serve_prints_urls_answers_and_stops_cleanly_on_sigint(exported_repo, tm
         with PatchClient(f"127.0.0.1:{grpc}", spec.name) as client:
             probs = client.predict(np.zeros((3, *spec.input_hw, 3), np.uint8))
         assert probs.shape == (3, spec.num_classes)
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
-    assert "stopping tritonserver" in rest
+
+    text = _serve_until_ready(cmd, while_ready)
+    assert "stopping tritonserver" in text
     with socket.socket() as s:  # the server let go of its port
         s.bind(("127.0.0.1", grpc))
 
@@ -71,22 +60,9 @@ def test_serve_with_a_relative_workdir_starts_and_stops(exported_repo, tmp_path)
     http, grpc, metrics = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "patchserve", "serve", "--repo", str(repo), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workdir", "work"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Press Ctrl-C"):
-                break
-        assert f"  {spec.name} (version 1): READY" in lines, "\n".join(lines)
-        assert f"Triton is ready (log: {tmp_path / 'work' / 'tritonserver.log'})" in lines
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
+    text = _serve_until_ready(cmd, cwd=tmp_path)
+    assert f"  {spec.name} (version 1): READY" in text.splitlines(), text
+    assert f"Triton is ready (log: {tmp_path / 'work' / 'tritonserver.log'})" in text.splitlines()
 
 
 def _chosen(text: str) -> dict[str, int]:
@@ -95,7 +71,8 @@ def _chosen(text: str) -> dict[str, int]:
                                                               text, re.M)}
 
 
-def _serve_until_ready(cmd: list[str], **popen) -> str:
+def _serve_until_ready(cmd: list[str], while_ready=None, **popen) -> str:
+    """Run ``serve`` until it is ready, call ``while_ready`` with what it printed, Ctrl-C it; all it printed."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     lines = []
     try:
@@ -103,6 +80,8 @@ def _serve_until_ready(cmd: list[str], **popen) -> str:
             lines.append(line.rstrip())
             if line.startswith("Press Ctrl-C"):
                 break
+        if while_ready is not None:
+            while_ready("\n".join(lines))
         proc.send_signal(signal.SIGINT)
         lines.append(proc.communicate(timeout=60)[0])
     finally:
