@@ -297,7 +297,7 @@ def run(quick: bool, command: str, out: Path, real_slide: Path) -> dict:
     def plot(png: Path) -> None:
         speed = [r for r in rows if "peak MB" not in r]
         bar_plot(png, [f"{r['slide']}: {r['arm']}" for r in speed], [r["features/s"] for r in speed],
-                 title="Patch features: served against CLAM's way, in process", xlabel="features/s (median)",
+                 title="Features/s, served and CLAM's way", xlabel="features/s (median)",
                  errors=[(r["min"], r["max"]) for r in speed])
 
     summary = [{"what": f"score --features served / CLAM-style in-process PyTorch, features/s, {k}",
