@@ -37,11 +37,10 @@ def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
 
 def _real_svs() -> Path | str:
     """The registry's Aperio SVS (in the cache the tests and bench features use), or why it could not be had."""
-    from benchmarks.peer_wsinfer import default_cache
-    from benchmarks.real_slides import real_svs
+    from benchmarks.real_slides import default_real_svs
 
     try:
-        return real_svs(default_cache(dict(os.environ)) / "real-slides")
+        return default_real_svs()
     except Exception as exc:  # noqa: BLE001 - the synthetic slide is still measured
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 

@@ -183,6 +183,13 @@ def real_svs(cache: Path) -> Path:
     return fetch_svs(cache)
 
 
+def default_real_svs() -> Path:
+    """The SVS in the user's cache (``$XDG_CACHE_HOME/patchserve/real-slides``), which the tests use too."""
+    from benchmarks.peer_wsinfer import default_cache
+
+    return real_svs(default_cache(dict(os.environ)) / "real-slides")
+
+
 def real_slides(cache: Path) -> dict[str, Path]:
     """Build what is missing under ``cache``; the paths of the SVS, its DICOM folder, TIFF, OME-TIFF, mask."""
     svs = real_svs(cache)

