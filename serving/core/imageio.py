@@ -85,6 +85,11 @@ def to_rgb_u8(img: Image.Image) -> np.ndarray:
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode == "P":
         img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        rgba_u8 = np.asarray(img, dtype=np.uint8)
+        if rgba_u8.size and int(rgba_u8[..., 3].min()) == 255:
+            # Opaque (every slide read inside the slide): compositing over white would keep the pixels.
+            return np.ascontiguousarray(rgba_u8[..., :3])
     if img.mode in ("RGBA", "LA", "PA"):
         # Transparent pixels become white: the background of a slide scan.
         rgba = img.convert("RGBA")

@@ -195,6 +195,7 @@ class SlideWork(Work):
         self.handles = SlideHandles()
         self.no_tissue: str | None = None if grid.tiles else self.no_tissue_reason(grid, tiling)
         self.mask_path: str | None = None  # where the job wrote the tissue mask, for the no-tissue reason
+        self.picture = None  # the thumbnail the job's pictures are drawn over, read once (jobs/slide_outputs.py)
         self.n = len(grid.tiles) or 1
         self.digest = _digest("slide", grid.cols, grid.rows, grid.read_level, grid.patch_hw, tiles_digest(grid))
         g = grid

@@ -35,7 +35,7 @@ from serving.jobs.features_h5 import features_h5_path, write_features_h5
 from serving.jobs.output import FEATURES_COLUMN, parts_path, result_columns, result_schema
 from serving.jobs.parts import PartMeta, cover, list_unit, remove, table_sha256, write_part
 from serving.jobs.reader import OrderedReader
-from serving.jobs.slide_outputs import slide_output_paths, write_slide_outputs, write_tissue_mask
+from serving.jobs.slide_outputs import slide_output, slide_output_paths, start_tissue_mask, write_slide_outputs
 
 
 @dataclass(frozen=True)
@@ -317,12 +317,19 @@ def score_unit(job: UnitJob, unit: Unit, control: RunControl) -> UnitReport:
         report.n, report.info = work.n, dict(work.info)
         if unit.planned_items is None:
             control.grew(work.n)  # a slide's tiles are known once it is tiled
+        pictures = None
         if isinstance(work, SlideWork):
-            pictures = write_tissue_mask(job.out, work)
-            work.mask_path = str(pictures[0])
-            report.outputs += [str(p) for p in pictures]
-        if todo and not control.stop.is_set():
-            _score_ranges(job, unit, work, todo, control, report)
+            pictures = start_tissue_mask(job.out, work)  # the outline is drawn while the tiles are scored
+            work.mask_path = str(slide_output(job.out, work.info["name"], "tissue_mask.png"))
+        try:
+            if todo and not control.stop.is_set():
+                _score_ranges(job, unit, work, todo, control, report)
+        except BaseException:
+            if pictures is not None:
+                pictures(False)  # no thread outlives the unit; the scoring's error is the one raised
+            raise
+        if pictures is not None:
+            report.outputs += [str(p) for p in pictures()]
         after = list_unit(job.parts_dir, unit.index, job.digest, job.columns, verify=False)
         chosen, left = cover(after.good, work.n, work.digest)
         report.complete = not left

@@ -9,8 +9,9 @@ from two folders never overwrite each other's outputs.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from serving.core.errors import InputError, PatchserveError
 from serving.inputs.units import SlideWork
@@ -30,34 +31,63 @@ def slide_output_paths(out: Path, name: str) -> list[Path]:
     return [slide_output(out, name, "heatmap.png"), slide_output(out, name, "geojson")]
 
 
-def write_tissue_mask(out: Path, work: SlideWork) -> list[Path]:
+def start_tissue_mask(out: Path, work: SlideWork) -> Callable[[bool], list[Path]]:
     """The tissue mask a slide was tiled with, as a mask (``--tissue-mask`` reads it back) and as its outline
-    over the thumbnail (for a person); every slide that could be tiled has both, tissue or not."""
+    over the thumbnail (for a person); every slide that could be tiled has both, tissue or not.
+
+    The mask is written before this returns, the outline in a thread beside whatever the caller does next (the
+    scoring of the slide's tiles). The call returned waits for the outline and gives what was written; it
+    raises what writing the outline raised, unless called with False (the caller is failing already)."""
     name = work.info["name"]
     mask, outline = slide_output(out, name, "tissue_mask.png"), slide_output(out, name, "tissue.png")
     try:
         written = [write_mask_png(work.grid, mask)]
     except OSError as exc:
         raise InputError(f"{work.source}: cannot write its tissue mask {mask}: {exc}") from exc
-    thumb = _thumbnail(work)
-    if thumb is not None:
+    failed: list[BaseException] = []
+
+    def draw() -> None:
         try:
-            written.append(write_outline_png(work.grid, thumb, outline))
-        except OSError as exc:
-            raise InputError(f"{work.source}: cannot write its tissue outline {outline}: {exc}") from exc
-    return written
+            thumb = _thumbnail(work)
+            if thumb is not None:
+                try:
+                    written.append(write_outline_png(work.grid, thumb, outline))
+                except OSError as exc:
+                    raise InputError(f"{work.source}: cannot write its tissue outline {outline}: {exc}") from exc
+        except BaseException as exc:  # noqa: BLE001 - raised again by the waiting call, in the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=draw, name="patchserve-outline", daemon=True)
+    thread.start()
+
+    def wait(raise_errors: bool = True) -> list[Path]:
+        thread.join()
+        if failed and raise_errors:
+            raise failed[0]
+        return list(written)
+
+    return wait
+
+
+_NO_THUMBNAIL = object()
 
 
 def _thumbnail(work: SlideWork):
-    """The slide's thumbnail for the pictures, or None when a damaged level cannot give one."""
+    """The slide's thumbnail for the pictures, or None when a damaged level cannot give one; read once per slide
+    (the outline and the heatmap are drawn over the same one)."""
+    cached = getattr(work, "picture", None)
+    if cached is not None:
+        return None if cached is _NO_THUMBNAIL else cached
     try:
         slide = open_slide(work.grid.path)
         try:
-            return thumbnail(slide, HEATMAP_MAX_SIDE)
+            work.picture = thumbnail(slide, HEATMAP_MAX_SIDE)
         finally:
             slide.close()
     except Exception:  # noqa: BLE001 - OpenSlideError on a damaged level: the mask PNG is written already
+        work.picture = _NO_THUMBNAIL
         return None
+    return work.picture
 
 
 def _rows(parts: Sequence[tuple[Path, object]], class_names: Sequence[str]) -> list[dict]:

@@ -18,6 +18,7 @@ _ANCHORS = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], np
 # its long side: enough to see tiles, and at 2048 the PNG encode alone took
 # longer than scoring a small slide (benchmarks/bench_slide.py).
 HEATMAP_MAX_SIDE = 1024
+BLEND_ROWS = 64  # rows of the heatmap blended at a time
 # Class colours for QuPath (cycled when there are more classes).
 _CLASS_COLOURS = ((64, 160, 64), (200, 0, 0), (0, 90, 200), (220, 140, 0), (150, 0, 150), (0, 160, 160))
 
@@ -43,8 +44,8 @@ def write_heatmap(grid: SlideGrid, thumb_rgb_u8: np.ndarray, rows: Sequence[dict
     """The probability of ``class_name`` per tile, painted over the slide's thumbnail."""
     values = probability_grid(grid, rows, f"prob_{class_name}")
     th, tw = thumb_rgb_u8.shape[:2]
-    colour = np.zeros((th, tw, 3), np.float64)
-    weight = np.zeros((th, tw), np.float64)
+    colour = np.zeros((th, tw, 3), np.uint8)
+    painted = np.zeros((th, tw), bool)
     sx0, sy0 = grid.stride0
     kx, ky = grid.dims0[0] / tw, grid.dims0[1] / th
     rgb = colormap(values)
@@ -53,9 +54,14 @@ def write_heatmap(grid: SlideGrid, thumb_rgb_u8: np.ndarray, rows: Sequence[dict
         x0, y0 = int(c * sx0 / kx), int(r * sy0 / ky)
         x1, y1 = max(x0 + 1, int((c + 1) * sx0 / kx)), max(y0 + 1, int((r + 1) * sy0 / ky))
         colour[y0:y1, x0:x1] = rgb[r, c]
-        weight[y0:y1, x0:x1] = alpha
-    out = thumb_rgb_u8 * (1 - weight[..., None]) + colour * weight[..., None]
-    image = _with_legend(np.round(out).astype(np.uint8), title or Path(grid.path).name, class_name)
+        painted[y0:y1, x0:x1] = True
+    # Blended where painted, a band of rows at a time: float64 copies of the whole picture were the scoring
+    # client's peak memory.
+    out = np.array(thumb_rgb_u8, np.uint8)
+    for y in range(0, th, BLEND_ROWS):
+        band, sel = out[y:y + BLEND_ROWS], painted[y:y + BLEND_ROWS]
+        band[sel] = np.round(band[sel] * (1 - alpha) + colour[y:y + BLEND_ROWS][sel] * alpha).astype(np.uint8)
+    image = _with_legend(out, title or Path(grid.path).name, class_name)
     path = Path(path)
     with atomic_path(path) as tmp:
         # Light compression: level 6 cost 4x the time for a file about 15% smaller.

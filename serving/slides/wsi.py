@@ -17,6 +17,10 @@ from serving.core.imageio import to_rgb_u8
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 MASK_MAX_SIDE = 2048  # the tissue mask's resolution cap (pixels along the long side)
+# The decoded-tile cache the reader threads of one slide share: OpenSlide's own default for one handle. With a
+# cache per handle every reader thread decoded the slide tiles its runs touched, and held its own 32 MiB; shared,
+# a tile is decoded once for all of them (bench slide's real SVS: 0.27 against 0.34 CPU-ms per tile, two threads).
+SHARED_CACHE_BYTES = 32 * 2 ** 20
 
 
 def _openslide():
@@ -152,22 +156,39 @@ def thumbnail(slide, max_side: int = MASK_MAX_SIDE) -> np.ndarray:
 
 
 class SlideHandles:
-    """One OpenSlide handle per thread and slide: handles are not shared across threads."""
+    """One OpenSlide handle per thread and slide (handles are not shared across threads), all of them over one
+    decoded-tile cache (OpenSlide's caches are thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_bytes: int = SHARED_CACHE_BYTES) -> None:
         self._local = threading.local()
         self._all: list = []
         self._lock = threading.Lock()
+        self._cache_bytes = cache_bytes
+        self._cache = None
 
     def get(self, path: str):
         cache = getattr(self._local, "slides", None)
         if cache is None:
             cache = self._local.slides = {}
         if path not in cache:
-            cache[path] = open_slide(path)
+            slide = open_slide(path)
+            self._share_cache(slide)
+            cache[path] = slide
             with self._lock:
-                self._all.append(cache[path])
+                self._all.append(slide)
         return cache[path]
+
+    def _share_cache(self, slide) -> None:
+        osl = _openslide()
+        if not hasattr(osl, "OpenSlideCache"):  # openslide-python < 1.3: a cache per handle, as before
+            return
+        try:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = osl.OpenSlideCache(self._cache_bytes)
+            slide.set_cache(self._cache)
+        except Exception:  # noqa: BLE001 - OpenSlideVersionError (a library before 4.0): keep its own cache
+            pass
 
     def reopen(self, path: str) -> None:
         """Drop this thread's handle of ``path``: after a read error OpenSlide keeps failing on that

@@ -128,3 +128,19 @@ def test_resize_is_a_no_op_at_the_same_size_and_bilinear_otherwise():
                                       (".e.png", False), ("f.gif", False), ("g.txt", False)])
 def test_is_image_file(name, ok):
     assert is_image_file(Path(name)) is ok
+
+
+def test_opaque_rgba_gives_what_compositing_over_white_gives():
+    # Slide reads are RGBA and opaque inside the slide: the fast path must keep compositing's pixels exactly.
+    rgba = np.random.default_rng(0).integers(0, 256, (33, 47, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    img = Image.fromarray(rgba)
+    composited = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    out = to_rgb_u8(img)
+    assert out.flags.c_contiguous and out.shape == (33, 47, 3)
+    np.testing.assert_array_equal(out, np.asarray(composited))
+    rgba[5, 7, 3] = 0  # one transparent pixel: the whole image is composited, that pixel white
+    out = to_rgb_u8(Image.fromarray(rgba))
+    assert out[5, 7].tolist() == [255, 255, 255]
+    np.testing.assert_array_equal(np.delete(out.reshape(-1, 3), 5 * 47 + 7, 0),
+                                  np.delete(rgba[..., :3].reshape(-1, 3), 5 * 47 + 7, 0))

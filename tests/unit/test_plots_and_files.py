@@ -47,6 +47,31 @@ def test_heatmap_has_a_title_band_and_a_colour_bar_from_0_to_1():
     assert first < last  # 0 on the left, 1 on the right
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_heatmap_blends_each_scored_cell_over_the_thumbnail_and_keeps_the_rest(tmp_path, alpha):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from serving.slides.heatmap import BLEND_ROWS, colormap, legend_layout, write_heatmap
+
+    rng = np.random.default_rng(1)
+    # 20 x 25 cells of 8 x 8 thumbnail pixels: a picture taller than two bands of blended rows.
+    grid = SimpleNamespace(rows=20, cols=25, stride0=(64, 64), dims0=(1600, 1280), path="s.tiff")
+    thumb = rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    assert thumb.shape[0] > 2 * BLEND_ROWS
+    rows = [{"row": r, "col": c, "prob_t": float(rng.random())} for r in range(20) for c in range(25)
+            if rng.random() < 0.6]
+    path = write_heatmap(grid, thumb, rows, "t", tmp_path / "h.png", alpha=alpha)
+    title_h = legend_layout(200)[1]
+    got = np.asarray(Image.open(path).convert("RGB"))[title_h:title_h + 160, :200]
+    expected = thumb.astype(np.float64)
+    for r in rows:
+        cell = np.s_[r["row"] * 8:(r["row"] + 1) * 8, r["col"] * 8:(r["col"] + 1) * 8]
+        expected[cell] = thumb[cell] * (1 - alpha) + colormap(np.array([r["prob_t"]]))[0] * alpha
+    np.testing.assert_array_equal(got, np.round(expected).astype(np.uint8))
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_atomic_files_follow_the_umask(tmp_path, umask, mode):
     from serving.core.atomic import atomic_write_text

@@ -176,3 +176,38 @@ def test_staircase_tissue_read_by_runs_is_byte_identical_to_tile_by_tile(synth_s
     assert [len(r) for r in runs] == [3, 3, 3, 3]  # one run per row, none across rows
     for t, g, e in zip(grid.tiles, got, expected):
         np.testing.assert_array_equal(g, e, err_msg=f"tile {t}")
+
+
+def test_reader_threads_share_one_tile_cache_and_read_what_a_lone_handle_reads(synth_slide):
+    import threading
+
+    import openslide
+
+    from serving.slides.wsi import SlideHandles
+
+    path = str(synth_slide / "slides" / "slide_0.tiff")
+    grid = plan_tiles(path, (48, 48), TilingConfig(min_tissue=0.3))
+    handles = SlideHandles()
+    got: dict[int, list] = {}
+
+    def read(k: int) -> None:
+        slide = handles.get(path)
+        got[k] = [id(slide), read_tiles(slide, grid, grid.tiles[k::2])]
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert got[0][0] != got[1][0]  # a handle per thread
+        assert isinstance(handles._cache, openslide.OpenSlideCache)  # one cache for both
+        lone = open_slide(path)
+        try:
+            for k in (0, 1):
+                for tile, image in zip(grid.tiles[k::2], got[k][1]):
+                    np.testing.assert_array_equal(image, read_tile(lone, grid, tile.x, tile.y))
+        finally:
+            lone.close()
+    finally:
+        handles.close()
