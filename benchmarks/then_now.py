@@ -37,14 +37,16 @@ SERVE = ("import sys\nfrom serving.server.embedded import EmbeddedTriton\n"
          "    print(s.urls.grpc, s.process.pid, flush=True)\n    sys.stdin.read()\n")
 
 
+# Every child runs in the temporary folder: ``python -m`` puts its working folder first on sys.path, so one
+# started in this checkout would import this checkout's code whatever PYTHONPATH says.
 def _tree_env(tree: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tree)
     return env
 
 
-def _check(cmd: list[str], env: dict[str, str], what: str) -> None:
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def _check(cmd: list[str], env: dict[str, str], what: str, cwd: Path) -> None:
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
         raise BenchmarkError(f"{what} failed:\n{(done.stderr or done.stdout)[-2000:]}")
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, tree in trees.items():
                 env = _tree_env(tree)
                 _check([sys.executable, "-m", "patchserve", "export", str(run_dir), "--repo", str(tmp / f"repo-{key}")],
-                       env, f"{names[key]}: export")
+                       env, f"{names[key]}: export", cwd=tmp)
                 server = subprocess.Popen([sys.executable, "-c", SERVE, str(tmp / f"repo-{key}")], env=env,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp)
                 servers.append(server)
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(line) != 2:
                     raise BenchmarkError(f"{names[key]}: the embedded server did not start")
                 urls[key] = (line[0], int(line[1]))
+                print(f"  {names[key]}: served at {line[0]} (server pid {line[1]}) from {tree}", flush=True)
             runs = {k: [] for k in trees}
             counts = {}
             counter = iter(range(10 ** 6))
