@@ -35,7 +35,7 @@ from serving.jobs.features_h5 import features_h5_path, write_features_h5
 from serving.jobs.output import FEATURES_COLUMN, parts_path, result_columns, result_schema
 from serving.jobs.parts import PartMeta, cover, list_unit, remove, table_sha256, write_part
 from serving.jobs.reader import OrderedReader
-from serving.jobs.slide_outputs import slide_output, slide_output_paths, start_tissue_mask, write_slide_outputs
+from serving.jobs.slide_outputs import slide_output_paths, start_tissue_mask, write_slide_outputs
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,6 @@ def score_unit(job: UnitJob, unit: Unit, control: RunControl) -> UnitReport:
         pictures = None
         if isinstance(work, SlideWork):
             pictures = start_tissue_mask(job.out, work)  # the outline is drawn while the tiles are scored
-            work.mask_path = str(slide_output(job.out, work.info["name"], "tissue_mask.png"))
         try:
             if todo and not control.stop.is_set():
                 _score_ranges(job, unit, work, todo, control, report)

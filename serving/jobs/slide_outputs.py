@@ -35,7 +35,7 @@ def start_tissue_mask(out: Path, work: SlideWork) -> Callable[[bool], list[Path]
     """The tissue mask a slide was tiled with, as a mask (``--tissue-mask`` reads it back) and as its outline
     over the thumbnail (for a person); every slide that could be tiled has both, tissue or not.
 
-    The mask is written before this returns, the outline in a thread beside whatever the caller does next (the
+    The mask is written (and named in ``work.mask_path``) before this returns, the outline in a thread beside whatever the caller does next (the
     scoring of the slide's tiles). The call returned waits for the outline and gives what was written; it
     raises what writing the outline raised, unless called with False (the caller is failing already)."""
     name = work.info["name"]
@@ -44,6 +44,7 @@ def start_tissue_mask(out: Path, work: SlideWork) -> Callable[[bool], list[Path]
         written = [write_mask_png(work.grid, mask)]
     except OSError as exc:
         raise InputError(f"{work.source}: cannot write its tissue mask {mask}: {exc}") from exc
+    work.mask_path = str(mask)  # a no-tissue error names it
     failed: list[BaseException] = []
 
     def draw() -> None:
@@ -75,9 +76,8 @@ _NO_THUMBNAIL = object()
 def _thumbnail(work: SlideWork):
     """The slide's thumbnail for the pictures, or None when a damaged level cannot give one; read once per slide
     (the outline and the heatmap are drawn over the same one)."""
-    cached = getattr(work, "picture", None)
-    if cached is not None:
-        return None if cached is _NO_THUMBNAIL else cached
+    if work.picture is not None:
+        return None if work.picture is _NO_THUMBNAIL else work.picture
     try:
         slide = open_slide(work.grid.path)
         try:

@@ -30,7 +30,7 @@ def test_the_mask_is_written_at_once_and_the_outline_by_the_time_the_wait_return
     try:
         wait = start_tissue_mask(out, work)
         mask = slide_output(out, work.info["name"], "tissue_mask.png")
-        assert mask.exists()  # before the wait: a no-tissue error can name it
+        assert mask.exists() and work.mask_path == str(mask)  # before the wait: a no-tissue error names it
         written = wait()
         outline = slide_output(out, work.info["name"], "tissue.png")
         assert written == [mask, outline] and outline.exists()
