@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -140,5 +141,38 @@ def tile_features(grid: SlideGrid, rows: Sequence[dict], class_names: Sequence[s
     return {"type": "FeatureCollection", "features": features}
 
 
+def _number(v: float) -> str:
+    """A float as ``json.dumps`` writes it (NaN and the infinities included)."""
+    return repr(v) if math.isfinite(v) else json.dumps(v)
+
+
+def geojson_text(grid: SlideGrid, rows: Sequence[dict], class_names: Sequence[str]) -> str:
+    """``json.dumps(tile_features(...))``, the same text, written a feature at a time as strings: the nested
+    lists and dicts of a slide's features made the collector sweep the whole heap (0.07 s for 5,693 tiles,
+    0.3 s when a full collection fell into it, every other slide)."""
+    tw0, th0 = grid.tile_size0
+    w0, h0 = grid.dims0
+    names = {c: json.dumps(c) for c in class_names}
+    keys = [json.dumps(f"prob_{c}") for c in class_names]
+    classes = {c: "{" + f'"name": {names[c]}, "color": {json.dumps(list(_CLASS_COLOURS[i % len(_CLASS_COLOURS)]))}'
+               + "}" for i, c in enumerate(class_names)}
+    parts = []
+    for r in rows:
+        x0, y0 = float(r["x"]), float(r["y"])
+        x0s, y0s = _number(x0), _number(y0)
+        x1s, y1s = _number(min(x0 + tw0, w0)), _number(min(y0 + th0, h0))
+        probs = ", ".join(f"{k}: {_number(float(r[f'prob_{c}']))}" for k, c in zip(keys, class_names))
+        predicted = r["predicted"]
+        name = json.dumps(predicted)
+        classification = classes.get(predicted) or "{" + f'"name": {name}, "color": [128, 128, 128]' + "}"
+        parts.append(
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            f"[[[{x0s}, {y0s}], [{x1s}, {y0s}], [{x1s}, {y1s}], [{x0s}, {y1s}], [{x0s}, {y0s}]]]}}, "
+            f'"properties": {{"objectType": "detection", "classification": {classification}, '
+            f'"measurements": {{{probs}}}, {probs}, "predicted": {name}, "col": {int(r["col"])}, '
+            f'"row": {int(r["row"])}}}}}')
+    return '{"type": "FeatureCollection", "features": [' + ", ".join(parts) + "]}"
+
+
 def write_geojson(grid: SlideGrid, rows: Sequence[dict], class_names: Sequence[str], path: str | Path) -> Path:
-    return atomic_write_text(Path(path), json.dumps(tile_features(grid, rows, class_names)))
+    return atomic_write_text(Path(path), geojson_text(grid, rows, class_names))

@@ -72,6 +72,32 @@ def test_heatmap_blends_each_scored_cell_over_the_thumbnail_and_keeps_the_rest(t
     np.testing.assert_array_equal(got, np.round(expected).astype(np.uint8))
 
 
+def test_geojson_text_is_what_json_dumps_writes_of_the_features(tmp_path):
+    """The GeoJSON is written as text a feature at a time; it must be, byte for byte, the document of
+    ``tile_features``: edge tiles clipped to the slide, a NaN probability, a class outside the model's
+    (grey), names JSON must escape."""
+    import json
+    from types import SimpleNamespace
+
+    from serving.slides.heatmap import tile_features, write_geojson
+
+    grid = SimpleNamespace(tile_size0=(96.0, 96.0), dims0=(1000, 700))
+    classes = ["normal", 'tum"our', "stroma\\ü"]
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (x, y) in enumerate([(0, 0), (960, 0), (0, 672), (960, 672), (480, 96), (288, 384)]):
+        probs = rng.dirichlet(np.ones(3))
+        predicted = classes[int(np.argmax(probs))] if i != 4 else "unknown"
+        rows.append({"x": x, "y": y, "col": x // 96, "row": y // 96, "predicted": predicted,
+                     **{f"prob_{c}": float(p) for c, p in zip(classes, probs)}})
+    rows[5]["prob_normal"] = float("nan")
+    path = write_geojson(grid, rows, classes, tmp_path / "s.geojson")
+    assert path.read_text(encoding="utf-8") == json.dumps(tile_features(grid, rows, classes))
+    doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: c)
+    assert doc["features"][1]["geometry"]["coordinates"][0][1] == [1000.0, 0.0]  # clipped to the slide
+    assert doc["features"][4]["properties"]["classification"]["color"] == [128, 128, 128]
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_atomic_files_follow_the_umask(tmp_path, umask, mode):
     from serving.core.atomic import atomic_write_text

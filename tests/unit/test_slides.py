@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from serving.core.errors import SlideError
-from serving.slides.tiling import TilingConfig, plan_tiles, read_tile
+from serving.slides.tiling import Tile, TilingConfig, keep_tiles, plan_tiles, read_tile
 from serving.slides.wsi import open_slide, slide_mpp
 from serving.slides.tissue import otsu_threshold, tissue_mask
 
@@ -54,6 +54,49 @@ def test_tiles_lie_on_tissue_and_their_grid_positions_match_level0_coordinates(s
     for t in grid.tiles:
         covered[t.y // ds:(t.y + 48) // ds, t.x // ds:(t.x + 48) // ds] = True
     assert (covered & tissue).sum() / tissue.sum() > 0.8
+
+
+def _kept_one_at_a_time(measured, mask, rows, cols, stride0, tile0, mscale, min_tissue):
+    """The grid's rule tile by tile, as plan_tiles applied it before it worked on whole rows."""
+    import math
+
+    integral = np.pad(measured.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    (sx0, sy0), (tw0, th0) = stride0, tile0
+    tiles = []
+    for r in range(rows):
+        y = int(round(r * sy0))
+        for c in range(cols):
+            x = int(round(c * sx0))
+            mx0, my0 = int(x / mscale[0]), int(y / mscale[1])
+            mx1 = max(mx0 + 1, int(math.ceil((x + tw0) / mscale[0])))
+            my1 = max(my0 + 1, int(math.ceil((y + th0) / mscale[1])))
+            cx1, cy1 = min(mx1, mask.shape[1]), min(my1, mask.shape[0])
+            inside = integral[cy1, cx1] - integral[my0, cx1] - integral[cy1, mx0] + integral[my0, mx0]
+            frac = float(inside) / ((mx1 - mx0) * (my1 - my0))
+            cx = min(int((x + tw0 / 2) / mscale[0]), mask.shape[1] - 1)
+            cy = min(int((y + th0 / 2) / mscale[1]), mask.shape[0] - 1)
+            if frac >= min_tissue and frac > 0 and mask[cy, cx]:
+                tiles.append(Tile(c, r, x, y, frac))
+    return tiles
+
+
+@pytest.mark.parametrize("seed, stride, tile, mscale, min_tissue", [
+    (0, (64.0, 64.0), (64.0, 64.0), (16.0, 16.0), 0.5),
+    (1, (37.5, 41.25), (75.0, 82.5), (15.97, 16.03), 0.25),  # overlapping tiles, a scale off the pixel grid
+    (2, (2.5, 2.5), (5.0, 5.0), (7.3, 7.3), 0.0),  # tiles smaller than a mask pixel; any tissue
+    (3, (128.0, 96.0), (128.0, 96.0), (16.0, 12.0), 1.0),
+])
+def test_whole_rows_keep_exactly_the_tiles_one_at_a_time_kept(seed, stride, tile, mscale, min_tissue):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((48, 64)) < 0.6
+    mask[10:30, 20:50] = True  # tissue throughout, for min_tissue 1
+    measured = mask | (rng.random(mask.shape) < 0.1)
+    w0, h0 = 64 * mscale[0] + 5, 48 * mscale[1] - 3  # a slide whose last tiles reach past the mask
+    cols, rows = int(np.ceil(w0 / stride[0])), int(np.ceil(h0 / stride[1]))
+    args = (measured, mask, rows, cols, stride, tile, mscale, min_tissue)
+    expected = _kept_one_at_a_time(*args)
+    assert expected and len(expected) < rows * cols
+    assert keep_tiles(*args) == expected
 
 
 def test_tiling_at_a_coarser_mpp_reads_from_the_best_lower_level_and_resizes(synth_slide):
