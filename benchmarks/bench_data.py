@@ -139,7 +139,7 @@ def _torch_epochs(loader):
 def run(quick: bool, command: str, out: Path, interpolation: str = DEFAULT_INTERPOLATION) -> dict:
     from serving.inputs.datasets import discover
     from serving.synth.dataset import synthesize
-    from training.pipeline import PREFETCH_DEPTH
+    from training.pipeline import PREFETCH_DEPTH, dali_batch
 
     cores = os.cpu_count() or 1
     # One more than the cores for each loader: DALI's threads wait at each operator's end of batch (the cores
@@ -191,7 +191,10 @@ def run(quick: bool, command: str, out: Path, interpolation: str = DEFAULT_INTER
     notes = [f"{workers} workers each (DALI num_threads, DataLoader num_workers: the cores + 1), DALI prefetch depth "
              f"{depth}, batch {batch}, {size}x{size} "
              f"patches, {interpolation} interpolation on both arms; one epoch per repeat, arms interleaved; "
-             "the DALI pipeline is built once and reset per epoch, as training does.",
+             "as in training, the DALI pipeline is built once and reset per epoch, and runs "
+             f"{dali_batch(batch)} images a batch, handed out {batch} at a time "
+             f"(training/pipeline.py DALI_MIN_BATCH: the fewer images a DALI batch, the longer its threads wait "
+             "for each other between operators).",
              f"Prefetch depth and threads swept on PNG (last rows): fastest here was {best['loader']}; "
              f"training uses prefetch depth {PREFETCH_DEPTH} and as many threads as `--workers`.",
              "Colour: DALI's fn.color_twist and the DataLoader's ColorTwist apply the same 3x3 YIQ matrix and "

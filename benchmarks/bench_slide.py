@@ -14,6 +14,7 @@ costs add up: 1 / (1 / reading + 1 / model)); peak memory flat (10x at most
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -133,6 +134,19 @@ def run(quick: bool, command: str, out: Path) -> dict:
                          f"the pipeline reached {t_pipe.rate / shared:.2f} of it; the rest is what the whole job "
                          "does beyond reading and inference: per tile, the rows, parts and requests of the scoring "
                          "client; per slide, tissue detection, the pictures and the GeoJSON.")
+            if t_pipe.cpu_per_item and t_read.cpu_per_item and t_model.cpu_per_item:
+                # What bounds the pipeline, from the machine's busy CPU seconds of each arm (/proc/stat).
+                alone = t_read.cpu_per_item + t_model.cpu_per_item
+                def busy(t):
+                    return statistics.median(t.cpu_seconds) / (t.median_s * cores)
+                notes.append(f"CPU per tile (busy seconds of the whole machine, median): the pipeline "
+                             f"{t_pipe.cpu_per_item * 1e3:.2f} ms against {alone * 1e3:.2f} ms for reading and the "
+                             f"model alone ({t_read.cpu_per_item * 1e3:.2f} + {t_model.cpu_per_item * 1e3:.2f}); the "
+                             f"cores were {busy(t_pipe):.0%} busy under the pipeline, {busy(t_model):.0%} under the "
+                             f"model alone, {busy(t_read):.0%} under reading alone: what keeps the pipeline under its "
+                             f"ceiling is both, {alone / t_pipe.cpu_per_item:.2f} of its CPU per tile spent on "
+                             f"reading and inference and the cores {busy(t_pipe) / busy(t_model):.2f} as busy as under "
+                             "the model alone.")
             notes.append(f"Synthetic slide {slide_size}x{slide_size * 3 // 4} px at 0.5 um/px, {n_tiles} tissue tiles of "
                          f"{size}x{size}; {cfg.read_threads} reader threads, {cfg.concurrency} requests in flight, "
                          "the default export (one python-backend instance, its batches sliced over a worker per "

@@ -176,8 +176,10 @@ def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_
     orders = [samples, samples[::-1], samples[5:] + samples[:5]]
     loader = TrainLoader(samples, input_hw=(24, 24), augment=aug, batch_size=8, num_threads=1)
     epochs = []
+    assert loader._kwargs["batch_size"] % 8 == 0 and loader._kwargs["batch_size"] >= 20  # one DALI batch
     for seed, order in zip((11, 12, 13), orders):
         got = [(x.numpy(), y.numpy()) for x, y in loader.epoch(order, seed)]
+        assert [len(g[1]) for g in got] == [8, 8, 4]  # handed out a training batch at a time
         x, y = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
         fresh_x, fresh_y = _train(order, aug, seed=seed, input_hw=(24, 24))
         np.testing.assert_array_equal(x, fresh_x)  # epoch k depends only on (order, seed): resume holds
@@ -185,6 +187,24 @@ def test_one_train_pipeline_reset_per_epoch_gives_each_epoch_exactly_as_a_fresh_
         epochs.append(x)
     assert loader.builds == 1
     assert not np.array_equal(epochs[0], epochs[1][::-1])  # new seed, new augmentation
+
+
+@pytest.mark.parametrize("least, expected", [(12, 16), (128, 128), (5, 8)])
+def test_train_loader_runs_several_training_batches_at_once_and_hands_them_out_unchanged(
+        train_samples, monkeypatch, least, expected):
+    """DALI's batch is a whole number of training batches of at least DALI_MIN_BATCH images; more than one of
+    them an epoch (least 12: 16 + 4 images) or one (least 128), the epoch is the fresh batch-8 pipeline's."""
+    import training.pipeline as tp
+
+    monkeypatch.setattr(tp, "DALI_MIN_BATCH", least)
+    samples = train_samples[:20]
+    loader = TrainLoader(samples, input_hw=(24, 24), augment=FULL_AUG, batch_size=8, num_threads=1)
+    assert loader._kwargs["batch_size"] == expected == tp.dali_batch(8)
+    got = [(x.numpy(), y.numpy()) for x, y in loader.epoch(samples, 7)]
+    assert [len(y) for _, y in got] == [8, 8, 4]
+    fresh_x, fresh_y = _train(samples, FULL_AUG, seed=7, input_hw=(24, 24))
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), fresh_x)
+    assert np.concatenate([y for _, y in got]).tolist() == fresh_y.tolist()
 
 
 def test_eval_loader_passes_are_identical_and_built_once(train_samples):
