@@ -35,9 +35,10 @@ def start_tissue_mask(out: Path, work: SlideWork) -> Callable[[bool], list[Path]
     """The tissue mask a slide was tiled with, as a mask (``--tissue-mask`` reads it back) and as its outline
     over the thumbnail (for a person); every slide that could be tiled has both, tissue or not.
 
-    The mask is written (and named in ``work.mask_path``) before this returns, the outline in a thread beside whatever the caller does next (the
-    scoring of the slide's tiles). The call returned waits for the outline and gives what was written; it
-    raises what writing the outline raised, unless called with False (the caller is failing already)."""
+    The mask is written (and named in ``work.mask_path``) before this returns, the outline in a thread beside
+    whatever the caller does next (the scoring of the slide's tiles). The call returned waits for the outline
+    and gives what was written; it raises what writing the outline raised, unless called with False (the
+    caller is failing already)."""
     name = work.info["name"]
     mask, outline = slide_output(out, name, "tissue_mask.png"), slide_output(out, name, "tissue.png")
     try:

@@ -162,10 +162,9 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     um_per_px = mpp0 * dims0[0] / thumb.shape[1]
     if cfg.tissue_mask:
         mask, tissue = load_user_mask(cfg.tissue_mask, thumb.shape[:2]), {"method": f"--tissue-mask {cfg.tissue_mask}"}
-        measured = mask
     else:
         mask, tissue = detect_tissue(thumb, um_per_px)
-        mask = measured = with_margin(mask, um_per_px)
+        mask = with_margin(mask, um_per_px)
     ph, pw = patch_hw
     if cfg.stride is not None:
         sh = sw = cfg.stride
@@ -178,19 +177,19 @@ def plan_tiles(path: str | Path, patch_hw: tuple[int, int], cfg: TilingConfig) -
     cols, rows = int(math.ceil(w0 / sx0)), int(math.ceil(h0 / sy0))
     mscale = (w0 / mask.shape[1], h0 / mask.shape[0])
     tw0, th0 = pw * scale, ph * scale
-    tiles = keep_tiles(measured, mask, rows, cols, (sx0, sy0), (tw0, th0), mscale, cfg.min_tissue)
+    tiles = keep_tiles(mask, rows, cols, (sx0, sy0), (tw0, th0), mscale, cfg.min_tissue)
     return SlideGrid(str(path), dims0, mpp0, mpp0 * scale, scale, read_level, (ph, pw), (sh, sw), cols, rows,
                      tiles, mask, mscale, tissue)
 
 
-def keep_tiles(measured: np.ndarray, mask: np.ndarray, rows: int, cols: int, stride0: tuple[float, float],
-               tile0: tuple[float, float], mscale: tuple[float, float], min_tissue: float) -> list[Tile]:
+def keep_tiles(mask: np.ndarray, rows: int, cols: int, stride0: tuple[float, float], tile0: tuple[float, float],
+               mscale: tuple[float, float], min_tissue: float) -> list[Tile]:
     """The tiles of the grid worth scoring, row by row: at least ``min_tissue`` of the mask pixels a tile covers
-    are tissue in ``measured`` (the part outside the slide counts as background), and its centre is tissue
-    in ``mask`` (a row stands for the tissue at its centre). Whole columns and rows at once, in the same float
-    operations as one tile at a time."""
+    are tissue (the part outside the slide counts as background), and so is its centre (a row stands for the
+    tissue at its centre). Whole columns and rows at once, in the same float operations as one tile at a
+    time."""
     (sx0, sy0), (tw0, th0) = stride0, tile0
-    integral = np.pad(measured.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     mh, mw = mask.shape
 
     def axis(n: int, step: float, size: float, scale: float, length: int):

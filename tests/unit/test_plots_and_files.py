@@ -72,14 +72,42 @@ def test_heatmap_blends_each_scored_cell_over_the_thumbnail_and_keeps_the_rest(t
     np.testing.assert_array_equal(got, np.round(expected).astype(np.uint8))
 
 
+def _tile_features(grid, rows, class_names) -> dict:
+    """The GeoJSON document the slide's tiles make, as nested dicts: what write_geojson's text must be."""
+    from serving.slides.heatmap import _CLASS_COLOURS
+
+    tw0, th0 = grid.tile_size0
+    colours = {c: list(_CLASS_COLOURS[i % len(_CLASS_COLOURS)]) for i, c in enumerate(class_names)}
+    features = []
+    for r in rows:
+        x0, y0 = float(r["x"]), float(r["y"])
+        x1, y1 = min(x0 + tw0, grid.dims0[0]), min(y0 + th0, grid.dims0[1])
+        probs = {f"prob_{c}": float(r[f"prob_{c}"]) for c in class_names}
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": r["predicted"], "color": colours.get(r["predicted"], [128, 128, 128])},
+                "measurements": probs,
+                **probs,
+                "predicted": r["predicted"],
+                "col": int(r["col"]),
+                "row": int(r["row"]),
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+
 def test_geojson_text_is_what_json_dumps_writes_of_the_features(tmp_path):
     """The GeoJSON is written as text a feature at a time; it must be, byte for byte, the document of
-    ``tile_features``: edge tiles clipped to the slide, a NaN probability, a class outside the model's
+    ``_tile_features``: edge tiles clipped to the slide, a NaN probability, a class outside the model's
     (grey), names JSON must escape."""
     import json
     from types import SimpleNamespace
 
-    from serving.slides.heatmap import tile_features, write_geojson
+    from serving.slides.heatmap import write_geojson
 
     grid = SimpleNamespace(tile_size0=(96.0, 96.0), dims0=(1000, 700))
     classes = ["normal", 'tum"our', "stroma\\ü"]
@@ -92,7 +120,7 @@ def test_geojson_text_is_what_json_dumps_writes_of_the_features(tmp_path):
                      **{f"prob_{c}": float(p) for c, p in zip(classes, probs)}})
     rows[5]["prob_normal"] = float("nan")
     path = write_geojson(grid, rows, classes, tmp_path / "s.geojson")
-    assert path.read_text(encoding="utf-8") == json.dumps(tile_features(grid, rows, classes))
+    assert path.read_text(encoding="utf-8") == json.dumps(_tile_features(grid, rows, classes))
     doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: c)
     assert doc["features"][1]["geometry"]["coordinates"][0][1] == [1000.0, 0.0]  # clipped to the slide
     assert doc["features"][4]["properties"]["classification"]["color"] == [128, 128, 128]
