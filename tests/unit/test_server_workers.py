@@ -78,14 +78,15 @@ def test_affinity_is_what_counts_not_the_host():
     assert out.stdout.strip() == "1"
 
 
-def test_a_batch_split_over_workers_gives_every_output_in_batch_order(tmp_path):
-    """The slices of one batch, run on the worker threads, come back whole and in order, for every output."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_a_batch_split_over_workers_gives_every_request_its_own_rows_of_every_output(tmp_path):
+    """The slices of one batch (of several requests) come back whole, each request gets its rows of every
+    output, in order; a slice that failed fails every request of its batch."""
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from serving.server.backends.onnx_model import request_outputs
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
     graph = helper.make_graph(
@@ -98,14 +99,19 @@ def test_a_batch_split_over_workers_gives_every_output_in_batch_order(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     backend = onnx_model.TritonPythonModel.__new__(onnx_model.TritonPythonModel)
-    backend.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    backend.output_names = ["sq", "sum"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"x": np.arange(39, dtype=np.float32).reshape(13, 3)}
-    for workers in (1, 2, 3, 5):
+    sizes = [5, 1, 7]  # three requests of one batch
+    for workers, slices in ((1, 1), (2, 2), (3, 3), (5, 3)):  # never a slice under MIN_SLICE rows
         backend.workers = workers
-        backend.pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        sq, total = backend._run(feeds)
-        np.testing.assert_array_equal(sq, feeds["x"] ** 2)
-        np.testing.assert_array_equal(total, feeds["x"].sum(axis=1))
-        if backend.pool is not None:
-            backend.pool.shutdown()
+        parts = backend.split(feeds)
+        assert len(parts) == slices and sum(len(p["x"]) for p in parts) == 13
+        outs = [session.run(["sq", "sum"], p) for p in parts]
+        start = 0
+        for size, (sq, total) in zip(sizes, request_outputs(outs, sizes), strict=True):
+            rows = feeds["x"][start:start + size]
+            np.testing.assert_array_equal(sq, rows ** 2)
+            np.testing.assert_array_equal(total, rows.sum(axis=1))
+            start += size
+    broken = RuntimeError("slice 2 failed")
+    assert request_outputs([outs[0], broken, outs[2]], sizes) == [broken] * 3

@@ -8,9 +8,17 @@ config's parameters.
 Every core of the serving machine, chosen here at load time (the machine that
 exported the model is often not the one that serves it, and config.pbtxt is
 hashed by the manifest): each instance runs its batches on ``workers``
-threads, each thread one slice of the batch through the one ONNX Runtime
-session with one intra-op thread (small convolutions split badly inside an
-operator; whole slices do not, and nothing spins). ``workers`` is
+threads, each thread one slice of a batch at a time through the one ONNX
+Runtime session with one intra-op thread (small convolutions split badly
+inside an operator; whole slices do not, and nothing spins). The slices wait
+in one queue, and ``execute`` answers its requests through their response
+senders (Triton 24.06 and later) once the batch's last slice is back, so it
+returns at once and the next batch's slices are queued while this one runs:
+a worker done with its slice takes the next one instead of waiting for the
+other workers, which it would otherwise do whenever something else on the
+machine (the client reading slides, on the same cores) holds up one of them.
+At most ``AHEAD`` batches are in the backend; the rest wait in Triton's
+queue, as before. ``workers`` is
 
 - ``PATCHSERVE_SERVER_WORKERS`` of the server's environment when set
   (``patchserve serve --workers N``; ``-e`` of a ``docker run``);
@@ -27,7 +35,8 @@ workers:`` that ``patchserve serve`` prints.
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 import numpy as np
 
@@ -39,6 +48,7 @@ except ImportError:  # imported outside the server (patchserve reads cores_seen 
 WORKERS_ENV = "PATCHSERVE_SERVER_WORKERS"
 LOG_PREFIX = "patchserve workers:"
 MIN_SLICE = 4  # rows; a smaller batch runs as one slice
+AHEAD = 2  # batches in the backend at once: the one the workers run, and the next, ready for a worker that is done
 
 
 def cgroup_cpu_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
@@ -123,6 +133,35 @@ def _instance_count(model_config):
     return sum(int(g.get("count", 1) or 1) for g in groups)
 
 
+def request_outputs(outs, sizes):
+    """Per request of a batch (``sizes`` rows each, in order), its rows of every output, from the outputs of
+    the batch's slices in order; the exception of a slice that failed, for every request."""
+    failed = next((o for o in outs if isinstance(o, Exception)), None)
+    if failed is not None:
+        return [failed] * len(sizes)
+    whole = [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
+    bounds = np.cumsum([0, *sizes])
+    return [[np.ascontiguousarray(w[a:b]) for w in whole] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class _Batch:
+    """One execute's requests: their slices as they come back, answered when the last one is in."""
+
+    def __init__(self, requests, sizes, slices):
+        self.senders = [r.get_response_sender() for r in requests]
+        self.sizes = sizes
+        self.outs = [None] * slices
+        self.left = slices
+        self.lock = threading.Lock()
+
+    def done(self, i, out):
+        """Record slice ``i``'s outputs (or its exception); True for the call that completes the batch."""
+        with self.lock:
+            self.outs[i] = out
+            self.left -= 1
+            return self.left == 0
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
@@ -141,7 +180,6 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         pb_utils.Logger.log_info(
             f"{LOG_PREFIX} {self.model_config.get('name', '?')} instance {args.get('model_instance_name', '?')}: "
             f"{self.workers} worker(s) x {threads} ONNX Runtime thread(s) ({why})")
@@ -155,42 +193,88 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{onnx_path}: tensors {missing} of config.pbtxt are not in the ONNX graph "
                 f"(inputs {sorted(onnx_inputs)}, outputs {sorted(onnx_outputs)})")
+        self._start_workers()
+
+    def _start_workers(self):
+        """The worker threads and the queue of slices they share (a worker that is done takes the next slice,
+        of this batch or the next: no worker waits for another at the end of a batch)."""
+        self.slices = queue.SimpleQueue()
+        self.room = threading.Semaphore(AHEAD)
+        self.threads = [threading.Thread(target=self._work, name=f"patchserve-onnx-{i}", daemon=True)
+                        for i in range(self.workers)]
+        for t in self.threads:
+            t.start()
 
     def execute(self, requests):
-        # The dynamic batcher hands over several requests: run them as one batch.
+        # The dynamic batcher hands over several requests: run them as one batch. The requests are answered
+        # through their response senders when the batch's last slice is back; execute returns at once (at most
+        # AHEAD batches in the backend), so the next batch is here before this one is done.
         arrays = {name: [] for name in self.input_names}
         sizes = []
-        for request in requests:
-            for name in self.input_names:
-                arrays[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
-            sizes.append(arrays[self.input_names[0]][-1].shape[0])
         try:
-            feeds = {name: np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-                     for name, parts in arrays.items()}
-            results = self._run(feeds)
+            for request in requests:
+                for name in self.input_names:
+                    arrays[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+                sizes.append(arrays[self.input_names[0]][-1].shape[0])
+            # A copy: the requests' tensors go when execute returns.
+            feeds = {name: np.concatenate(parts, axis=0) for name, parts in arrays.items()}
         except Exception as exc:  # noqa: BLE001 - report to every request, keep serving
             error = pb_utils.TritonError(f"onnxruntime failed: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
-        responses = []
-        start = 0
-        for size in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + size]))
-                       for name, out in zip(self.output_names, results)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
-        return responses
+        parts = self.split(feeds)
+        batch = _Batch(requests, sizes, len(parts))
+        self.room.acquire()
+        for i, part in enumerate(parts):
+            self.slices.put((batch, i, part))
+        return None
 
-    def _run(self, feeds):
-        """One batch, in slices of at least MIN_SLICE rows over the workers; outputs in batch order."""
+    def split(self, feeds):
+        """The batch in slices of at least MIN_SLICE rows, one per worker, in batch order."""
         rows = next(iter(feeds.values())).shape[0]
         slices = min(self.workers, max(1, rows // MIN_SLICE))
-        if slices == 1:
-            return self.session.run(self.output_names, feeds)
         bounds = np.linspace(0, rows, slices + 1).astype(int)
-        parts = [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-        outs = list(self.pool.map(lambda f: self.session.run(self.output_names, f), parts))
-        return [np.concatenate([o[i] for o in outs], axis=0) for i in range(len(self.output_names))]
+        return [{k: v[a:b] for k, v in feeds.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _work(self):
+        while True:
+            job = self.slices.get()
+            if job is None:
+                return
+            batch, i, part = job
+            try:
+                out = self.session.run(self.output_names, part)
+            except Exception as exc:  # noqa: BLE001 - the batch's requests get the error
+                out = exc
+            if batch.done(i, out):
+                try:
+                    self._answer(batch)
+                except Exception as exc:  # noqa: BLE001 - the worker goes on with the next slice
+                    pb_utils.Logger.log_error(f"patchserve: a batch could not be answered: {exc}")
+                finally:
+                    self.room.release()
+
+    def _answer(self, batch):
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            per_request = request_outputs(batch.outs, batch.sizes)
+        except Exception as exc:  # noqa: BLE001 - every request still gets an answer
+            per_request = [exc] * len(batch.sizes)
+        for sender, outputs in zip(batch.senders, per_request):
+            try:
+                if isinstance(outputs, Exception):
+                    raise outputs
+                response = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(name, out) for name, out in zip(self.output_names, outputs)])
+            except Exception as exc:  # noqa: BLE001 - the request gets the error, the others go on
+                response = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"onnxruntime failed: {exc}"))
+            try:
+                sender.send(response, flags=final)
+            except Exception as exc:  # noqa: BLE001 - a request gone (cancelled, timed out): the others still go
+                pb_utils.Logger.log_warn(f"patchserve: a response could not be sent: {exc}")
 
     def finalize(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        for _ in self.threads:
+            self.slices.put(None)
+        for t in self.threads:
+            t.join()

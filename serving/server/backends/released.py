@@ -21,6 +21,7 @@ RELEASED: dict[str, dict[str, str]] = {
     "onnx_model.py": {
         "80b1d28723256aca324807e864cd38c5e5296d3b83691ea0ce7210c9faddc782": "0.1.0",
         "5c66195611721bd68f1309d4da1464e0ac894a69bc289a0f2e947f1c9162100d": "0.3.0",
+        "0a3839d389eb327b2670778a2bef959768648ab5e2dc147d24ad2910bc6b6aef": "0.4.0",
     },
     "dali_model.py": {
         "041f9e98f8c52c0149d2a2d3ee2aa4ac25c583e58f64e13dfcc388fa1a730d24": "0.1.0",
