@@ -26,26 +26,34 @@ from serving.slides.tiling import SlideGrid, Tile, read_tile
 MAX_RUN_PIXELS = 4096
 
 
-def _level_box(slide, grid: SlideGrid, t: Tile) -> tuple[int, int, int, int] | None:
-    """(level x, level y, width, height) of a tile wholly inside the slide on whole level pixels, else None."""
+def level_boxes(slide, grid: SlideGrid, tiles: Sequence[Tile]) -> list[tuple[int, int, int, int] | None]:
+    """Per tile, (level x, level y, width, height) when it lies wholly inside the slide on whole level pixels,
+    else None. The level's geometry is asked of OpenSlide once (each ask walks every level)."""
     ds = float(slide.level_downsamples[grid.read_level])
     lw, lh = slide.level_dimensions[grid.read_level]
     w0, h0 = grid.dims0
     tw0, th0 = grid.tile_size0
     full_w, full_h = int(round(tw0 / ds)), int(round(th0 / ds))
-    lx, ly = t.x / ds, t.y / ds
-    if lx != int(lx) or ly != int(ly):
-        return None
-    lx, ly = int(lx), int(ly)
-    inside = (full_w <= math.ceil((w0 - t.x) / ds) and full_w <= lw - lx and
-              full_h <= math.ceil((h0 - t.y) / ds) and full_h <= lh - ly)
-    return (lx, ly, full_w, full_h) if inside and t.x >= 0 and t.y >= 0 else None
+
+    def box(t: Tile) -> tuple[int, int, int, int] | None:
+        lx, ly = t.x / ds, t.y / ds
+        if lx != int(lx) or ly != int(ly):
+            return None
+        lx, ly = int(lx), int(ly)
+        inside = (full_w <= math.ceil((w0 - t.x) / ds) and full_w <= lw - lx and
+                  full_h <= math.ceil((h0 - t.y) / ds) and full_h <= lh - ly)
+        return (lx, ly, full_w, full_h) if inside and t.x >= 0 and t.y >= 0 else None
+
+    return [box(t) for t in tiles]
 
 
-def plan_runs(slide, grid: SlideGrid, tiles: Sequence[Tile]) -> list[list[int]]:
-    """Indices into ``tiles`` grouped into runs (in order); a tile that cannot join a run is a run of one."""
+def plan_runs(slide, grid: SlideGrid, tiles: Sequence[Tile],
+              boxes: Sequence[tuple[int, int, int, int] | None] | None = None) -> list[list[int]]:
+    """Indices into ``tiles`` grouped into runs (in order); a tile that cannot join a run is a run of one.
+    ``boxes``: the tiles' :func:`level_boxes`, when the caller has them."""
     runs: list[list[int]] = []
-    boxes = [_level_box(slide, grid, t) for t in tiles]
+    if boxes is None:
+        boxes = level_boxes(slide, grid, tiles)
     for i, box in enumerate(boxes):
         if runs and box is not None:
             prev = boxes[runs[-1][-1]]
@@ -90,8 +98,8 @@ def read_tiles(slide, grid: SlideGrid, tiles: Sequence[Tile], *, equalize: bool 
             failed()
 
     # Planned up front: after a failure ``slide`` may be closed (reopen drops it).
-    all_boxes = [_level_box(slide, grid, t) for t in tiles]
-    for run in plan_runs(slide, grid, tiles):
+    all_boxes = level_boxes(slide, grid, tiles)
+    for run in plan_runs(slide, grid, tiles, all_boxes):
         if len(run) == 1:
             alone(run[0])
             continue
